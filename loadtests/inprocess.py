@@ -1,0 +1,130 @@
+"""In-process throughput: the limit a server on this machine can approach.
+
+Measures, without HTTP: the traced model alone at batch sizes 1..64, the
+shared decode function on a 768x768 JPEG, and ``model.predict`` on one image
+(what a per-request server pays). Uses the stored model when there is one,
+otherwise the default architecture with random weights (same speed).
+
+    python -m loadtests.inprocess [--model TAG] [--seconds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class InProcessResult:
+    architecture: str
+    input_size: int
+    images_per_second: dict[int, float]  # traced model, by batch size
+    best_batch_size: int
+    decode_ms: float  # one 768x768 JPEG through models.preprocessing
+    predict_single_ms: float  # keras model.predict on one image
+    pipeline_images_per_second: float  # decode + traced model at the best batch, serial
+
+
+def _rate(run: Callable[[], None], items: int, seconds: float) -> float:
+    """Items per second of `run` over at least `seconds` (after one warm-up)."""
+    run()
+    done, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        run()
+        done += items
+    return done / elapsed
+
+
+def sample_jpeg(size: int = 768) -> bytes:
+    """A realistic synthetic tile, JPEG-encoded as clients would send it."""
+    from training.synthetic import render_tile
+
+    buffer = io.BytesIO()
+    render_tile("lung_aca", size, seed=1).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def measure(model_tag: str | None = None, seconds: float = 2.0) -> InProcessResult:
+    from models.architectures import build_model
+    from models.inference import Predictor
+    from models.preprocessing import decode_image
+    from models.store import ModelLoadError, load_model
+
+    try:
+        stored = load_model(model_tag) if model_tag else load_model()
+        model, size, arch = stored.model, stored.card.input_size, stored.card.architecture
+    except ModelLoadError as exc:
+        logger.info("%s; measuring the default architecture with random weights", exc)
+        model, size, arch = build_model("cnn", 3, 128), 128, "cnn"
+    predictor = Predictor(model, size)
+    rng = np.random.default_rng(0)
+    rates = {}
+    for batch_size in BATCH_SIZES:
+        batch = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+        rates[batch_size] = _rate(lambda b=batch: predictor(b), batch_size, seconds)
+        logger.info("batch %3d: %7.1f images/s", batch_size, rates[batch_size])
+    best = max(rates, key=rates.get)
+
+    jpeg = sample_jpeg()
+    decode_rate = _rate(lambda: decode_image(jpeg, size), 1, seconds)
+    one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8).astype(np.float32)
+    predict_rate = _rate(lambda: model.predict(one, verbose=0), 1, seconds)
+    best_batch = rng.integers(0, 256, (best, size, size, 3), dtype=np.uint8)
+
+    def pipeline() -> None:
+        for i in range(best):
+            best_batch[i] = decode_image(jpeg, size)
+        predictor(best_batch)
+
+    return InProcessResult(
+        architecture=arch,
+        input_size=size,
+        images_per_second={k: round(v, 1) for k, v in rates.items()},
+        best_batch_size=best,
+        decode_ms=round(1000 / decode_rate, 2),
+        predict_single_ms=round(1000 / predict_rate, 2),
+        pipeline_images_per_second=round(_rate(pipeline, best, seconds), 1),
+    )
+
+
+def format_table(result: InProcessResult) -> str:
+    lines = [
+        f"in-process throughput: {result.architecture} at {result.input_size}x{result.input_size}",
+        f"{'batch':>6} {'images/s':>10}",
+    ]
+    lines += [f"{b:>6} {r:>10.1f}" for b, r in result.images_per_second.items()]
+    lines += [
+        f"best batch size:                 {result.best_batch_size}",
+        f"decode 768x768 JPEG:             {result.decode_ms:.2f} ms",
+        f"model.predict, one image:        {result.predict_single_ms:.2f} ms",
+        f"traced, one image:               {1000 / result.images_per_second[1]:.2f} ms",
+        f"decode + model (serial, best bs): {result.pipeline_images_per_second:.1f} images/s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.inprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="store tag to measure (default: the latest lung_histopathology)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per point (default: 2)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = measure(args.model, args.seconds)
+    # The table is this command's output, not a log line.
+    print(json.dumps(asdict(result), indent=2) if args.json else format_table(result))
+
+
+if __name__ == "__main__":
+    main()

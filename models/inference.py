@@ -1,0 +1,56 @@
+"""Fast in-process inference: a traced function with a fixed input signature.
+
+``model.predict`` builds a data pipeline on every call (~90 ms for one image on
+2 cores); a ``tf.function`` traced once for ``uint8[None, S, S, 3]`` runs the
+same graph in a few milliseconds. Calibration (temperature scaling of the
+logits) happens inside the traced function too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from models.architectures import LOGITS_LAYER
+
+
+def logits_model(model: keras.Model) -> keras.Model:
+    """The same network, ending at the pre-softmax ``logits`` layer."""
+    return keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
+
+
+class Predictor:
+    """Calibrated class probabilities for batches of RGB uint8 images."""
+
+    def __init__(self, model: keras.Model, input_size: int, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        self.input_size = input_size
+        self.temperature = float(temperature)
+        self._logits = logits_model(model)
+        spec = tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")
+        inverse_temperature = tf.constant(1.0 / self.temperature, tf.float32)
+
+        @tf.function(input_signature=[spec], reduce_retracing=True)
+        def _probabilities(images: tf.Tensor) -> tf.Tensor:
+            logits = self._logits(tf.cast(images, tf.float32), training=False)
+            return tf.nn.softmax(tf.cast(logits, tf.float32) * inverse_temperature, axis=-1)
+
+        self._fn = _probabilities
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities of shape (batch, classes) for uint8 images (batch, S, S, 3)."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(
+                f"expected uint8 images of shape (batch, {self.input_size}, {self.input_size}, 3), "
+                f"got {images.dtype} {images.shape}"
+            )
+        return self._fn(tf.convert_to_tensor(images)).numpy()
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        """Run each batch size once so first requests do not pay graph set-up."""
+        for batch_size in batch_sizes:
+            self(np.zeros((batch_size, self.input_size, self.input_size, 3), np.uint8))

@@ -1,0 +1,60 @@
+"""Shared fixtures: a temporary BentoML home, tiny datasets, image factories."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_TILE = 256  # px: small tiles keep generation and decoding fast in tests
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before anything imports bentoml: never touch the developer's real store.
+    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-test-")
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic LC25000-layout dataset (60 tiles per class)."""
+    from training.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synthetic"), per_class=60, size=TINY_TILE, seed=7)
+
+
+def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def tile_image() -> Image.Image:
+    """An RGB tissue-like tile with no symmetry (so rotations are detectable)."""
+    from training.synthetic import render_tile
+
+    return render_tile("lung_aca", TINY_TILE, seed=3)
+
+
+@pytest.fixture
+def make_image() -> Callable[..., bytes]:
+    """Encode a gradient test image of the given mode and format."""
+
+    def factory(mode: str = "RGB", fmt: str = "PNG", size: tuple[int, int] = (64, 48), **save_args: object) -> bytes:
+        w, h = size
+        ramp = np.linspace(0, 255, w * h, dtype=np.float64).reshape(h, w)
+        rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 128)], -1).astype(np.uint8)
+        image = Image.fromarray(rgb, "RGB")
+        if mode != "RGB":
+            image = image.convert(mode)
+        return encode(image, fmt, **save_args)
+
+    return factory

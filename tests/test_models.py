@@ -1,0 +1,133 @@
+"""Architectures, the traced predictor, the model card and the model store."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import keras
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from models.architectures import LOGITS_LAYER, apply_phase, build_model, fine_tune_schedule
+from models.card import CARD_FILE, ModelCard
+from models.inference import Predictor
+from models.store import ModelLoadError, load_model, save_model
+from training.evaluate import compute_metrics
+
+CLASSES = ["lung_aca", "lung_n", "lung_scc"]
+SIZE = 48
+
+
+def make_card(classes: list[str] = CLASSES, **overrides: object) -> ModelCard:
+    rng = np.random.default_rng(0)
+    y = np.arange(12) % len(classes)
+    probs = rng.dirichlet(np.ones(len(classes)), size=12)
+    fields = dict(
+        task="test",
+        class_names=classes,
+        input_size=SIZE,
+        architecture="cnn",
+        parameter_count=1000,
+        training=dict(
+            epochs_max=1, epochs_trained=1, batch_size=4, learning_rate=0.01, seed=0,
+            augmentation=[], early_stopping_monitor="val_loss", train_seconds=1.0,
+        ),
+        dataset=dict(
+            source="unit", fingerprint="0" * 64, class_counts={c: 4 for c in classes}, n_images=12,
+            split_policy="none", split_seed=0, split_sizes={"train": 4, "validation": 4, "test": 4},
+        ),
+        metrics=compute_metrics(y, probs, classes),
+        framework_versions={"keras": keras.__version__},
+        created_at=datetime.now(timezone.utc),
+    )
+    fields.update(overrides)
+    return ModelCard.model_validate(fields)
+
+
+@pytest.fixture(scope="module")
+def cnn() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return build_model("cnn", len(CLASSES), SIZE)
+
+
+def test_cnn_takes_any_image_size_and_outputs_probabilities(cnn):
+    for side in (SIZE, 97):
+        out = cnn(np.random.default_rng(0).integers(0, 255, (2, side, side, 3)).astype("float32"))
+        assert out.shape == (2, 3)
+        assert np.allclose(np.sum(out, axis=1), 1.0, atol=1e-5)
+    assert cnn.get_layer(LOGITS_LAYER).output.shape[-1] == 3
+
+
+def test_efficientnet_builds_offline_and_phases_unfreeze_progressively():
+    model = build_model("efficientnetb0", 4, 64, weights=None)
+    assert model.outputs[0].shape[-1] == 4
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    counts = []
+    for phase in fine_tune_schedule(1e-3):
+        apply_phase(model, phase)
+        counts.append(len(backbone.trainable_weights))
+    assert counts[0] == 0 < counts[1] < counts[2]
+    rates = [p.learning_rate for p in fine_tune_schedule(1e-3)]
+    assert rates == sorted(rates, reverse=True)
+    # BatchNorm stays frozen even when everything else trains.
+    assert all(not layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+
+
+def test_predictor_matches_keras_and_applies_temperature(cnn):
+    images = np.random.default_rng(1).integers(0, 255, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    expected = cnn.predict(images.astype("float32"), verbose=0)
+    assert np.allclose(Predictor(cnn, SIZE)(images), expected, atol=1e-5)
+    hot = Predictor(cnn, SIZE, temperature=0.25)(images)
+    assert np.all(hot.max(1) >= expected.max(1) - 1e-6)  # T < 1 sharpens
+    assert np.array_equal(hot.argmax(1), expected.argmax(1))  # never changes the class
+    with pytest.raises(ValueError, match="uint8"):
+        Predictor(cnn, SIZE)(images.astype("float32"))
+
+
+def test_card_validation_rejects_inconsistent_cards():
+    assert make_card().class_names == CLASSES
+    with pytest.raises(ValidationError, match="unique"):
+        make_card(class_names=["a", "a", "b"])
+    with pytest.raises(ValidationError, match="per_class"):
+        make_card(class_names=["x", "y", "z"])
+    good = make_card().model_dump()
+    good["metrics"]["confusion_matrix"] = [[1, 2], [3, 4]]
+    with pytest.raises(ValidationError, match="confusion_matrix"):
+        ModelCard.model_validate(good)
+    with pytest.raises(ValidationError):
+        make_card(abstain_threshold=1.5)
+    with pytest.raises(ValidationError):
+        ModelCard.model_validate({**make_card().model_dump(), "surprise": 1})
+
+
+def test_store_round_trip_gives_identical_predictions(cnn):
+    tag = save_model(cnn, make_card(), name="unit_roundtrip")
+    loaded = load_model(tag)
+    assert loaded.tag == tag
+    assert loaded.card == make_card().model_copy(update={"created_at": loaded.card.created_at})
+    images = np.random.default_rng(2).integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    assert np.array_equal(Predictor(cnn, SIZE)(images), Predictor(loaded.model, SIZE)(images))
+    import bentoml
+
+    entry = bentoml.models.get(tag)
+    assert entry.info.labels["classes"] == ",".join(CLASSES)
+    assert entry.info.metadata["class_names"] == CLASSES
+
+
+def test_store_refuses_bad_or_mismatched_cards(cnn):
+    with pytest.raises(ModelLoadError, match="outputs"):
+        save_model(cnn, make_card(classes=["a", "b", "c", "d"]), name="unit_mismatch")
+    tag = save_model(cnn, make_card(), name="unit_tamper")
+    card_path = load_model(tag).path / CARD_FILE
+    card = json.loads(card_path.read_text())
+    card["class_names"] = ["lung_aca", "lung_n"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelLoadError, match="invalid"):
+        load_model(tag)
+    card_path.unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model(tag)
+    with pytest.raises(ModelLoadError, match="not in the BentoML model store"):
+        load_model("no_such_model:latest")

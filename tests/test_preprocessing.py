@@ -1,0 +1,176 @@
+"""The shared decode function: formats, modes, orientation, and every rejection."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.preprocessing import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    decode_image,
+    sniff_format,
+)
+from tests.conftest import encode
+
+SIZE = 32
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims huge dimensions (decompression-bomb shape)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_allowed_formats_decode_to_rgb_uint8(make_image, fmt):
+    array = decode_image(make_image("RGB", fmt), SIZE)
+    assert array.dtype == np.uint8
+    assert array.shape == (SIZE, SIZE, 3)
+    assert array.std() > 10  # the gradient survived, not a blank image
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("CMYK", "TIFF"),
+     ("1", "PNG"), ("I;16", "PNG"), ("L", "JPEG"), ("RGBA", "WEBP")],
+)
+def test_every_mode_becomes_rgb(make_image, mode, fmt):
+    array = decode_image(make_image(mode, fmt), SIZE)
+    assert array.shape == (SIZE, SIZE, 3)
+    assert array.dtype == np.uint8
+
+
+def test_grayscale_gives_equal_channels(make_image):
+    array = decode_image(make_image("L", "PNG"), SIZE)
+    assert np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 1], array[..., 2])
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    # A 16-bit ramp over the full range must span the full 8-bit range (PIL's
+    # plain convert would clip everything above 255 to white).
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    image = Image.fromarray(ramp)
+    assert image.mode.startswith("I;16")
+    data = encode(image, "PNG")
+    array = decode_image(data, 64)
+    assert array.min() < 10 and array.max() > 245
+    assert 100 < array.mean() < 155
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (16, 16), (200, 0, 0, 0))  # fully transparent red
+    assert decode_image(encode(rgba, "PNG"), 16).min() == 255
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([10, 20, 30] + [0] * 765)
+    transparent = encode(palette, "PNG", transparency=0)
+    assert decode_image(transparent, 16).min() == 255
+
+
+def test_exif_orientation_six_is_applied(tile_image):
+    upright = decode_image(encode(tile_image, "PNG"), 64)
+    # Orientation 6 means "rotate 90 clockwise to view": store it rotated the other way.
+    stored = tile_image.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = decode_image(encode(stored, "PNG", exif=exif), 64)
+    ignored = decode_image(encode(stored, "PNG"), 64)
+    assert np.abs(turned.astype(int) - upright).mean() < 1.0
+    assert np.abs(ignored.astype(int) - upright).mean() > 10.0
+
+
+def test_multi_frame_tiff_uses_first_frame():
+    first, second = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    data = encode(first, "TIFF", save_all=True, append_images=[second])
+    assert tuple(decode_image(data, 8)[0, 0]) == (255, 0, 0)
+
+
+def test_bytes_and_path_give_identical_arrays(tmp_path, tile_image):
+    path = tmp_path / "tile.jpeg"
+    tile_image.save(path, format="JPEG", quality=90)
+    assert np.array_equal(decode_image(path, 64), decode_image(path.read_bytes(), 64))
+
+
+def test_jpeg_draft_decoding_is_close_to_full_decode(tile_image):
+    data = encode(tile_image, "JPEG", quality=95)
+    fast = decode_image(data, 64)
+    with Image.open(__import__("io").BytesIO(data)) as full:
+        reference = np.asarray(full.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.abs(fast.astype(int) - reference).mean() < 4.0
+
+
+def test_empty_input_is_rejected():
+    with pytest.raises(EmptyImageError):
+        decode_image(b"", SIZE)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"hello, this is text",
+        b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94.",  # a pickle
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+        b'{"image": "not really"}',
+        b"https://example.org/tile.jpeg",
+    ],
+    ids=["text", "pickle", "svg", "pdf", "json", "url"],
+)
+def test_non_images_are_unsupported(payload):
+    with pytest.raises(UnsupportedImageError):
+        decode_image(payload, SIZE)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP"])
+def test_formats_outside_the_allowlist_are_unsupported(make_image, fmt):
+    with pytest.raises(UnsupportedImageError):
+        decode_image(make_image("RGB", fmt), SIZE)
+
+
+def test_truncated_jpeg_is_corrupt(tile_image):
+    data = encode(tile_image, "JPEG", quality=90)
+    with pytest.raises(CorruptImageError):
+        decode_image(data[: len(data) // 2], SIZE)
+
+
+def test_damaged_png_is_corrupt(make_image):
+    data = bytearray(make_image("RGB", "PNG"))
+    data[40:80] = b"\x00" * 40  # smash the compressed stream
+    with pytest.raises(CorruptImageError):
+        decode_image(bytes(data), SIZE)
+
+
+def test_decompression_bomb_is_too_large():
+    bomb = _png_header_only(10_000, 10_000)  # 100 megapixels in < 100 bytes
+    assert len(bomb) < 200
+    with pytest.raises(ImageTooLargeError):
+        decode_image(bomb, SIZE)
+
+
+def test_pixel_cap_is_configurable(make_image):
+    data = make_image("RGB", "PNG", size=(100, 100))
+    assert decode_image(data, SIZE, max_pixels=10_000).shape == (SIZE, SIZE, 3)
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, SIZE, max_pixels=9_999)
+
+
+def test_all_errors_share_one_base_class():
+    for error in (EmptyImageError, UnsupportedImageError, CorruptImageError, ImageTooLargeError):
+        assert issubclass(error, ImageDecodeError)
+
+
+def test_sniffing_ignores_names_and_declared_types(make_image):
+    assert sniff_format(make_image("RGB", "JPEG")[:16]) == "JPEG"
+    assert sniff_format(make_image("RGB", "WEBP")[:16]) == "WEBP"
+    assert sniff_format(b"GIF89a") is None
