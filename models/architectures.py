@@ -80,9 +80,7 @@ def build_efficientnetb0(
     return keras.Model(inputs, _classifier_head(features, num_classes, dropout), name="efficientnetb0_transfer")
 
 
-def build_model(
-    arch: str, num_classes: int, input_size: int, weights: str | None = None
-) -> keras.Model:
+def build_model(arch: str, num_classes: int, input_size: int, weights: str | None = None) -> keras.Model:
     """Build an architecture by name (see :data:`ARCHITECTURES`)."""
     if arch == "cnn":
         return build_compact_cnn(num_classes, input_size)

@@ -97,7 +97,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         mode = image.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     try:
         return image.convert("RGB")  # L, 1, CMYK, YCbCr, RGBX, ...
@@ -126,9 +126,7 @@ def decode_image(
         raise EmptyImageError("the file is empty")
     fmt = sniff_format(data[:16])
     if fmt is None:
-        raise UnsupportedImageError(
-            "not a supported image; send JPEG, PNG, WebP or TIFF"
-        )
+        raise UnsupportedImageError("not a supported image; send JPEG, PNG, WebP or TIFF")
     try:
         # Restricting `formats` stops PIL from trying every other parser.
         image = Image.open(io.BytesIO(data), formats=[fmt])
@@ -142,9 +140,7 @@ def decode_image(
         if width <= 0 or height <= 0:
             raise CorruptImageError(f"{fmt} image has no pixels")
         if width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-            )
+            raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
         try:
             if fmt == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
                 # DCT-domain downscaling to the smallest scale >= size.

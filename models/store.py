@@ -44,9 +44,7 @@ def check_card_matches_model(card: ModelCard, model: keras.Model) -> None:
     """Raise ModelLoadError unless the model's output matches the card's classes."""
     outputs = model.outputs[0].shape[-1]
     if outputs != len(card.class_names):
-        raise ModelLoadError(
-            f"model has {outputs} outputs but its card lists {len(card.class_names)} classes"
-        )
+        raise ModelLoadError(f"model has {outputs} outputs but its card lists {len(card.class_names)} classes")
 
 
 def save_model(

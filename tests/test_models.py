@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import keras
 import numpy as np
@@ -31,16 +31,27 @@ def make_card(classes: list[str] = CLASSES, **overrides: object) -> ModelCard:
         architecture="cnn",
         parameter_count=1000,
         training=dict(
-            epochs_max=1, epochs_trained=1, batch_size=4, learning_rate=0.01, seed=0,
-            augmentation=[], early_stopping_monitor="val_loss", train_seconds=1.0,
+            epochs_max=1,
+            epochs_trained=1,
+            batch_size=4,
+            learning_rate=0.01,
+            seed=0,
+            augmentation=[],
+            early_stopping_monitor="val_loss",
+            train_seconds=1.0,
         ),
         dataset=dict(
-            source="unit", fingerprint="0" * 64, class_counts={c: 4 for c in classes}, n_images=12,
-            split_policy="none", split_seed=0, split_sizes={"train": 4, "validation": 4, "test": 4},
+            source="unit",
+            fingerprint="0" * 64,
+            class_counts={c: 4 for c in classes},
+            n_images=12,
+            split_policy="none",
+            split_seed=0,
+            split_sizes={"train": 4, "validation": 4, "test": 4},
         ),
         metrics=compute_metrics(y, probs, classes),
         framework_versions={"keras": keras.__version__},
-        created_at=datetime.now(timezone.utc),
+        created_at=datetime.now(UTC),
     )
     fields.update(overrides)
     return ModelCard.model_validate(fields)

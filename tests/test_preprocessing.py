@@ -30,7 +30,9 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
@@ -43,8 +45,18 @@ def test_allowed_formats_decode_to_rgb_uint8(make_image, fmt):
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("CMYK", "TIFF"),
-     ("1", "PNG"), ("I;16", "PNG"), ("L", "JPEG"), ("RGBA", "WEBP")],
+    [
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("1", "PNG"),
+        ("I;16", "PNG"),
+        ("L", "JPEG"),
+        ("RGBA", "WEBP"),
+    ],
 )
 def test_every_mode_becomes_rgb(make_image, mode, fmt):
     array = decode_image(make_image(mode, fmt), SIZE)

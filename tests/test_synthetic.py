@@ -11,7 +11,9 @@ from training.synthetic import LUNG_CLASSES, generate_dataset, render_tile
 
 
 def _digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.jpeg"))}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.jpeg"))
+    }
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):

@@ -88,9 +88,7 @@ def draw_appearance(rng: np.random.Generator) -> Appearance:
 # --------------------------------------------------------------------------- #
 
 
-def _jittered_grid(
-    rng: np.random.Generator, size: int, spacing: float, jitter: float = 0.45
-) -> np.ndarray:
+def _jittered_grid(rng: np.random.Generator, size: int, spacing: float, jitter: float = 0.45) -> np.ndarray:
     """Sites on a grid of the given spacing, each jittered inside its cell.
 
     Returns shape (rows, cols, 2) of (x, y); the grid extends two cells past
@@ -171,9 +169,7 @@ def render_normal(rng: np.random.Generator, size: int, scale: float) -> StainMap
     count = int(rng.integers(12, 28))
     picks = border[rng.choice(len(border), size=min(count, len(border)), replace=False)]
     centres = picks[:, ::-1].astype(float)
-    radii = np.stack(
-        [rng.uniform(3.0, 4.5, len(picks)), rng.uniform(1.0, 1.6, len(picks))], 1
-    ) * scale
+    radii = np.stack([rng.uniform(3.0, 4.5, len(picks)), rng.uniform(1.0, 1.6, len(picks))], 1) * scale
     nuclei = _ellipses(size, centres, radii, rng.uniform(0, np.pi, len(picks)))
 
     eosin = 0.85 * septa + 0.04
@@ -340,10 +336,16 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m training.synthetic",
         description="Generate synthetic H&E-like lung tiles in the LC25000 layout.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder; tiles go to OUT/lung_image_sets/<class>/")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder; tiles go to OUT/lung_image_sets/<class>/"
+    )
     parser.add_argument("--per-class", type=int, default=300, help="tiles per class (default: 300)")
-    parser.add_argument("--size", type=int, default=768, help="tile width and height in pixels (default: 768, as LC25000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical files (default: 0)")
+    parser.add_argument(
+        "--size", type=int, default=768, help="tile width and height in pixels (default: 768, as LC25000)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed; the same seed gives byte-identical files (default: 0)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="processes to render with (default: all cores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

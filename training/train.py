@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import bentoml
@@ -76,9 +76,7 @@ def framework_versions() -> dict[str, str]:
 
 def _callbacks(settings: TrainSettings, run_dir: Path) -> list[keras.callbacks.Callback]:
     return [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=settings.patience, restore_best_weights=True
-        ),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, settings.patience // 2)),
         keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_loss", save_best_only=True),
     ]
@@ -92,11 +90,7 @@ def _fit(
     run_dir: Path,
 ) -> int:
     """Fit (phase by phase for transfer models); return the epochs trained."""
-    phases = (
-        fine_tune_schedule(settings.learning_rate)
-        if settings.arch == "efficientnetb0"
-        else (None,)
-    )
+    phases = fine_tune_schedule(settings.learning_rate) if settings.arch == "efficientnetb0" else (None,)
     epochs_done = 0
     for phase in phases:
         rate = settings.learning_rate
@@ -128,7 +122,7 @@ def train(settings: TrainSettings) -> str:
     keras.utils.set_random_seed(settings.seed)
     root = data.resolve_dataset_root(settings.data)
     manifest = data.split_dataset(root, settings.seed, settings.validation_fraction, settings.test_fraction)
-    run_dir = settings.out / f"{settings.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = settings.out / f"{settings.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "split_manifest.json"
     manifest.save(manifest_path)
@@ -180,7 +174,7 @@ def train(settings: TrainSettings) -> str:
         metrics=metrics,
         abstain_threshold=settings.abstain_threshold,
         framework_versions=framework_versions(),
-        created_at=datetime.now(timezone.utc),
+        created_at=datetime.now(UTC),
     )
     extra = {**report.as_dict(), manifest_path.name: manifest_path}
     return save_model(model, card, settings.name, extra_files=extra)
@@ -191,21 +185,63 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train",
         description="Train a tissue classifier and save it into the BentoML model store.",
     )
-    parser.add_argument("--data", type=Path, required=True, help="folder of class sub-folders (or the LC25000 top folder)")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="cnn", help="architecture (default: cnn, the compact CPU model)")
-    parser.add_argument("--input-size", type=int, default=None, help="model input size in pixels (default: 128 for cnn, 224 for efficientnetb0)")
-    parser.add_argument("--epochs", type=int, default=15, help="maximum epochs; early stopping usually ends sooner (default: 15)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder of class sub-folders (or the LC25000 top folder)"
+    )
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES, default="cnn", help="architecture (default: cnn, the compact CPU model)"
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="model input size in pixels (default: 128 for cnn, 224 for efficientnetb0)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=15, help="maximum epochs; early stopping usually ends sooner (default: 15)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="initial Adam learning rate (default: 2e-3)")
-    parser.add_argument("--patience", type=int, default=4, help="early-stopping patience on validation loss, in epochs (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation (default: 0)")
-    parser.add_argument("--validation-fraction", type=float, default=0.15, help="share of each class held out for validation (default: 0.15)")
-    parser.add_argument("--test-fraction", type=float, default=0.15, help="share of each class held out for the test report (default: 0.15)")
-    parser.add_argument("--weights", choices=["none", "imagenet"], default="none", help="initial backbone weights for efficientnetb0; imagenet needs internet (default: none)")
-    parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help=f"model name in the BentoML store (default: {DEFAULT_MODEL_NAME})")
+    parser.add_argument(
+        "--patience", type=int, default=4, help="early-stopping patience on validation loss, in epochs (default: 4)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for the split, initialisation and augmentation (default: 0)"
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.15,
+        help="share of each class held out for validation (default: 0.15)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.15,
+        help="share of each class held out for the test report (default: 0.15)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=["none", "imagenet"],
+        default="none",
+        help="initial backbone weights for efficientnetb0; imagenet needs internet (default: none)",
+    )
+    parser.add_argument(
+        "--name", default=DEFAULT_MODEL_NAME, help=f"model name in the BentoML store (default: {DEFAULT_MODEL_NAME})"
+    )
     parser.add_argument("--task", default=DEFAULT_TASK, help="task description written into the model card")
-    parser.add_argument("--abstain-threshold", type=float, default=0.5, help="confidence below which answers are flagged uncertain (default: 0.5)")
-    parser.add_argument("--out", type=Path, default=Path("artifacts"), help="folder for run artefacts: split manifest, checkpoint, report (default: artifacts)")
+    parser.add_argument(
+        "--abstain-threshold",
+        type=float,
+        default=0.5,
+        help="confidence below which answers are flagged uncertain (default: 0.5)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("artifacts"),
+        help="folder for run artefacts: split manifest, checkpoint, report (default: artifacts)",
+    )
     return parser
 
 

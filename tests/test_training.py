@@ -1,0 +1,136 @@
+"""Data splitting and real (tiny) training runs into a temporary model store."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.architectures import build_model
+from models.preprocessing import decode_image
+from models.store import load_model
+from training import data
+from training.train import TrainSettings, train
+
+# The tiny end-to-end run must reach this on held-out synthetic tiles.
+TINY_RUN_MIN_ACCURACY = 0.90
+
+
+def test_split_is_stratified_disjoint_and_reproducible(synthetic_root, tmp_path):
+    manifest = data.split_dataset(synthetic_root, seed=3)
+    assert manifest.class_names == ["lung_aca", "lung_n", "lung_scc"]
+    assert manifest.sizes() == {"train": 126, "validation": 27, "test": 27}
+    for split in data.SPLITS:  # every class in every split, equally
+        assert np.bincount(manifest.labels(split)).tolist() == [manifest.sizes()[split] // 3] * 3
+    splits = {s: set(manifest.paths(s)) for s in data.SPLITS}
+    assert not splits["train"] & splits["test"] and not splits["validation"] & splits["test"]
+    assert data.split_dataset(synthetic_root, seed=3).examples == manifest.examples
+    assert data.split_dataset(synthetic_root, seed=4).examples != manifest.examples
+    manifest.save(tmp_path / "m.json")
+    assert data.SplitManifest.load(tmp_path / "m.json", synthetic_root).examples == manifest.examples
+    assert len(manifest.fingerprint()) == 64
+
+
+def test_training_path_and_serving_path_give_the_same_array(synthetic_root):
+    path = next((synthetic_root / "lung_scc").glob("*.jpeg"))
+    from_training = data.load_images([path], 64)[0]
+    from_upload = decode_image(path.read_bytes(), 64)  # what the service does with an upload
+    assert np.array_equal(from_training, from_upload)
+
+
+def test_augmentation_preserves_content_and_range():
+    images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    augmented, labels = data.augment(images, np.arange(8), seed=1)
+    augmented = augmented.numpy()
+    assert augmented.shape == (8, 32, 32, 3) and augmented.min() >= 0 and augmented.max() <= 255
+    assert labels.tolist() == list(range(8))
+    # Flips/rotations move pixels but keep each image's pixel population.
+    assert np.abs(np.sort(augmented.reshape(8, -1).mean(1)) - np.sort(images.reshape(8, -1).mean(1))).max() < 40
+
+
+@pytest.mark.training
+def test_overfits_one_batch():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (16, 64, 64, 3)).astype("float32")
+    labels = np.arange(16) % 3
+    model = build_model("cnn", 3, 64)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    for _ in range(60):
+        model.train_on_batch(images, labels)
+    model.trainable = False  # evaluate in inference mode (BatchNorm moving statistics)
+    accuracy = (model.predict(images, verbose=0).argmax(1) == labels).mean()
+    assert accuracy == 1.0
+
+
+@pytest.mark.training
+def test_tiny_end_to_end_run_lands_in_the_store(synthetic_root, tmp_path):
+    settings = TrainSettings(
+        data=synthetic_root,
+        input_size=64,
+        epochs=12,
+        patience=4,
+        batch_size=16,
+        seed=0,
+        name="tiny_lung",
+        out=tmp_path,
+        verbose=0,
+    )
+    tag = train(settings)
+    stored = load_model(tag)
+    card = stored.card
+    assert card.class_names == ["lung_aca", "lung_n", "lung_scc"]
+    assert card.input_size == 64 and card.architecture == "cnn"
+    assert card.parameter_count == stored.model.count_params()
+    assert card.metrics.accuracy >= TINY_RUN_MIN_ACCURACY, card.metrics
+    assert card.dataset.split_sizes == {"train": 126, "validation": 27, "test": 27}
+    assert 0 < card.training.epochs_trained <= 12
+    for name in ("report.json", "report.txt", "confusion_matrix.png", "split_manifest.json", "card.json"):
+        assert (stored.path / name).is_file(), name
+    report = json.loads((stored.path / "report.json").read_text())
+    assert report["accuracy"] == card.metrics.accuracy
+
+
+def _four_class_folder(root):
+    """A brain-MRI-like layout: four classes that differ by simple shapes (PNG)."""
+    rng = np.random.default_rng(0)
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+    yy, xx = np.mgrid[0:48, 0:48]
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(40):
+            base = rng.normal(90, 12, (48, 48))
+            cx, cy = rng.uniform(14, 34, 2)
+            blob = np.hypot(xx - cx, yy - cy) < 9
+            if k == 0:
+                base[blob] += 110  # bright mass
+            elif k == 1:
+                base[np.abs(np.hypot(xx - cx, yy - cy) - 9) < 2] += 120  # ring
+            elif k == 3:
+                base[::4] += 80  # stripes
+            Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "L").save(root / name / f"{i}.png")
+    return classes
+
+
+@pytest.mark.training
+def test_any_class_folder_dataset_trains(tmp_path):
+    classes = _four_class_folder(tmp_path / "brain")
+    settings = TrainSettings(
+        data=tmp_path / "brain",
+        input_size=48,
+        epochs=15,
+        patience=6,
+        batch_size=16,
+        learning_rate=3e-3,
+        name="tiny_brain",
+        task="brain MRI",
+        out=tmp_path / "runs",
+        verbose=0,
+    )
+    stored = load_model(train(settings))
+    assert stored.card.class_names == classes
+    assert stored.model.outputs[0].shape[-1] == 4
+    assert stored.card.metrics.accuracy > 0.5  # well above the 0.25 of chance
