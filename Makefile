@@ -17,7 +17,7 @@ MODEL_NAME ?= lung_histopathology
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup data model train test lint bench-model clean
+.PHONY: help setup data model train serve test lint bench-model clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ model: setup ## the default model in the BentoML store, trained if the store has
 
 train: setup ## train on DATA (default: the synthetic tiles) into the store
 	$(PY) -m training.train --data $(DATA) --arch $(ARCH) --name $(MODEL_NAME) $(TRAIN_ARGS)
+
+serve: model ## setup, the default model if the store has none, then the service
+	@echo "The BentoML service is not built yet (issue 3): make serve stops after make model for now."
 
 bench-model: setup ## in-process images/s of the default architecture, batch 1..64
 	$(PY) -m loadtests.inprocess
