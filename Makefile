@@ -38,7 +38,7 @@ $(SYNTHETIC_DIR)/.complete: | setup
 
 model: setup ## the default model in the BentoML store, trained if the store has none
 	@if $(BENTOML) models get $(MODEL_NAME):latest >/dev/null 2>&1; then \
-		echo "model $(MODEL_NAME) already in the store: $$($(BENTOML) models get $(MODEL_NAME):latest -o json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tag"])')"; \
+		echo "model $(MODEL_NAME) already in the store: $$($(BENTOML) models get $(MODEL_NAME):latest -o json | $(PY) -c 'import json,sys; d = json.load(sys.stdin); print(d["name"] + ":" + d["version"])')"; \
 	else \
 		$(MAKE) --no-print-directory data && $(MAKE) --no-print-directory train; \
 	fi
