@@ -2,8 +2,9 @@
 
 A store entry holds ``model.keras``, ``card.json`` (the validated
 :class:`~models.card.ModelCard`) and the evaluation report files. The card is
-also the entry's BentoML metadata, so ``bentoml models get`` shows it, and the
-class names travel as a label.
+also the entry's BentoML metadata, so ``bentoml models get`` shows it (less its
+empty fields: BentoML metadata cannot hold None), and the class names travel
+as a label. ``card.json`` is the full record and the one that is validated.
 """
 
 from __future__ import annotations
@@ -84,22 +85,19 @@ def read_card(folder: Path) -> ModelCard:
         raise ModelLoadError(f"model card is invalid: {' '.join(first)}") from exc
 
 
-def load_model(tag: str = f"{DEFAULT_MODEL_NAME}:latest", folder: Path | None = None) -> StoredModel:
-    """Load a model from the store (or a store entry folder) and validate its card.
+def load_model(tag: str = f"{DEFAULT_MODEL_NAME}:latest") -> StoredModel:
+    """Load a model from the store and validate its card.
 
     Raises:
         ModelLoadError: the model is missing, its card is missing or invalid,
             or the card does not match the network's output.
     """
-    if folder is None:
-        try:
-            entry = bentoml.models.get(tag)
-        except bentoml.exceptions.NotFound as exc:
-            raise ModelLoadError(
-                f"model {tag!r} is not in the BentoML model store; train one with `make model`"
-            ) from exc
-        folder = Path(entry.path)
-        tag = str(entry.tag)
+    try:
+        entry = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as exc:
+        raise ModelLoadError(f"model {tag!r} is not in the BentoML model store; train one with `make model`") from exc
+    folder = Path(entry.path)
+    tag = str(entry.tag)
     card = read_card(folder)
     model_path = folder / MODEL_FILE
     if not model_path.is_file():

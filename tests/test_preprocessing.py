@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -117,7 +118,7 @@ def test_bytes_and_path_give_identical_arrays(tmp_path, tile_image):
 def test_jpeg_draft_decoding_is_close_to_full_decode(tile_image):
     data = encode(tile_image, "JPEG", quality=95)
     fast = decode_image(data, 64)
-    with Image.open(__import__("io").BytesIO(data)) as full:
+    with Image.open(io.BytesIO(data)) as full:
         reference = np.asarray(full.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
     assert np.abs(fast.astype(int) - reference).mean() < 4.0
 
