@@ -17,6 +17,12 @@ import tensorflow as tf
 from models.architectures import LOGITS_LAYER
 
 
+def configure_threads(intra_op: int, inter_op: int) -> None:
+    """Set TensorFlow's thread pools (0 = TensorFlow decides); call before the first op."""
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
 def logits_model(model: keras.Model) -> keras.Model:
     """The same network, ending at the pre-softmax ``logits`` layer."""
     return keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)

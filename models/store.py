@@ -14,12 +14,15 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bentoml
-import keras
 from pydantic import ValidationError
 
 from models.card import CARD_FILE, ModelCard
+
+if TYPE_CHECKING:  # keras (and TensorFlow) load only when a model does: `python -m models.store` stays fast
+    import keras
 
 logger = logging.getLogger(__name__)
 
@@ -92,19 +95,66 @@ def load_model(tag: str = f"{DEFAULT_MODEL_NAME}:latest") -> StoredModel:
         ModelLoadError: the model is missing, its card is missing or invalid,
             or the card does not match the network's output.
     """
-    try:
-        entry = bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound as exc:
-        raise ModelLoadError(f"model {tag!r} is not in the BentoML model store; train one with `make model`") from exc
-    folder = Path(entry.path)
-    tag = str(entry.tag)
+    entry = _entry(tag)
+    return load_model_from(Path(entry.path), str(entry.tag))
+
+
+def load_model_from(folder: Path, tag: str) -> StoredModel:
+    """Load and validate the store entry in `folder` (known to the caller as `tag`)."""
     card = read_card(folder)
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise ModelLoadError(f"{MODEL_FILE} is missing from {folder}")
+    import keras
+
     try:
         model = keras.models.load_model(model_path, compile=False)
     except Exception as exc:  # Keras raises many types for damaged archives
         raise ModelLoadError(f"cannot load {model_path.name}: {exc}") from exc
     check_card_matches_model(card, model)
     return StoredModel(tag=tag, model=model, card=card, path=folder)
+
+
+def _entry(tag: str) -> bentoml.Model:
+    try:
+        return bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as exc:
+        raise ModelLoadError(f"model {tag!r} is not in the BentoML model store; train one with `make model`") from exc
+
+
+def resolve_tag(tag: str) -> str:
+    """The exact ``name:version`` a tag such as ``name:latest`` points to.
+
+    Raises:
+        ModelLoadError: no such model in the store.
+    """
+    return str(_entry(tag).tag)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print the exact tag a model reference resolves to; with --check, load and validate it first.
+
+    Exit status 1, with the reason on stderr, when the model is absent or cannot serve.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m models.store", description=main.__doc__)
+    parser.add_argument("tag", help="model reference, e.g. lung_histopathology:latest")
+    parser.add_argument("--check", action="store_true", help="load the model and validate its card")
+    parser.add_argument("--path", type=Path, help="with --check: the store entry folder (default: looked up)")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            tag = load_model_from(args.path, args.tag).tag if args.path else load_model(args.tag).tag
+        else:
+            tag = resolve_tag(args.tag)
+    except ModelLoadError as exc:
+        logger.error("%s", exc)
+        return 1
+    sys.stdout.write(f"{tag}\n")  # the tag on stdout is the CLI's output
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

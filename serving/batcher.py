@@ -4,7 +4,8 @@ Requests are decoded and validated first (a bad image never joins a batch),
 then queued here. One consumer runs the model on everything queued, up to
 `max_batch_size`, in a worker thread; while it runs, new requests queue up
 and form the next batch. So a lone request runs at once (no batching delay)
-and batches grow with load.
+and batches grow with load. A request that waits longer than `max_wait_s`
+in total gets :class:`BatchTimeoutError` and leaves the queue.
 
 BentoML's own batching dispatcher only serves `@bentoml.api(batchable=True)`
 endpoints; calling such a method from another endpoint of the same service
@@ -27,6 +28,10 @@ BatchFunction = Callable[[np.ndarray], np.ndarray]
 BatchObserver = Callable[[int], None]
 
 
+class BatchTimeoutError(TimeoutError):
+    """A request waited longer than the batcher's `max_wait_s`."""
+
+
 class MicroBatcher:
     """Queue single images; run `function` on stacked batches; return rows."""
 
@@ -34,22 +39,32 @@ class MicroBatcher:
         self,
         function: BatchFunction,
         max_batch_size: int,
+        max_wait_s: float | None = None,
         observe_batch_size: BatchObserver | None = None,
     ) -> None:
         self._function = function
         self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
         self._observe = observe_batch_size or (lambda size: None)
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
         self._consumer: asyncio.Task[None] | None = None
 
     async def submit(self, image: np.ndarray) -> np.ndarray:
-        """Model output row for one image, computed within a batch."""
+        """Model output row for one image, computed within a batch.
+
+        Raises:
+            BatchTimeoutError: no result within `max_wait_s` (queue wait included).
+        """
         if self._queue is None:  # created lazily on the serving event loop
             self._queue = asyncio.Queue()
             self._consumer = asyncio.create_task(self._consume())
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         await self._queue.put((image, future))
-        return await future
+        try:
+            # A timed-out future is cancelled, so the consumer skips it.
+            return await asyncio.wait_for(future, self._max_wait_s)
+        except TimeoutError:
+            raise BatchTimeoutError(f"no result within {self._max_wait_s:g} s") from None
 
     async def _consume(self) -> None:
         assert self._queue is not None

@@ -1,25 +1,58 @@
 """Service settings, read from the environment in one place.
 
-Every variable has a documented default (see `.env.example`).
+Every variable has a documented default (see `.env.example`). A value that
+cannot be parsed or is out of range raises :class:`SettingsError` naming the
+variable, so a typo stops the service at start instead of misbehaving later.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
 from models.store import DEFAULT_MODEL_NAME
 
-
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return default if raw in (None, "") else int(raw)
+LOG_FORMATS = ("text", "json")
+MODEL_TAG_ARGUMENT = "model_tag"  # `bentoml build --arg model_tag=NAME:VERSION` pins a Bento's model
 
 
-def _float_or_none(name: str) -> float | None:
-    raw = os.environ.get(name)
-    return None if raw in (None, "") else float(raw)
+class SettingsError(ValueError):
+    """An environment variable holds an unusable value."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _probability_or_none(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "")
+    if raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{name}={value} must be between 0 and 1")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "") or choices[0]
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -33,18 +66,27 @@ class Settings:
     workers: int
     tf_intra_op_threads: int
     tf_inter_op_threads: int
+    log_format: str
 
 
-def load_settings() -> Settings:
-    """Read the HISTO_* environment variables (defaults in `.env.example`)."""
+def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping[str, str] | None = None) -> Settings:
+    """Read the HISTO_* environment variables (defaults in `.env.example`).
+
+    ``bento_arguments`` are the arguments a Bento was built with: the model
+    tag pinned by ``make build`` wins over ``HISTO_MODEL_TAG``, because a
+    built Bento holds exactly that model and nothing else.
+    """
+    env = os.environ if env is None else env
+    pinned = (bento_arguments or {}).get(MODEL_TAG_ARGUMENT)
     return Settings(
-        model_tag=os.environ.get("HISTO_MODEL_TAG", f"{DEFAULT_MODEL_NAME}:latest"),
-        max_body_bytes=_int("HISTO_MAX_BODY_BYTES", 20 * 1024 * 1024),
-        max_pixels=_int("HISTO_MAX_PIXELS", DEFAULT_MAX_PIXELS),
-        abstain_threshold=_float_or_none("HISTO_ABSTAIN_THRESHOLD"),
-        max_batch_size=_int("HISTO_MAX_BATCH_SIZE", 32),
-        max_latency_ms=_int("HISTO_MAX_LATENCY_MS", 10_000),
-        workers=_int("HISTO_WORKERS", 1),
-        tf_intra_op_threads=_int("HISTO_TF_INTRA_OP_THREADS", 0),
-        tf_inter_op_threads=_int("HISTO_TF_INTER_OP_THREADS", 0),
+        model_tag=pinned or env.get("HISTO_MODEL_TAG") or f"{DEFAULT_MODEL_NAME}:latest",
+        max_body_bytes=_int(env, "HISTO_MAX_BODY_BYTES", 20 * 1024 * 1024, minimum=1024),
+        max_pixels=_int(env, "HISTO_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
+        abstain_threshold=_probability_or_none(env, "HISTO_ABSTAIN_THRESHOLD"),
+        max_batch_size=_int(env, "HISTO_MAX_BATCH_SIZE", 32, minimum=1),
+        max_latency_ms=_int(env, "HISTO_MAX_LATENCY_MS", 10_000, minimum=1),
+        workers=_int(env, "HISTO_WORKERS", 1, minimum=1),
+        tf_intra_op_threads=_int(env, "HISTO_TF_INTRA_OP_THREADS", 0, minimum=0),
+        tf_inter_op_threads=_int(env, "HISTO_TF_INTER_OP_THREADS", 0, minimum=0),
+        log_format=_choice(env, "HISTO_LOG_FORMAT", LOG_FORMATS),
     )

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from models.preprocessing import CorruptImageError, EmptyImageError, ImageTooLargeError, UnsupportedImageError
-from serving.batcher import MicroBatcher
+from serving.batcher import BatchTimeoutError, MicroBatcher
+from serving.logs import JsonFormatter
+from serving.predictions import to_prediction
 from serving.problems import PROBLEM_MEDIA_TYPE, decode_problem
-from serving.settings import load_settings
+from serving.settings import SettingsError, load_settings
 
 
 def _slow_double(batch: np.ndarray) -> np.ndarray:
@@ -85,11 +87,68 @@ def test_decode_errors_map_to_problem_details(error, status):
     assert "Traceback" not in body["detail"]
 
 
-def test_settings_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv("HISTO_MAX_BATCH_SIZE", "16")
-    monkeypatch.setenv("HISTO_ABSTAIN_THRESHOLD", "0.7")
-    monkeypatch.delenv("HISTO_MODEL_TAG", raising=False)
-    settings = load_settings()
+def test_a_request_waiting_too_long_times_out_and_leaves_the_queue():
+    calls: list[int] = []
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        time.sleep(0.3)
+        return batch
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0.1)
+        first = asyncio.create_task(batcher.submit(np.zeros(1)))
+        await asyncio.sleep(0.01)  # the first occupies the model; the second queues behind it
+        with pytest.raises(BatchTimeoutError):
+            await batcher.submit(np.ones(1))
+        with pytest.raises(BatchTimeoutError):
+            await first  # 0.3 s of model time is over the 0.1 s budget too
+        await asyncio.sleep(0.4)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert calls == [1]  # the timed-out queued request never reached the model
+
+
+def test_settings_come_from_the_environment():
+    settings = load_settings({"HISTO_MAX_BATCH_SIZE": "16", "HISTO_ABSTAIN_THRESHOLD": "0.7"})
     assert settings.max_batch_size == 16
     assert settings.abstain_threshold == 0.7
     assert settings.model_tag == "lung_histopathology:latest"
+    assert settings.log_format == "text" and settings.max_latency_ms == 10_000
+
+
+def test_a_bento_pinned_model_tag_wins_over_the_environment():
+    env = {"HISTO_MODEL_TAG": "other:latest"}
+    assert load_settings(env).model_tag == "other:latest"
+    assert load_settings(env, bento_arguments={"model_tag": "lung:abc"}).model_tag == "lung:abc"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [("HISTO_MAX_BATCH_SIZE", "abc", "not an integer"), ("HISTO_MAX_BATCH_SIZE", "0", "at least 1"),
+     ("HISTO_ABSTAIN_THRESHOLD", "1.5", "between 0 and 1"), ("HISTO_LOG_FORMAT", "xml", "text, json")],
+)
+def test_bad_settings_name_the_variable(name, value, message):
+    with pytest.raises(SettingsError, match=message) as error:
+        load_settings({name: value})
+    assert name in str(error.value)
+
+
+def test_a_probability_row_becomes_a_prediction():
+    row = np.array([0.2, 0.45, 0.35], np.float32)
+    prediction = to_prediction(row, ["a", "b", "c"], abstain_threshold=0.5, model_tag="m:1")
+    assert prediction.predicted_class == "b" and prediction.confidence == pytest.approx(0.45)
+    assert prediction.uncertain  # 0.45 < 0.5
+    assert list(prediction.probabilities) == ["a", "b", "c"]
+    assert not to_prediction(row, ["a", "b", "c"], abstain_threshold=0.4, model_tag="m:1").uncertain
+    with pytest.raises(ValueError, match="expected 2"):
+        to_prediction(row, ["a", "b"], 0.5, "m:1")
+
+
+def test_json_log_lines_parse():
+    import logging
+
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, "loaded %s", ("m:1",), None)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "loaded m:1" and line["level"] == "INFO" and line["logger"] == "service"

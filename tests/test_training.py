@@ -12,6 +12,7 @@ from PIL import Image
 from models.architectures import build_model
 from models.preprocessing import decode_image
 from models.store import load_model
+from tests.conftest import TINY_MODEL_EPOCHS
 from training import data
 from training.train import TrainSettings, train
 
@@ -67,19 +68,9 @@ def test_overfits_one_batch():
 
 
 @pytest.mark.training
-def test_tiny_end_to_end_run_lands_in_the_store(synthetic_root, tmp_path):
-    settings = TrainSettings(
-        data=synthetic_root,
-        input_size=64,
-        epochs=12,
-        patience=4,
-        batch_size=16,
-        seed=0,
-        name="tiny_lung",
-        out=tmp_path,
-        verbose=0,
-    )
-    tag = train(settings)
+def test_tiny_end_to_end_run_lands_in_the_store(tiny_model_tag):
+    # tiny_model_tag (conftest) is a real run at 64 px, shared with the service tests.
+    tag = tiny_model_tag
     stored = load_model(tag)
     card = stored.card
     assert card.class_names == ["lung_aca", "lung_n", "lung_scc"]
@@ -87,7 +78,7 @@ def test_tiny_end_to_end_run_lands_in_the_store(synthetic_root, tmp_path):
     assert card.parameter_count == stored.model.count_params()
     assert card.metrics.accuracy >= TINY_RUN_MIN_ACCURACY, card.metrics
     assert card.dataset.split_sizes == {"train": 126, "validation": 27, "test": 27}
-    assert 0 < card.training.epochs_trained <= 12
+    assert 0 < card.training.epochs_trained <= TINY_MODEL_EPOCHS
     for name in ("report.json", "report.txt", "confusion_matrix.png", "split_manifest.json", "card.json"):
         assert (stored.path / name).is_file(), name
     report = json.loads((stored.path / "report.json").read_text())

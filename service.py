@@ -1,0 +1,152 @@
+"""The BentoML service: the HTTP contract of DESIGN.md section 5. Thin glue.
+
+Each request is decoded and validated by `models.preprocessing.decode_image`
+in a worker thread first, so a bad upload is answered with its 4xx and never
+joins a batch. Valid images are queued to an in-process micro-batcher that
+runs the traced model (`models.inference.Predictor`) on stacked uint8 arrays.
+
+Run it with `make serve`, or `bentoml serve` from this folder.
+"""
+
+import asyncio
+import logging
+from http import HTTPStatus
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from models.preprocessing import ImageDecodeError, decode_image
+from models.store import ModelLoadError, StoredModel, load_model
+from serving.batcher import BatchTimeoutError, MicroBatcher
+from serving.logs import configure_logging
+from serving.metrics import ServiceMetrics, create_metrics
+from serving.model_check import check_model_can_serve
+from serving.predictions import Prediction, to_prediction
+from serving.problems import decode_problem, problem
+from serving.settings import load_settings
+
+logger = logging.getLogger(__name__)
+
+# Read when BentoML imports this module: the decorators below need them.
+SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
+MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+
+async def _model_card(request: Request) -> Response:
+    """GET /model: the model card of the model being served."""
+    service: Histopathology = bentoml.get_current_service()
+    return JSONResponse(service.stored.card.model_dump(mode="json"))
+
+
+# Plain GET routes next to BentoML's POST APIs (BentoML APIs are POST-only).
+http_routes = Starlette(routes=[Route("/model", _model_card, methods=["GET"])])
+
+
+@bentoml.asgi_app(http_routes, path="/")
+@bentoml.service(
+    name="histopathology",
+    workers=SETTINGS.workers,
+    traffic={"timeout": max(30, SETTINGS.max_latency_ms // 1000 + 10)},
+    labels={"task": "histopathology-tile-classification", "intended-use": "research-only"},
+)
+class Histopathology:
+    """Histopathology tile classifier with adaptive batching."""
+
+    bento_model = MODEL
+
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Refuse to start (one line, non-zero exit) unless the model can serve.
+
+        Runs once in the main `bentoml serve` process, before any worker, so a
+        missing or broken model is not a worker crash loop.
+        """
+        configure_logging(SETTINGS.log_format)
+        try:
+            logger.info("model %s can serve", check_model_can_serve(SETTINGS.model_tag))
+        except ModelLoadError as exc:
+            raise SystemExit(f"histopathology service cannot start: {exc}") from None
+
+    def __init__(self) -> None:
+        # TensorFlow loads here, in the worker only: the supervisor process stays small.
+        from models.inference import Predictor, configure_threads
+
+        configure_logging(SETTINGS.log_format)
+        configure_threads(SETTINGS.tf_intra_op_threads, SETTINGS.tf_inter_op_threads)
+        self.stored: StoredModel = load_model(str(self.bento_model.tag))
+        card = self.stored.card
+        self.input_size = card.input_size
+        self.abstain_threshold = (
+            SETTINGS.abstain_threshold if SETTINGS.abstain_threshold is not None else card.abstain_threshold
+        )
+        self.predictor: Predictor = Predictor(self.stored.model, card.input_size, card.calibration_temperature)
+        self.metrics: ServiceMetrics = create_metrics()
+        self.batcher = MicroBatcher(
+            self.predictor,
+            max_batch_size=SETTINGS.max_batch_size,
+            max_wait_s=SETTINGS.max_latency_ms / 1000,
+            observe_batch_size=self.metrics.batch_size.observe,
+        )
+        self._warm = asyncio.Event()
+        logger.info("loaded %s (%s, %d classes)", self.stored.tag, card.architecture, len(card.class_names))
+
+    @bentoml.on_startup
+    async def warm_up(self) -> None:
+        """Run every batch shape once; `/readyz` stays 503 until this is done."""
+        sizes = sorted({1, 2, 4, 8, 16, SETTINGS.max_batch_size} & set(range(1, SETTINGS.max_batch_size + 1)))
+        await asyncio.to_thread(self.predictor.warm_up, sizes)
+        self._warm.set()
+        logger.info("warmed up for batch sizes %s", sizes)
+
+    @bentoml.on_shutdown
+    async def stop_batcher(self) -> None:
+        await self.batcher.close()
+
+    def __is_ready__(self) -> bool:
+        return self._warm.is_set()
+
+    async def _decode(self, path: Path) -> np.ndarray:
+        return await asyncio.to_thread(decode_image, path, self.input_size, SETTINGS.max_pixels)
+
+    def _prediction(self, probabilities: np.ndarray) -> Prediction:
+        return to_prediction(probabilities, self.stored.card.class_names, self.abstain_threshold, self.stored.tag)
+
+    @bentoml.api(route="/predict")
+    async def predict(self, file: Path) -> Prediction:
+        """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF)."""
+        # Errors are returned as problem+json responses, which BentoML passes through.
+        try:
+            image = await self._decode(file)
+        except ImageDecodeError as exc:
+            return decode_problem(exc)
+        try:
+            return self._prediction(await self.batcher.submit(image))
+        except BatchTimeoutError as exc:
+            return _too_slow(exc)
+
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(self, file: list[Path]) -> list[Prediction]:
+        """Classify several tiles sent as repeated `file` parts; results in the same order."""
+        if not file:
+            return problem(HTTPStatus.BAD_REQUEST, "send at least one `file` part")
+        decoded = await asyncio.gather(*(self._decode(path) for path in file), return_exceptions=True)
+        for index, result in enumerate(decoded):
+            if isinstance(result, ImageDecodeError):
+                return decode_problem(result, part=f"file[{index}]")
+            if isinstance(result, BaseException):
+                raise result
+        images: list[np.ndarray] = decoded  # all arrays now
+        try:
+            rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
+        except BatchTimeoutError as exc:
+            return _too_slow(exc)
+        return [self._prediction(row) for row in rows]
+
+
+def _too_slow(error: BatchTimeoutError) -> JSONResponse:
+    return problem(HTTPStatus.GATEWAY_TIMEOUT, f"inference did not finish in time ({error}); retry later")

@@ -1,0 +1,94 @@
+"""Start and stop real `bentoml serve` subprocesses for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    target: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 180
+) -> RunningServer:
+    """`bentoml serve TARGET` on a free 127.0.0.1 port; returns once `/readyz` answers 200."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop_server ends the workers too
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise TimeoutError(f"server not ready within {ready_timeout} s:\n{server.log()[-4000:]}")
+
+
+def stop_server(server: RunningServer, grace: float = 30) -> None:
+    """SIGTERM (graceful), then SIGKILL to the server's own process group."""
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGKILL)  # leftover workers, if any
+    server.process.wait(10)
+
+
+def run_server_until_exit(target: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run `bentoml serve` expecting it to exit on its own (a start-up failure).
+
+    Raises subprocess.TimeoutExpired, after ending the server's process group,
+    if it is still running after `timeout` seconds.
+    """
+    args = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(free_port())]
+    process = subprocess.Popen(
+        args, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)

@@ -1,0 +1,72 @@
+"""`make build` makes a Bento that pins its model and serves it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import bentoml
+import httpx
+import pytest
+import yaml
+
+from models.store import load_model, save_model
+from tests.conftest import TINY_MODEL_NAME, TINY_TILE, encode
+from tests.server import REPO_ROOT, start_server, stop_server
+from training.synthetic import render_tile
+
+pytestmark = [pytest.mark.bento, pytest.mark.service]
+
+
+@pytest.fixture(scope="module")
+def bento_tag(tiny_model_tag: str) -> str:
+    """`make build` for the tiny model; its last line of output is the Bento tag."""
+    result = subprocess.run(
+        ["make", "-s", "build", f"MODEL_NAME={TINY_MODEL_NAME}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    tag = result.stdout.strip().splitlines()[-1]
+    assert tag.startswith("histopathology:"), result.stdout
+    return tag
+
+
+def test_bento_pins_the_model_version_and_ships_serving_code_only(bento_tag, tiny_model_tag):
+    bento_dir = Path(bentoml.bentos.get(bento_tag).path)
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert info["args"]["model_tag"] == tiny_model_tag
+    assert [model["tag"] for model in info["services"][0]["models"]] == [tiny_model_tag]
+    assert not tiny_model_tag.endswith(":latest")
+
+    source = bento_dir / "src"
+    shipped = {path.relative_to(source).as_posix() for path in source.rglob("*.py")}
+    assert "service.py" in shipped and "models/preprocessing.py" in shipped
+    assert not [path for path in shipped if path.startswith(("training/", "tests/", "loadtests/"))], shipped
+
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text().lower()
+    assert "tensorflow_cpu==" in requirements or "tensorflow-cpu==" in requirements
+    for training_only in ("scikit-learn", "matplotlib", "scipy", "locust", "pytest"):
+        assert training_only not in requirements, training_only
+    envs = {env["name"]: env["value"] for env in info["envs"]}
+    assert envs["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_built_bento_serves_its_pinned_model_even_when_a_newer_one_exists(bento_tag, tiny_model_tag, tmp_path):
+    stored = load_model(tiny_model_tag)
+    newer = save_model(stored.model, stored.card, name=TINY_MODEL_NAME)  # now `tiny_lung:latest`
+    assert newer != tiny_model_tag
+    server = start_server(bento_tag, tmp_path / "bento.log")
+    try:
+        tile = encode(render_tile("lung_scc", TINY_TILE, seed=4242), "JPEG", quality=90)
+        response = httpx.post(f"{server.url}/predict", files={"file": ("t.jpeg", tile, "image/jpeg")}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == tiny_model_tag
+        assert response.json()["predicted_class"] == "lung_scc"
+        assert httpx.get(f"{server.url}/model", timeout=10).json()["class_names"] == stored.card.class_names
+    finally:
+        stop_server(server)
+        bentoml.models.delete(newer)

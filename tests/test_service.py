@@ -1,0 +1,216 @@
+"""The BentoML service over real HTTP: a `bentoml serve` subprocess with a tiny trained model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.inference import Predictor
+from models.preprocessing import decode_image
+from models.store import load_model
+from tests.conftest import TINY_TILE, encode
+from tests.server import run_server_until_exit
+from training.synthetic import LUNG_CLASSES, render_tile, tile_seed
+
+pytestmark = pytest.mark.service
+
+PROBLEM = "application/problem+json"
+FRESH_SEED = 999  # tiles the model never saw (the training set uses seed 7)
+
+
+def fresh_tile(class_name: str, index: int) -> bytes:
+    image = render_tile(class_name, TINY_TILE, tile_seed(FRESH_SEED, class_name, index))
+    return encode(image, "JPEG", quality=90)
+
+
+def post_file(url: str, data: bytes, filename: str = "tile.jpeg", content_type: str = "image/jpeg") -> httpx.Response:
+    return httpx.post(f"{url}/predict", files={"file": (filename, data, content_type)}, timeout=60)
+
+
+def batch_size_histogram(url: str) -> tuple[float, float, float]:
+    """(number of model calls, calls with a single image, images) from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "histopathology_batch_size")
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    return (
+        samples[("histopathology_batch_size_count", None)],
+        samples[("histopathology_batch_size_bucket", "1.0")],
+        samples[("histopathology_batch_size_sum", None)],
+    )
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"] == "about:blank"
+    assert body["detail"] and "Traceback" not in body["detail"]
+    return body
+
+
+def test_curl_style_multipart_classifies_tiles_of_every_class(server, tiny_model_tag):
+    stored = load_model(tiny_model_tag)
+    predictor = Predictor(stored.model, stored.card.input_size, stored.card.calibration_temperature)
+    correct = {name: 0 for name in LUNG_CLASSES}
+    for class_name in LUNG_CLASSES:
+        for index in range(4):
+            data = fresh_tile(class_name, index)
+            response = post_file(server.url, data)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert set(body) == {"predicted_class", "confidence", "probabilities", "uncertain", "model"}
+            assert body["model"] == tiny_model_tag
+            assert list(body["probabilities"]) == stored.card.class_names
+            assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+            assert body["confidence"] == max(body["probabilities"].values())
+            assert body["predicted_class"] == max(body["probabilities"], key=body["probabilities"].get)
+            assert body["uncertain"] == (body["confidence"] < stored.card.abstain_threshold)
+            # The server's answer is exactly what the model gives in-process on the same decoded tile.
+            expected = predictor(decode_image(data, stored.card.input_size)[None])[0]
+            np.testing.assert_allclose(list(body["probabilities"].values()), expected, atol=1e-5)
+            correct[class_name] += body["predicted_class"] == class_name
+    assert correct == {name: 4 for name in LUNG_CLASSES}
+
+
+def test_bentoml_sync_client_gets_the_same_answers(server, tmp_path):
+    paths = []
+    for class_name in LUNG_CLASSES:
+        path = tmp_path / f"{class_name}.jpeg"
+        path.write_bytes(fresh_tile(class_name, 10))
+        paths.append(path)
+    with bentoml.SyncHTTPClient(server.url) as client:
+        single = [client.predict(file=path) for path in paths]
+        batch = client.predict_batch(file=paths)
+        with pytest.raises(bentoml.exceptions.BentoMLException) as rejected:
+            client.predict(file=Path(__file__))  # a Python file is not an image
+    assert [result["predicted_class"] for result in single] == list(LUNG_CLASSES)
+    assert [result["predicted_class"] for result in batch] == list(LUNG_CLASSES)  # in the order sent
+    for one, many in zip(single, batch, strict=True):
+        assert one["probabilities"] == pytest.approx(many["probabilities"], abs=1e-5)
+    assert rejected.value.error_code == 415
+
+
+def test_predict_batch_over_raw_multipart_keeps_order_and_names_the_bad_part(server):
+    order = ["lung_scc", "lung_n", "lung_aca", "lung_n"]
+    files = [("file", (f"{i}.jpeg", fresh_tile(name, 20 + i), "image/jpeg")) for i, name in enumerate(order)]
+    response = httpx.post(f"{server.url}/predict_batch", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    assert [result["predicted_class"] for result in response.json()] == order
+
+    files[2] = ("file", ("2.jpeg", fresh_tile("lung_aca", 22)[:600], "image/jpeg"))  # truncated
+    body = assert_problem(httpx.post(f"{server.url}/predict_batch", files=files, timeout=60), 422)
+    assert body["detail"].startswith("file[2]:")
+
+
+def test_model_card_and_builtin_endpoints_answer(server, tiny_model_tag):
+    card = httpx.get(f"{server.url}/model", timeout=10).json()
+    assert card == json.loads(load_model(tiny_model_tag).card.model_dump_json())
+    assert card["class_names"] == list(LUNG_CLASSES) and card["input_size"] == 64
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert httpx.get(server.url + probe, timeout=10).status_code == 200, probe
+    assert "histopathology_batch_size" in httpx.get(f"{server.url}/metrics", timeout=10).text
+    docs = httpx.get(f"{server.url}/docs.json", timeout=10).json()
+    assert {"/predict", "/predict_batch"} <= set(docs["paths"])
+
+
+def test_concurrent_requests_are_batched_and_a_corrupt_one_fails_alone(server):
+    calls_before, singles_before, images_before = batch_size_histogram(server.url)
+    corrupt_at = 13
+    payloads = [fresh_tile(LUNG_CLASSES[i % 3], 100 + i) for i in range(32)]
+    payloads[corrupt_at] = payloads[corrupt_at][:700]  # a truncated JPEG inside the burst
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(
+                *(client.post("/predict", files={"file": ("t.jpeg", data, "image/jpeg")}) for data in payloads)
+            )
+
+    responses = asyncio.run(burst())
+    statuses = [response.status_code for response in responses]
+    assert statuses[corrupt_at] == 422
+    assert statuses[:corrupt_at] + statuses[corrupt_at + 1 :] == [200] * 31
+    assert_problem(responses[corrupt_at], 422)
+    for i, response in enumerate(responses):
+        if i != corrupt_at:
+            assert response.json()["predicted_class"] == LUNG_CLASSES[i % 3], i
+
+    calls, singles, images = batch_size_histogram(server.url)
+    assert images - images_before == 31  # the corrupt upload never reached the model
+    batched_calls = (calls - calls_before) - (singles - singles_before)
+    assert batched_calls >= 1, "no model call held more than one image"
+    assert calls - calls_before < 31
+
+
+def _bomb_png() -> bytes:
+    # 100 megapixels of 1-bit zeros: a tiny file that would need 300 MB as RGB.
+    return encode(Image.new("1", (10_000, 10_000)), "PNG")
+
+
+def _corrupt_png(tile: Image.Image) -> bytes:
+    data = bytearray(encode(tile, "PNG"))
+    data[100:400] = bytes(300)  # damage the compressed pixel data
+    return bytes(data)
+
+
+ERROR_TABLE = [
+    # (case, payload factory, status) for the rows of DESIGN.md's table the decoder covers
+    ("zero-byte file", lambda tile: b"", 400),
+    ("decompression bomb", lambda tile: _bomb_png(), 413),
+    ("plain text", lambda tile: b"hello, this is not an image\n", 415),
+    ("pickle", lambda tile: b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.", 415),
+    ("svg", lambda tile: b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', 415),
+    ("pdf", lambda tile: b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", 415),
+    ("gif (outside the allowlist)", lambda tile: encode(tile, "GIF"), 415),
+    ("truncated jpeg", lambda tile: encode(tile, "JPEG")[:1000], 422),
+    ("corrupt png", _corrupt_png, 422),
+]
+
+
+@pytest.mark.parametrize(("case", "payload", "status"), ERROR_TABLE, ids=[row[0] for row in ERROR_TABLE])
+def test_rejected_inputs_get_their_status_as_problem_json(server, tile_image, case, payload, status):
+    assert_problem(post_file(server.url, payload(tile_image)), status)
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_declared_content_type_is_ignored_the_bytes_decide(server):
+    data = fresh_tile("lung_n", 30)
+    for declared in ("image/png", "application/octet-stream"):
+        response = post_file(server.url, data, filename="x.png", content_type=declared)
+        assert response.status_code == 200, response.text
+
+
+def test_starting_without_the_model_exits_fast_with_a_clear_message():
+    result = run_server_until_exit("service:Histopathology", {"HISTO_MODEL_TAG": "no_such_model:latest"}, 30)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "no_such_model" in output and "could not be found" in output
+    assert "Traceback" not in output
+
+
+def test_starting_with_an_invalid_card_exits_fast_with_a_clear_message(tiny_model_tag, tmp_path):
+    # A copy of the store whose card.json is damaged: the service must refuse it.
+    home = tmp_path / "bentoml"
+    source = Path(bentoml.models.get(tiny_model_tag).path)
+    target = home / "models" / source.parent.name / source.name
+    shutil.copytree(source, target)
+    shutil.copy(source.parent / "latest", target.parent / "latest")
+    card = json.loads((target / "card.json").read_text())
+    card["class_names"] = card["class_names"][:2]  # no longer matches its metrics and the model
+    (target / "card.json").write_text(json.dumps(card))
+    env = {"BENTOML_HOME": str(home), "HISTO_MODEL_TAG": tiny_model_tag}
+    result = run_server_until_exit("service:Histopathology", env, 30)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "cannot start" in line]
+    assert lines and "model card is invalid" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
