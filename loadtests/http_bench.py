@@ -33,25 +33,27 @@ class HttpResult:
     p99_ms: float
 
 
-async def _client(client: httpx.AsyncClient, payload: bytes, deadline: float, latencies: list[float]) -> int:
+async def _client(
+    client: httpx.AsyncClient, route: str, payload: bytes, deadline: float, latencies: list[float]
+) -> int:
     errors = 0
     while time.perf_counter() < deadline:
         started = time.perf_counter()
-        response = await client.post("/predict", files={"file": ("tile.jpeg", payload, "image/jpeg")})
+        response = await client.post(route, files={"file": ("tile.jpeg", payload, "image/jpeg")})
         latencies.append(time.perf_counter() - started)
         errors += response.status_code != 200
     return errors
 
 
-async def run_level(url: str, payload: bytes, concurrency: int, seconds: float) -> HttpResult:
-    """Keep `concurrency` requests in flight for `seconds`; return the counts."""
+async def run_level(url: str, payload: bytes, concurrency: int, seconds: float, route: str = "/predict") -> HttpResult:
+    """Keep `concurrency` requests in flight on `route` for `seconds`; return the counts."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        await client.post("/predict", files={"file": ("tile.jpeg", payload, "image/jpeg")})  # warm the connection
+        await client.post(route, files={"file": ("tile.jpeg", payload, "image/jpeg")})  # warm the connection
         started = time.perf_counter()
         errors = await asyncio.gather(
-            *(_client(client, payload, started + seconds, latencies) for _ in range(concurrency))
+            *(_client(client, route, payload, started + seconds, latencies) for _ in range(concurrency))
         )
         elapsed = time.perf_counter() - started
     p50, p95, p99 = np.percentile(np.array(latencies) * 1000, [50, 95, 99])
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 32], help="client counts to measure (default: 1 32)"
     )
+    parser.add_argument("--route", default="/predict", help="endpoint taking a multipart `file` (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15, help="duration of each level (default: %(default)s)")
     parser.add_argument("--size", type=int, default=768, help="tile size in pixels (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     payload = sample_jpeg(args.size)
-    results = [asyncio.run(run_level(args.url, payload, level, args.seconds)) for level in args.concurrency]
+    results = [asyncio.run(run_level(args.url, payload, level, args.seconds, args.route)) for level in args.concurrency]
     logger.info("%8s %9s %7s %10s %8s %8s %8s", "clients", "requests", "errors", "req/s", "p50 ms", "p95 ms", "p99 ms")
     for r in results:
         logger.info(
