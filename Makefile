@@ -25,7 +25,12 @@ PORT ?= 3000
 MODEL_TAG ?=
 SERVING_LOCK := requirements/serving.lock.txt
 
-.PHONY: help setup data model train serve build lock-serving test lint bench-model clean
+LOADTEST_HOST ?= http://127.0.0.1:3000
+USERS ?= 32
+SPAWN_RATE ?= 8
+DURATION ?= 30s
+
+.PHONY: help setup data model train serve build lock-serving test lint bench-model benchmark loadtest resilience clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -75,6 +80,17 @@ lock-serving: ## regenerate $(SERVING_LOCK): serving.txt resolved under constrai
 
 bench-model: setup ## in-process images/s of the default architecture, batch 1..64
 	$(PY) -m loadtests.inprocess
+
+benchmark: model ## service vs in-process limit vs seed-style baseline, 1-64 clients; writes BENCHMARKS.md
+	$(PY) -m loadtests.benchmark --model $(MODEL_NAME):latest
+
+loadtest: setup ## headless Locust against a running service (LOADTEST_HOST, USERS, DURATION); SLO gate = exit code
+	mkdir -p loadtests/results
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless --host $(LOADTEST_HOST) -u $(USERS) -r $(SPAWN_RATE) \
+		-t $(DURATION) --stop-timeout 10 --csv loadtests/results/locust --html loadtests/results/locust.html --only-summary
+
+resilience: model ## overload at 4x capacity, recovery, a killed worker, a 10,000-request soak (prints figures)
+	$(PY) -m loadtests.resilience --model $(MODEL_NAME):latest
 
 test: setup ## every test group, as CI runs them
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -16,6 +16,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,6 +24,7 @@ from starlette.routing import Route
 from models.preprocessing import ImageDecodeError, decode_image
 from models.store import ModelLoadError, StoredModel, load_model
 from serving.batcher import BatchTimeoutError, MicroBatcher
+from serving.guard import GuardPolicy, RequestGuard
 from serving.logs import configure_logging
 from serving.metrics import ServiceMetrics, create_metrics
 from serving.model_check import check_model_can_serve
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 # Read when BentoML imports this module: the decorators below need them.
 SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
+UPLOAD_ROUTES = {"/predict": 1, "/predict_batch": SETTINGS.max_files_per_request}
 
 
 async def _model_card(request: Request) -> Response:
@@ -97,11 +100,15 @@ class Histopathology:
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
-        """Run every batch shape once; `/readyz` stays 503 until this is done."""
-        sizes = sorted({1, 2, 4, 8, 16, SETTINGS.max_batch_size} & set(range(1, SETTINGS.max_batch_size + 1)))
+        """Run every batch size the batcher can form once; `/readyz` stays 503 until this is done.
+
+        Every size, not a few: TensorFlow sets up per shape, and doing it here keeps first-time
+        latency spikes and memory growth out of serving.
+        """
+        sizes = range(1, SETTINGS.max_batch_size + 1)
         await asyncio.to_thread(self.predictor.warm_up, sizes)
         self._warm.set()
-        logger.info("warmed up for batch sizes %s", sizes)
+        logger.info("warmed up for batch sizes 1..%d", SETTINGS.max_batch_size)
 
     @bentoml.on_shutdown
     async def stop_batcher(self) -> None:
@@ -150,3 +157,22 @@ class Histopathology:
 
 def _too_slow(error: BatchTimeoutError) -> JSONResponse:
     return problem(HTTPStatus.GATEWAY_TIMEOUT, f"inference did not finish in time ({error}); retry later")
+
+
+if SETTINGS.cors_origins:  # outermost, so preflight requests never need the token
+    Histopathology.add_asgi_middleware(
+        CORSMiddleware,
+        allow_origins=list(SETTINGS.cors_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+    )
+Histopathology.add_asgi_middleware(
+    RequestGuard,
+    policy=GuardPolicy(
+        upload_routes=UPLOAD_ROUTES,
+        token_routes=frozenset({*UPLOAD_ROUTES, "/model"}),
+        max_body_bytes=SETTINGS.max_body_bytes,
+        max_in_flight=SETTINGS.max_in_flight,
+        api_token=SETTINGS.api_token,
+    ),
+)

@@ -24,10 +24,16 @@ DECODE_ERROR_STATUS: dict[type[ImageDecodeError], HTTPStatus] = {
 }
 
 
-def problem(status: HTTPStatus, detail: str, problem_type: str = "about:blank") -> JSONResponse:
+def problem_body(status: HTTPStatus, detail: str, problem_type: str = "about:blank") -> dict[str, object]:
+    return {"type": problem_type, "title": status.phrase, "status": int(status), "detail": detail}
+
+
+def problem(
+    status: HTTPStatus, detail: str, problem_type: str = "about:blank", headers: dict[str, str] | None = None
+) -> JSONResponse:
     """A problem+json response; never contains a stack trace."""
-    body = {"type": problem_type, "title": status.phrase, "status": int(status), "detail": detail}
-    return JSONResponse(body, status_code=int(status), media_type=PROBLEM_MEDIA_TYPE)
+    body = problem_body(status, detail, problem_type)
+    return JSONResponse(body, status_code=int(status), media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 def decode_problem(error: ImageDecodeError, part: str = "file") -> JSONResponse:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
 from models.store import DEFAULT_MODEL_NAME
@@ -67,6 +67,10 @@ class Settings:
     tf_intra_op_threads: int
     tf_inter_op_threads: int
     log_format: str
+    max_in_flight: int  # uploads being served at once per worker; more get 503 + Retry-After
+    max_files_per_request: int  # `file` parts /predict_batch takes
+    api_token: str | None = field(repr=False)  # when set, model routes need `Authorization: Bearer <token>`
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (default: none)
 
 
 def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping[str, str] | None = None) -> Settings:
@@ -89,4 +93,8 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         tf_intra_op_threads=_int(env, "HISTO_TF_INTRA_OP_THREADS", 0, minimum=0),
         tf_inter_op_threads=_int(env, "HISTO_TF_INTER_OP_THREADS", 0, minimum=0),
         log_format=_choice(env, "HISTO_LOG_FORMAT", LOG_FORMATS),
+        max_in_flight=_int(env, "HISTO_MAX_IN_FLIGHT", 64, minimum=1),
+        max_files_per_request=_int(env, "HISTO_MAX_FILES_PER_REQUEST", 32, minimum=1),
+        api_token=env.get("HISTO_API_TOKEN") or None,
+        cors_origins=tuple(o.strip() for o in env.get("HISTO_CORS_ORIGINS", "").split(",") if o.strip()),
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server import RunningServer, start_server, stop_server
+from loadtests.servers import RunningServer, start_server, stop_server
 
 TINY_TILE = 256  # px: small tiles keep generation and decoding fast in tests
 TINY_MODEL_NAME = "tiny_lung"
@@ -63,6 +63,28 @@ def server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "service:Histopathology",
         tmp_path_factory.mktemp("server") / "serve.log",
         env={"HISTO_MODEL_TAG": tiny_model_tag},
+    )
+    yield running
+    stop_server(running)
+
+
+STRICT_TOKEN = "test-token-5f2c"  # noqa: S105 - a throwaway credential for the strict test server
+STRICT_ORIGIN = "https://viewer.example"
+
+
+@pytest.fixture(scope="session")
+def strict_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A second server with an API token, a CORS origin, a 1 MB body cap and only 2 requests in flight."""
+    running = start_server(
+        "service:Histopathology",
+        tmp_path_factory.mktemp("strict") / "serve.log",
+        env={
+            "HISTO_MODEL_TAG": tiny_model_tag,
+            "HISTO_API_TOKEN": STRICT_TOKEN,
+            "HISTO_CORS_ORIGINS": STRICT_ORIGIN,
+            "HISTO_MAX_BODY_BYTES": str(1_000_000),
+            "HISTO_MAX_IN_FLIGHT": "2",
+        },
     )
     yield running
     stop_server(running)

@@ -10,9 +10,9 @@ import httpx
 import pytest
 import yaml
 
+from loadtests.servers import REPO_ROOT, start_server, stop_server
 from models.store import load_model, save_model
 from tests.conftest import TINY_MODEL_NAME, TINY_TILE, encode
-from tests.server import REPO_ROOT, start_server, stop_server
 from training.synthetic import render_tile
 
 pytestmark = [pytest.mark.bento, pytest.mark.service]

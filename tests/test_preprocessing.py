@@ -8,6 +8,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from models.preprocessing import (
@@ -187,3 +189,38 @@ def test_sniffing_ignores_names_and_declared_types(make_image):
     assert sniff_format(make_image("RGB", "JPEG")[:16]) == "JPEG"
     assert sniff_format(make_image("RGB", "WEBP")[:16]) == "WEBP"
     assert sniff_format(b"GIF89a") is None
+
+
+_VALID_FILES = {
+    fmt: encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)), fmt)
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF")
+}
+
+
+def _decode_or_documented_error(data: bytes) -> None:
+    try:
+        array = decode_image(data, 32, max_pixels=4_000_000)
+    except ImageDecodeError:
+        return  # one of the four documented errors: the service maps it to a 4xx
+    assert array.shape == (32, 32, 3) and array.dtype == np.uint8
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_random_bytes_raise_only_documented_errors(data):
+    _decode_or_documented_error(data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(sorted(_VALID_FILES)),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=12),
+    st.one_of(st.none(), st.integers(1, 10_000)),
+)
+def test_mutated_images_raise_only_documented_errors(fmt, flips, truncate_at):
+    data = bytearray(_VALID_FILES[fmt])
+    for position, value in flips:  # overwrite bytes anywhere, headers included
+        data[position % len(data)] = value
+    if truncate_at is not None:
+        data = data[: truncate_at % len(data)]
+    _decode_or_documented_error(bytes(data))

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.servers import run_server_until_exit
 from models.inference import Predictor
 from models.preprocessing import decode_image
 from models.store import load_model
 from tests.conftest import TINY_TILE, encode
-from tests.server import run_server_until_exit
 from training.synthetic import LUNG_CLASSES, render_tile, tile_seed
 
 pytestmark = pytest.mark.service

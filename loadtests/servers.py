@@ -1,4 +1,4 @@
-"""Start and stop real `bentoml serve` subprocesses for tests."""
+"""Start and stop real `bentoml serve` subprocesses (tests and benchmarks)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,96 @@
+"""The HTTP load generator the benchmarks share: aiohttp, closed loop or open loop.
+
+aiohttp rather than httpx: it costs the shared CPU less per request, and
+httpx's pool slows down badly with thousands of waiting requests, which is
+what an overload test creates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+
+Outcome = tuple[str, float, float]  # status code or error name, latency s, finish time
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    concurrency: int
+    requests: int
+    errors: int
+    requests_per_second: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    client_cpu_share: float  # of all cores: the generator shares them with the server
+
+
+def session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=timeout_s)
+    )
+
+
+async def post_file(client: aiohttp.ClientSession, url: str, payload: bytes, headers: dict | None = None) -> Outcome:
+    """POST one tile as the multipart `file` field of `url`."""
+    form = aiohttp.FormData()
+    form.add_field("file", payload, filename="tile.jpeg", content_type="image/jpeg")
+    started = time.perf_counter()
+    try:
+        async with client.post(url, data=form, headers=headers) as response:
+            await response.read()
+            outcome = str(response.status)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        outcome = type(exc).__name__
+    finished = time.perf_counter()
+    return outcome, finished - started, finished
+
+
+async def closed_loop(url: str, payload: bytes, concurrency: int, seconds: float) -> LevelResult:
+    """`concurrency` clients, each posting again as soon as it has its answer, for `seconds`."""
+    outcomes: list[Outcome] = []
+    async with session(concurrency, 60) as client:
+        await post_file(client, url, payload)  # connection and server warm-up, not counted
+        cpu_started, started = time.process_time(), time.perf_counter()
+        deadline = started + seconds
+
+        async def one_client() -> None:
+            while time.perf_counter() < deadline:
+                outcomes.append(await post_file(client, url, payload))
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    latencies_ms = np.array([latency for _, latency, _ in outcomes]) * 1000
+    p50, p95, p99 = np.percentile(latencies_ms, [50, 95, 99]) if len(outcomes) else (np.nan,) * 3
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(outcomes),
+        errors=sum(status != "200" for status, _, _ in outcomes),
+        requests_per_second=len(outcomes) / elapsed,
+        p50_ms=float(p50),
+        p95_ms=float(p95),
+        p99_ms=float(p99),
+        client_cpu_share=cpu / elapsed / (os.cpu_count() or 1),
+    )
+
+
+async def open_loop(url: str, payload: bytes, rate: float, seconds: float) -> tuple[list[Outcome], float]:
+    """Requests arriving at `rate` per second whatever the answers (how overload really looks).
+
+    Returns the outcomes and the arrival rate achieved (the generator shares the CPU).
+    """
+    async with session(1000, 15) as client:
+        started = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(post_file(client, url, payload)))
+        sent_rate = len(tasks) / (time.perf_counter() - started)
+        return await asyncio.gather(*tasks), sent_rate

@@ -1,0 +1,244 @@
+"""The request guard: an ASGI middleware in front of the service's routes.
+
+BentoML 1.4 on its own answers 500 to malformed multipart, has no body cap,
+fetches a URL when a string is sent in a file field, and answers errors in
+its own JSON shape. The guard, for every request:
+
+* answers every error response (its own, BentoML's, Starlette's) as
+  `application/problem+json`, with a generic detail for 5xx;
+* checks the optional API token (`Authorization: Bearer`, constant-time) on
+  model routes; probes, metrics, docs and the web page stay open;
+
+and for uploads to the model routes:
+
+* refuses more requests in flight than the service can serve in time
+  (503 with `Retry-After`) so admitted requests keep their latency;
+* caps the body: a declared `Content-Length` over the cap is refused before
+  reading, a streamed body as soon as it crosses the cap (413);
+* parses the multipart body once and checks its shape: multipart only (415),
+  well-formed (400), only `file` parts, each an uploaded file and not a
+  string (so BentoML never fetches URLs), as many as the route takes (400).
+
+Then it replays the buffered body to BentoML.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.problems import PROBLEM_MEDIA_TYPE, problem, problem_body
+
+logger = logging.getLogger(__name__)
+
+FILE_FIELD = "file"
+RETRY_AFTER_S = 1
+
+
+class _RejectedError(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+def _bad_request(detail: str) -> _RejectedError:
+    return _RejectedError(problem(HTTPStatus.BAD_REQUEST, detail))
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    upload_routes: Mapping[str, int]  # POST path -> most `file` parts it takes
+    token_routes: frozenset[str]  # paths that need the API token when one is set
+    max_body_bytes: int
+    max_in_flight: int
+    api_token: str | None = None
+
+
+class RequestGuard:
+    """ASGI middleware enforcing a :class:`GuardPolicy` (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, policy: GuardPolicy) -> None:
+        self.app = app
+        self.policy = policy
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = _problem_errors(send)
+        path = scope["path"]
+        if path in self.policy.token_routes and not self._authorized(scope):
+            await _unauthorized()(scope, receive, send)
+            return
+        max_files = self.policy.upload_routes.get(path)
+        if max_files is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.policy.max_in_flight:
+            busy = problem(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"over capacity ({self.policy.max_in_flight} requests in flight); retry after {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+            await busy(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            try:
+                body = await self._checked_body(scope, receive, max_files)
+            except _RejectedError as rejected:
+                await rejected.response(scope, receive, send)
+                return
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.in_flight -= 1
+
+    def _authorized(self, scope: Scope) -> bool:
+        if not self.policy.api_token:
+            return True
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        expected = self.policy.api_token.encode()
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), expected)
+
+    async def _checked_body(self, scope: Scope, receive: Receive, max_files: int) -> bytes:
+        headers = Headers(scope=scope)
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "multipart/form-data":
+            raise _RejectedError(
+                problem(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    f"send multipart/form-data with the image in a `{FILE_FIELD}` field, not {media_type or 'no type'}",
+                )
+            )
+        cap = self.policy.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            raise _RejectedError(_too_large(cap))
+        body = await _read_body(receive, cap)
+        await _check_multipart(headers, body, max_files)
+        return body
+
+
+def _unauthorized() -> JSONResponse:
+    return problem(
+        HTTPStatus.UNAUTHORIZED,
+        "missing or wrong API token; send `Authorization: Bearer <token>`",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _too_large(cap: int) -> JSONResponse:
+    return problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the {cap}-byte cap")
+
+
+async def _read_body(receive: Receive, cap: int) -> bytes:
+    """The whole body, or _RejectedError(413) as soon as it crosses `cap` (the rest is never read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _bad_request("client disconnected before the body was complete")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            raise _RejectedError(_too_large(cap))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _check_multipart(headers: Headers, body: bytes, max_files: int) -> None:
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=max_files + 1, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise _bad_request(f"malformed multipart body: {exc}") from None
+    try:
+        names = [name for name, _ in form.multi_items()]
+        unexpected = sorted(set(names) - {FILE_FIELD})
+        if unexpected:
+            raise _bad_request(f"unexpected field(s) {unexpected}; send `{FILE_FIELD}`")
+        values = form.getlist(FILE_FIELD)
+        if not values:
+            raise _bad_request(f"no `{FILE_FIELD}` part in the multipart body")
+        if any(not isinstance(value, UploadFile) for value in values):
+            raise _bad_request(f"`{FILE_FIELD}` must be an uploaded file (a part with a filename), not a string or URL")
+        if len(values) > max_files:
+            raise _bad_request(f"{len(values)} `{FILE_FIELD}` parts; the route takes at most {max_files}")
+    finally:
+        await form.close()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive callable that yields the buffered body once, then the client's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _problem_errors(send: Send) -> Send:
+    """Wrap `send` so that every error response leaves as problem+json."""
+    held: Message | None = None
+    chunks: list[bytes] = []
+
+    async def wrapped(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start":
+            headers = Headers(raw=message.get("headers", []))
+            if message["status"] >= 400 and not headers.get("content-type", "").startswith(PROBLEM_MEDIA_TYPE):
+                held = message  # rewrite once the whole body is known
+                return
+            await send(message)
+            return
+        if held is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        status = HTTPStatus(held["status"])
+        body = json.dumps(problem_body(status, _detail(status, b"".join(chunks)))).encode()
+        kept = [(k, v) for k, v in held.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+        headers = [*kept, (b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+        await send({**held, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return wrapped
+
+
+def _detail(status: HTTPStatus, original: bytes) -> str:
+    """A client-safe detail for a rewritten error: never internals of a 5xx."""
+    if status >= HTTPStatus.INTERNAL_SERVER_ERROR and status != HTTPStatus.SERVICE_UNAVAILABLE:
+        return "an unexpected error occurred; it has been logged"
+    try:
+        parsed = json.loads(original)
+    except ValueError:
+        return original.decode("utf-8", "replace").strip()[:500] or status.description
+    if isinstance(parsed, dict):
+        error = str(parsed.get("error") or parsed.get("detail") or status.description)
+        fields = parsed.get("detail")
+        if isinstance(fields, list):  # pydantic errors as BentoML reports them
+            where = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg', '')}" for e in fields[:5])
+            error = f"{error}: {where}" if where else error
+        return error[:500]
+    return str(parsed)[:500]

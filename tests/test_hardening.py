@@ -1,0 +1,232 @@
+"""Hardening against a real server: request shape, image variants, token, caps, overload, CORS, logs, fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import ExifTags, Image
+
+from loadtests.servers import start_server
+from tests.conftest import STRICT_ORIGIN, STRICT_TOKEN, TINY_TILE, encode
+from tests.test_service import PROBLEM, assert_problem, fresh_tile, post_file
+from training.synthetic import render_tile
+
+pytestmark = pytest.mark.service
+
+AUTH = {"Authorization": f"Bearer {STRICT_TOKEN}"}
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary") -> tuple[bytes, dict]:
+    """A hand-built multipart body: (name, filename or None for a plain field, content) per part."""
+    lines = []
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        lines.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n")
+    body = b"".join(lines) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _post_raw(url: str, body: bytes, headers: dict, route: str = "/predict") -> httpx.Response:
+    return httpx.post(f"{url}{route}", content=body, headers=headers, timeout=60)
+
+
+TILE = encode(render_tile("lung_n", TINY_TILE, seed=77), "JPEG", quality=90)
+
+SHAPE_CASES = [
+    # (case, request factory -> (body, headers), status)
+    ("wrong field name", lambda: _multipart([("image", "t.jpeg", TILE)]), 400),
+    ("two files to /predict", lambda: _multipart([("file", "a.jpeg", TILE), ("file", "b.jpeg", TILE)]), 400),
+    ("url string in the file field", lambda: _multipart([("file", None, b"http://127.0.0.1:9/x.jpeg")]), 400),
+    ("extra plain field", lambda: _multipart([("file", "t.jpeg", TILE), ("note", None, b"hi")]), 400),
+    ("empty multipart", lambda: (b"--b0undary--\r\n", {"Content-Type": "multipart/form-data; boundary=b0undary"}), 400),
+    ("part without a name", lambda: (
+        b'--b0undary\r\nContent-Disposition: form-data; filename="t.jpeg"\r\n\r\nxx\r\n--b0undary--\r\n',
+        {"Content-Type": "multipart/form-data; boundary=b0undary"}), 400),
+    ("multipart without boundary", lambda: (b"abc", {"Content-Type": "multipart/form-data"}), 400),
+    ("json body", lambda: (b'{"file": "tile.jpeg"}', {"Content-Type": "application/json"}), 415),
+    ("raw image/jpeg body", lambda: (TILE, {"Content-Type": "image/jpeg"}), 415),
+    ("no content type", lambda: (TILE, {}), 415),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "status"), SHAPE_CASES, ids=[c[0] for c in SHAPE_CASES])
+def test_malformed_requests_get_4xx_problem_json(server, case, make, status):
+    body, headers = make()
+    assert_problem(_post_raw(server.url, body, headers), status)
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_problem_json(server):
+    assert_problem(httpx.get(f"{server.url}/no-such-route", timeout=10), 404)
+    assert_problem(httpx.get(f"{server.url}/predict", timeout=10), 405)
+
+
+def _png16(tile: Image.Image) -> bytes:
+    grey = np.asarray(tile.convert("L"), dtype=np.uint16) * 257
+    return encode(Image.fromarray(grey), "PNG")
+
+
+def _palette_with_transparency(tile: Image.Image) -> bytes:
+    return encode(tile.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0)
+
+
+def _multi_frame_tiff(tile: Image.Image) -> bytes:
+    return encode(tile, "TIFF", save_all=True, append_images=[tile.rotate(90), tile.rotate(180)])
+
+
+ACCEPTED_VARIANTS = [
+    ("16-bit png", _png16),
+    ("cmyk jpeg", lambda tile: encode(tile.convert("CMYK"), "JPEG")),
+    ("palette png with transparency", _palette_with_transparency),
+    ("grayscale jpeg", lambda tile: encode(tile.convert("L"), "JPEG")),
+    ("rgba png", lambda tile: encode(tile.convert("RGBA"), "PNG")),
+    ("webp", lambda tile: encode(tile, "WEBP")),
+    ("multi-frame tiff (first frame)", _multi_frame_tiff),
+]
+
+
+@pytest.mark.parametrize(("case", "make"), ACCEPTED_VARIANTS, ids=[c[0] for c in ACCEPTED_VARIANTS])
+def test_image_variants_are_accepted(server, tile_image, case, make):
+    response = post_file(server.url, make(tile_image), filename="x.bin", content_type="application/octet-stream")
+    assert response.status_code == 200, response.text
+    assert sum(response.json()["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_multi_frame_tiff_is_classified_by_its_first_frame(server, tile_image):
+    first_only = post_file(server.url, encode(tile_image, "TIFF")).json()["probabilities"]
+    stack = post_file(server.url, _multi_frame_tiff(tile_image)).json()["probabilities"]
+    assert stack == pytest.approx(first_only, abs=1e-6)
+
+
+def test_animated_gif_is_refused_with_415(server, tile_image):
+    gif = encode(tile_image, "GIF", save_all=True, append_images=[tile_image.rotate(90)], duration=100)
+    body = assert_problem(post_file(server.url, gif), 415)
+    assert "JPEG, PNG, WebP or TIFF" in body["detail"]
+
+
+def test_exif_orientation_is_applied(server, tile_image):
+    # Stored rotated, with EXIF orientation 6 ("rotate 90 clockwise to display"): upright once applied.
+    stored = tile_image.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    upright = post_file(server.url, encode(tile_image, "PNG")).json()["probabilities"]
+    tagged = post_file(server.url, encode(stored, "PNG", exif=exif)).json()["probabilities"]
+    untagged = post_file(server.url, encode(stored, "PNG")).json()["probabilities"]
+    assert tagged == pytest.approx(upright, abs=1e-6)
+    assert untagged != pytest.approx(upright, abs=1e-6)  # so the check above is not vacuous
+
+
+def test_logs_never_contain_uploaded_bytes_or_file_names(server):
+    marker = "zz-private-marker-7c1e"
+    post_file(server.url, f"patient {marker} notes".encode(), filename=f"{marker}.txt", content_type="text/plain")
+    post_file(server.url, fresh_tile("lung_aca", 300), filename=f"{marker}-slide.jpeg")
+    time.sleep(0.5)  # let the access log flush
+    log = server.log()
+    assert "/predict" in log  # the requests were logged ...
+    assert marker not in log  # ... without their content or names
+
+
+def test_api_token_guards_model_routes_only(strict_server):
+    url = strict_server.url
+    for route in ("/predict", "/predict_batch"):
+        response = httpx.post(f"{url}{route}", files={"file": ("t.jpeg", TILE, "image/jpeg")}, timeout=30)
+        assert_problem(response, 401)
+        assert response.headers["www-authenticate"] == "Bearer"
+    wrong = {"Authorization": "Bearer not-the-token"}
+    assert_problem(httpx.get(f"{url}/model", headers=wrong, timeout=10), 401)
+    assert httpx.get(f"{url}/model", headers=AUTH, timeout=10).status_code == 200
+    response = httpx.post(f"{url}/predict", files={"file": ("t.jpeg", TILE, "image/jpeg")}, headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    for open_route in ("/readyz", "/livez", "/healthz", "/metrics", "/docs.json"):
+        assert httpx.get(f"{url}{open_route}", timeout=10).status_code == 200, open_route
+
+
+def test_body_cap_with_content_length_and_streamed(strict_server):
+    big = b"\xff\xd8\xff" + bytes(1_200_000)  # over the strict server's 1 MB cap
+    body, headers = _multipart([("file", "big.jpeg", big)])
+    assert_problem(_post_raw(strict_server.url, body, {**headers, **AUTH}), 413)
+
+    def chunks():  # no Content-Length: the cap must hold on the stream itself
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    response = httpx.post(f"{strict_server.url}/predict", content=chunks(), headers={**headers, **AUTH}, timeout=30)
+    assert "content-length" not in response.request.headers
+    assert_problem(response, 413)
+    assert httpx.get(f"{strict_server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_overload_gets_503_with_retry_after_and_the_service_recovers(strict_server):
+    payload = fresh_tile("lung_scc", 400)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=strict_server.url, headers=AUTH, timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post("/predict", files={"file": ("t.jpeg", payload, "image/jpeg")}) for _ in range(32))
+            )
+
+    responses = asyncio.run(burst())
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert response.headers["content-type"] == PROBLEM
+        else:
+            assert response.json()["predicted_class"] == "lung_scc"
+    after = httpx.post(f"{strict_server.url}/predict", files={"file": ("t.jpeg", payload)}, headers=AUTH, timeout=30)
+    assert after.status_code == 200
+
+
+def test_cors_allows_only_the_configured_origin(strict_server, server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    allowed = httpx.options(f"{strict_server.url}/predict", headers={"Origin": STRICT_ORIGIN, **preflight}, timeout=10)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == STRICT_ORIGIN
+    other = httpx.options(f"{strict_server.url}/predict", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    default = httpx.get(f"{server.url}/readyz", headers={"Origin": STRICT_ORIGIN}, timeout=10)
+    assert "access-control-allow-origin" not in default.headers  # no origins by default
+
+
+def test_sigterm_drains_requests_in_flight(tiny_model_tag, tmp_path):
+    server = start_server("service:Histopathology", tmp_path / "drain.log", env={"HISTO_MODEL_TAG": tiny_model_tag})
+    tiles = [("file", (f"{i}.jpeg", fresh_tile("lung_n", 500 + i), "image/jpeg")) for i in range(32)]
+
+    async def slow_requests() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            tasks = [asyncio.create_task(client.post("/predict_batch", files=tiles)) for _ in range(6)]
+            await asyncio.sleep(0.3)  # all six are in flight (each decodes 32 tiles) ...
+            server.process.send_signal(signal.SIGTERM)  # ... when the server is told to stop
+            return await asyncio.gather(*tasks)
+
+    try:
+        responses = asyncio.run(slow_requests())
+        assert [response.status_code for response in responses] == [200] * 6
+        assert server.process.wait(30) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def test_schemathesis_finds_no_server_errors(server, tmp_path):
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/docs.json",
+            "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "1",
+            "--request-timeout", "30", "--generation-deterministic",
+        ],
+        capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "/predict" in result.stdout
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
