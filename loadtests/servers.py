@@ -34,16 +34,32 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
+def private_home(folder: Path) -> Path:
+    """A BENTOML_HOME of the server's own that sees the current store's models and Bentos.
+
+    BentoML keeps its Prometheus files in BENTOML_HOME and wipes them when a
+    server starts, so two servers sharing one home corrupt each other's `/metrics`.
+    """
+    shared = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for store in ("models", "bentos"):
+        (shared / store).mkdir(parents=True, exist_ok=True)
+        if not (folder / store).exists():
+            (folder / store).symlink_to(shared / store)
+    return folder
+
+
 def start_server(
     target: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 180
 ) -> RunningServer:
     """`bentoml serve TARGET` on a free 127.0.0.1 port; returns once `/readyz` answers 200."""
     port = free_port()
+    home = private_home(log_path.parent / "bentoml-home")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO_ROOT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "BENTOML_HOME": str(home), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop_server ends the workers too

@@ -1,31 +1,91 @@
 """Prometheus metrics the service adds to BentoML's `/metrics`.
 
-`prometheus_client` is imported when the metrics are created, inside the
+`prometheus_client` is imported when the metrics are first used, inside the
 worker: BentoML sets up its multi-process registry after the service module
 is imported, and metrics made earlier would never reach `/metrics`.
+
+Labels are bounded: class names come from the model card, reasons from
+:data:`REJECTION_REASONS`; nothing from clients (file names, ids) is a label.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from http import HTTPStatus
 from typing import Any
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# Why an upload was refused, by the status it got.
+REJECTION_REASONS: dict[int, str] = {
+    HTTPStatus.BAD_REQUEST: "bad_request",
+    HTTPStatus.UNAUTHORIZED: "unauthorized",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "too_large",
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: "format",
+    HTTPStatus.UNPROCESSABLE_ENTITY: "corrupt",
+    HTTPStatus.SERVICE_UNAVAILABLE: "overload",
+    HTTPStatus.GATEWAY_TIMEOUT: "timeout",
+}
+
+METRIC_NAMES = (
+    "histopathology_predictions_total",
+    "histopathology_uncertain_total",
+    "histopathology_rejected_total",
+    "histopathology_decode_seconds",
+    "histopathology_inference_seconds",
+    "histopathology_batch_size",
+    "histopathology_model_info",
+)
 
 
 @dataclass(frozen=True)
 class ServiceMetrics:
-    batch_size: Any  # prometheus_client.Histogram
+    predictions: Any  # Counter{predicted_class}
+    uncertain: Any  # Counter
+    rejected: Any  # Counter{reason}
+    decode_seconds: Any  # Histogram
+    inference_seconds: Any  # Histogram, per model call
+    batch_size: Any  # Histogram
+    model_info: Any  # Gauge{name, version, architecture} = 1
+
+    def reject(self, status: int) -> None:
+        """Count a refused upload under the reason its status stands for (others are not counted)."""
+        if (reason := REJECTION_REASONS.get(status)) is not None:
+            self.rejected.labels(reason=reason).inc()
 
 
-def create_metrics() -> ServiceMetrics:
-    """Create the service's metrics; call once per worker process."""
-    import prometheus_client
+@cache
+def service_metrics() -> ServiceMetrics:
+    """The service's metrics, created once per worker process on first use."""
+    import prometheus_client as prom
 
     return ServiceMetrics(
-        batch_size=prometheus_client.Histogram(
+        predictions=prom.Counter(
+            "histopathology_predictions", "Images classified, by predicted class.", ["predicted_class"]
+        ),
+        uncertain=prom.Counter(
+            "histopathology_uncertain", "Images whose confidence was below the abstain threshold."
+        ),
+        rejected=prom.Counter(
+            "histopathology_rejected", "Uploads refused, by reason (format, corrupt, too_large, ...).", ["reason"]
+        ),
+        decode_seconds=prom.Histogram(
+            "histopathology_decode_seconds", "Time to decode and validate one upload.", buckets=SECONDS_BUCKETS
+        ),
+        inference_seconds=prom.Histogram(
+            "histopathology_inference_seconds", "Time of one model call (a whole batch).", buckets=SECONDS_BUCKETS
+        ),
+        batch_size=prom.Histogram(
             "histopathology_batch_size",
             "Images per model call, as formed by the service's micro-batcher.",
             buckets=BATCH_SIZE_BUCKETS,
+        ),
+        model_info=prom.Gauge(
+            "histopathology_model_info",
+            "The model being served (value 1).",
+            ["name", "version", "architecture"],
+            multiprocess_mode="max",
         ),
     )

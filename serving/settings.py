@@ -71,6 +71,7 @@ class Settings:
     max_files_per_request: int  # `file` parts /predict_batch takes
     api_token: str | None = field(repr=False)  # when set, model routes need `Authorization: Bearer <token>`
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (default: none)
+    sentry_dsn: str | None = field(default=None, repr=False)  # optional error tracking
 
 
 def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping[str, str] | None = None) -> Settings:
@@ -97,4 +98,5 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         max_files_per_request=_int(env, "HISTO_MAX_FILES_PER_REQUEST", 32, minimum=1),
         api_token=env.get("HISTO_API_TOKEN") or None,
         cors_origins=tuple(o.strip() for o in env.get("HISTO_CORS_ORIGINS", "").split(",") if o.strip()),
+        sentry_dsn=env.get("SENTRY_DSN") or None,
     )

@@ -74,7 +74,7 @@ STRICT_ORIGIN = "https://viewer.example"
 
 @pytest.fixture(scope="session")
 def strict_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A second server with an API token, a CORS origin, a 1 MB body cap and only 2 requests in flight."""
+    """A second server: API token, a CORS origin, a 1 MB body cap, 2 requests in flight, JSON logs."""
     running = start_server(
         "service:Histopathology",
         tmp_path_factory.mktemp("strict") / "serve.log",
@@ -84,6 +84,7 @@ def strict_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory)
             "HISTO_CORS_ORIGINS": STRICT_ORIGIN,
             "HISTO_MAX_BODY_BYTES": str(1_000_000),
             "HISTO_MAX_IN_FLIGHT": "2",
+            "HISTO_LOG_FORMAT": "json",
         },
     )
     yield running
