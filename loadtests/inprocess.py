@@ -46,12 +46,12 @@ def _rate(run: Callable[[], None], items: int, seconds: float) -> float:
     return done / elapsed
 
 
-def sample_jpeg(size: int = 768) -> bytes:
+def sample_jpeg(size: int = 768, class_name: str = "lung_aca", seed: int = 1) -> bytes:
     """A realistic synthetic tile, JPEG-encoded as clients would send it."""
     from training.synthetic import render_tile
 
     buffer = io.BytesIO()
-    render_tile("lung_aca", size, seed=1).save(buffer, format="JPEG", quality=90)
+    render_tile(class_name, size, seed=seed).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 

@@ -13,7 +13,6 @@ failure ratio or the p95 latency of `/predict` is over its limit:
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from typing import Any
@@ -29,14 +28,10 @@ _tiles: list[bytes] = []  # filled once by the init listener
 
 
 def _jpeg_tiles(size: int) -> list[bytes]:
-    from training.synthetic import LUNG_CLASSES, render_tile
+    from loadtests.inprocess import sample_jpeg
+    from training.synthetic import LUNG_CLASSES
 
-    tiles = []
-    for index, class_name in enumerate(LUNG_CLASSES * 2):
-        buffer = io.BytesIO()
-        render_tile(class_name, size, seed=10_000 + index).save(buffer, format="JPEG", quality=90)
-        tiles.append(buffer.getvalue())
-    return tiles
+    return [sample_jpeg(size, name, seed=10_000 + i) for i, name in enumerate(LUNG_CLASSES * 2)]
 
 
 @events.init.add_listener

@@ -95,7 +95,7 @@ def load_model(tag: str = f"{DEFAULT_MODEL_NAME}:latest") -> StoredModel:
         ModelLoadError: the model is missing, its card is missing or invalid,
             or the card does not match the network's output.
     """
-    entry = _entry(tag)
+    entry = store_entry(tag)
     return load_model_from(Path(entry.path), str(entry.tag))
 
 
@@ -115,7 +115,8 @@ def load_model_from(folder: Path, tag: str) -> StoredModel:
     return StoredModel(tag=tag, model=model, card=card, path=folder)
 
 
-def _entry(tag: str) -> bentoml.Model:
+def store_entry(tag: str) -> bentoml.Model:
+    """The store entry a tag points to, in the store BentoML uses (a Bento's own when serving one)."""
     try:
         return bentoml.models.get(tag)
     except bentoml.exceptions.NotFound as exc:
@@ -128,7 +129,7 @@ def resolve_tag(tag: str) -> str:
     Raises:
         ModelLoadError: no such model in the store.
     """
-    return str(_entry(tag).tag)
+    return str(store_entry(tag).tag)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bentoml
-
-from models.store import ModelLoadError
+from models.store import ModelLoadError, store_entry
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # where `models/` is importable from
 CHECK_TIMEOUT_S = 300
@@ -27,11 +25,7 @@ def check_model_can_serve(tag: str) -> str:
     Raises:
         ModelLoadError: with a one-line reason, when it cannot serve.
     """
-    try:
-        # The store BentoML uses: a Bento's own models when serving a Bento.
-        entry = bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound as exc:
-        raise ModelLoadError(f"model {tag!r} is not in the BentoML model store; train one with `make model`") from exc
+    entry = store_entry(tag)
     command = [sys.executable, "-m", "models.store", "--check", str(entry.tag), "--path", entry.path]
     result = subprocess.run(  # noqa: S603 - fixed argv: this interpreter and a resolved store path
         command, cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, check=False
