@@ -19,11 +19,11 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from models.preprocessing import ImageDecodeError, decode_image
-from models.store import ModelLoadError, StoredModel, load_model
+from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
 from serving.batcher import BatchTimeoutError, MicroBatcher
 from serving.error_tracking import init_error_tracking
 from serving.guard import GuardPolicy, RequestGuard
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 UPLOAD_ROUTES = {"/predict": 1, "/predict_batch": SETTINGS.max_files_per_request}
-KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/docs.json", "/"}
+KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/docs.json", "/"}
 
 
 async def _model_card(request: Request) -> Response:
@@ -50,8 +50,24 @@ async def _model_card(request: Request) -> Response:
     return JSONResponse(service.stored.card.model_dump(mode="json"))
 
 
+async def _model_report(request: Request) -> Response:
+    """GET /model/report[/{name}]: the evaluation report stored with the model (Markdown, JSON, figures)."""
+    service: Histopathology = bentoml.get_current_service()
+    name = request.path_params.get("name", REPORT_MARKDOWN)
+    path = service.stored.path / name
+    if name not in REPORT_FILES or not path.is_file():
+        return problem(HTTPStatus.NOT_FOUND, f"this model has no report file {name!r}; see {sorted(REPORT_FILES)}")
+    return FileResponse(path, media_type=REPORT_FILES[name], headers={"Cache-Control": "no-cache"})
+
+
 # Plain GET routes next to BentoML's POST APIs (BentoML APIs are POST-only).
-http_routes = Starlette(routes=[Route("/model", _model_card, methods=["GET"])])
+http_routes = Starlette(
+    routes=[
+        Route("/model", _model_card, methods=["GET"]),
+        Route("/model/report", _model_report, methods=["GET"]),
+        Route("/model/report/{name}", _model_report, methods=["GET"]),
+    ]
+)
 
 
 @bentoml.asgi_app(http_routes, path="/")

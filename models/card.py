@@ -32,8 +32,31 @@ class ClassMetrics(_Strict):
     roc_auc: Probability | None = None  # None when the class is absent from the test split
 
 
+class Interval(_Strict):
+    """A point estimate with its confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+
+class ConfidenceIntervals(_Strict):
+    """Bootstrap intervals of the test metrics."""
+
+    method: str  # e.g. "percentile bootstrap, resampling near-duplicate groups"
+    resamples: int = Field(gt=0)
+    level: float = Field(gt=0.0, lt=1.0)
+    accuracy: Interval
+    macro_f1: Interval
+    recall: dict[str, Interval]
+
+
 class TestMetrics(_Strict):
-    """Held-out test split metrics; the test split never steered training."""
+    """Held-out test split metrics (calibrated); the test split never steered training."""
 
     n_images: int = Field(gt=0)
     accuracy: Probability
@@ -42,6 +65,37 @@ class TestMetrics(_Strict):
     per_class: dict[str, ClassMetrics]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     expected_calibration_error: Probability | None = None
+    confidence_intervals: ConfidenceIntervals | None = None
+
+
+class Calibration(_Strict):
+    """Temperature scaling fitted on the validation split; ECE and NLL on the test split."""
+
+    method: str = "temperature scaling"
+    fitted_on: str = "validation"
+    temperature: float = Field(gt=0.0)
+    test_ece_before: Probability
+    test_ece_after: Probability
+    test_nll_before: float = Field(ge=0.0)
+    test_nll_after: float = Field(ge=0.0)
+
+
+class Abstention(_Strict):
+    """How the abstain threshold was chosen, and what it does.
+
+    False-negative rates are among the images the model answers (confidence >=
+    threshold); coverage is the share it answers. The rest is referred.
+    """
+
+    threshold: Probability
+    fnr_target: Probability
+    cancer_classes: list[str]
+    chosen_on: str = "validation"
+    target_met_on_validation: bool
+    validation_coverage: Probability
+    validation_false_negative_rate: dict[str, Probability]
+    test_coverage: Probability
+    test_false_negative_rate: dict[str, Probability]
 
 
 class DatasetInfo(_Strict):
@@ -54,6 +108,9 @@ class DatasetInfo(_Strict):
     split_policy: str
     split_seed: int
     split_sizes: dict[str, int]  # train / validation / test
+    n_groups: int | None = Field(default=None, gt=0)  # near-duplicate groups (see training.grouping)
+    largest_group: int | None = Field(default=None, gt=0)
+    groups_across_splits: int | None = Field(default=None, ge=0)  # 0: no original on two sides
 
 
 class TrainingConfig(_Strict):
@@ -82,8 +139,10 @@ class ModelCard(_Strict):
     training: TrainingConfig
     dataset: DatasetInfo
     metrics: TestMetrics
-    calibration_temperature: float = Field(default=1.0, gt=0.0)
+    calibration_temperature: float = Field(default=1.0, gt=0.0)  # the service divides logits by it
     abstain_threshold: Probability = 0.5  # confidence below this is flagged `uncertain`
+    calibration: Calibration | None = None
+    abstention: Abstention | None = None
     framework_versions: dict[str, str]
     created_at: datetime
     intended_use: str = "Research use only. Not for diagnosis."
@@ -105,4 +164,11 @@ class ModelCard(_Strict):
             raise ValueError(f"confusion_matrix must be {n}x{n}")
         if sum(map(sum, matrix)) != self.metrics.n_images:
             raise ValueError("confusion_matrix does not add up to metrics.n_images")
+        if self.calibration and abs(self.calibration.temperature - self.calibration_temperature) > 1e-9:
+            raise ValueError("calibration.temperature differs from calibration_temperature")
+        if self.abstention:
+            if abs(self.abstention.threshold - self.abstain_threshold) > 1e-9:
+                raise ValueError("abstention.threshold differs from abstain_threshold")
+            if not set(self.abstention.cancer_classes) <= names:
+                raise ValueError("abstention.cancer_classes must be among class_names")
         return self

@@ -1,7 +1,8 @@
 """Save models into, and load them from, the BentoML model store.
 
 A store entry holds ``model.keras``, ``card.json`` (the validated
-:class:`~models.card.ModelCard`) and the evaluation report files. The card is
+:class:`~models.card.ModelCard`) and the evaluation report files
+(:data:`REPORT_FILES`). The card is
 also the entry's BentoML metadata, so ``bentoml models get`` shows it (less its
 empty fields: BentoML metadata cannot hold None), and the class names travel
 as a label. ``card.json`` is the full record and the one that is validated.
@@ -28,6 +29,16 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "lung_histopathology"
 MODEL_FILE = "model.keras"
+# The evaluation report stored beside the model (written by training.report), with media types.
+REPORT_MARKDOWN = "report.md"
+REPORT_FILES: dict[str, str] = {
+    REPORT_MARKDOWN: "text/markdown; charset=utf-8",
+    "report.json": "application/json",
+    "report.txt": "text/plain; charset=utf-8",
+    "confusion_matrix.png": "image/png",
+    "roc_curves.png": "image/png",
+    "reliability_diagram.png": "image/png",
+}
 
 
 class ModelLoadError(RuntimeError):

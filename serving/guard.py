@@ -56,7 +56,7 @@ def _bad_request(detail: str) -> _RejectedError:
 @dataclass(frozen=True)
 class GuardPolicy:
     upload_routes: Mapping[str, int]  # POST path -> most `file` parts it takes
-    token_routes: frozenset[str]  # paths that need the API token when one is set
+    token_routes: frozenset[str]  # paths (and everything under them) that need the API token when one is set
     max_body_bytes: int
     max_in_flight: int
     api_token: str | None = None
@@ -70,13 +70,16 @@ class RequestGuard:
         self.policy = policy
         self.in_flight = 0
 
+    def _needs_token(self, path: str) -> bool:
+        return any(path == route or path.startswith(f"{route}/") for route in self.policy.token_routes)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         send = _problem_errors(send)
         path = scope["path"]
-        if path in self.policy.token_routes and not self._authorized(scope):
+        if self._needs_token(path) and not self._authorized(scope):
             await _unauthorized()(scope, receive, send)
             return
         max_files = self.policy.upload_routes.get(path)

@@ -16,7 +16,7 @@ from loadtests.servers import RunningServer, start_server, stop_server
 
 TINY_TILE = 256  # px: small tiles keep generation and decoding fast in tests
 TINY_MODEL_NAME = "tiny_lung"
-TINY_MODEL_EPOCHS = 20
+TINY_MODEL_EPOCHS = 30
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,7 +36,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_tag(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real (tiny: 64 px input, 20 epochs, ~20 s) model trained once into the test store.
+    """A real (tiny: 64 px input, up to 30 epochs, ~20 s) model trained once into the test store.
 
     Measured: 100% on 450 fresh synthetic tiles, so service tests can expect right answers.
     """

@@ -10,9 +10,9 @@ from training.evaluate import (
     compute_metrics,
     confusion_matrix,
     expected_calibration_error,
-    text_report,
-    write_report,
+    roc_curve,
 )
+from training.report import text_report
 
 CLASSES = ["lung_aca", "lung_n", "lung_scc"]
 # 6 images: true labels and predicted probabilities.
@@ -77,10 +77,19 @@ def test_expected_calibration_error_by_hand():
     assert expected_calibration_error(np.array([0, 1]), np.eye(2)) == pytest.approx(0.0)
 
 
-def test_report_files(tmp_path):
+def test_roc_curve_matches_scikit_learn():
+    from sklearn.metrics import roc_curve as sklearn_roc_curve
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.random(200) + labels * 0.4, 2)
+    fpr, tpr = roc_curve(labels, scores)
+    expected_fpr, expected_tpr, _ = sklearn_roc_curve(labels, scores, drop_intermediate=False)
+    assert np.allclose(fpr, expected_fpr) and np.allclose(tpr, expected_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(binary_roc_auc(labels, scores))
+
+
+def test_text_report():
     metrics = compute_metrics(Y_TRUE, PROBS, CLASSES)
-    files = write_report(metrics, CLASSES, tmp_path)
-    assert files.confusion_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert '"accuracy"' in files.json.read_text()
     text = text_report(metrics, CLASSES)
     assert "lung_aca" in text and "0.6667" in text  # aca FNR

@@ -141,8 +141,9 @@ def test_api_token_guards_model_routes_only(strict_server):
         assert_problem(response, 401)
         assert response.headers["www-authenticate"] == "Bearer"
     wrong = {"Authorization": "Bearer not-the-token"}
-    assert_problem(httpx.get(f"{url}/model", headers=wrong, timeout=10), 401)
-    assert httpx.get(f"{url}/model", headers=AUTH, timeout=10).status_code == 200
+    for model_route in ("/model", "/model/report", "/model/report/roc_curves.png"):
+        assert_problem(httpx.get(f"{url}{model_route}", headers=wrong, timeout=10), 401)
+        assert httpx.get(f"{url}{model_route}", headers=AUTH, timeout=10).status_code == 200
     response = httpx.post(f"{url}/predict", files={"file": ("t.jpeg", TILE, "image/jpeg")}, headers=AUTH, timeout=30)
     assert response.status_code == 200, response.text
     for open_route in ("/readyz", "/livez", "/healthz", "/metrics", "/docs.json"):

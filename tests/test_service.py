@@ -122,6 +122,21 @@ def test_model_card_and_builtin_endpoints_answer(server, tiny_model_tag):
     assert {"/predict", "/predict_batch"} <= set(docs["paths"])
 
 
+def test_model_report_is_served_from_the_store_entry(server, tiny_model_tag):
+    stored = load_model(tiny_model_tag)
+    report = httpx.get(f"{server.url}/model/report", timeout=10)
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/markdown")
+    assert report.text == (stored.path / "report.md").read_text()
+    assert f"T = {stored.card.calibration_temperature:.3f}" in report.text
+    for figure in ("confusion_matrix.png", "roc_curves.png", "reliability_diagram.png"):
+        response = httpx.get(f"{server.url}/model/report/{figure}", timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        assert response.content == (stored.path / figure).read_bytes()
+    # Only report files: not the model, not the card file, no path tricks.
+    for name in ("model.keras", "split_manifest.json", "..%2Fcard.json", "nothing.png"):
+        assert_problem(httpx.get(f"{server.url}/model/report/{name}", timeout=10), 404)
+
+
 def test_concurrent_requests_are_batched_and_a_corrupt_one_fails_alone(server):
     calls_before, singles_before, images_before = batch_size_histogram(server.url)
     corrupt_at = 13

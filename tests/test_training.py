@@ -14,6 +14,7 @@ from models.preprocessing import decode_image
 from models.store import load_model
 from tests.conftest import TINY_MODEL_EPOCHS
 from training import data
+from training.report import CONFUSION_PNG, RELIABILITY_PNG, REPORT_FILES, REPORT_MARKDOWN, ROC_PNG
 from training.train import TrainSettings, train
 
 # The tiny end-to-end run must reach this on held-out synthetic tiles.
@@ -79,10 +80,40 @@ def test_tiny_end_to_end_run_lands_in_the_store(tiny_model_tag):
     assert card.metrics.accuracy >= TINY_RUN_MIN_ACCURACY, card.metrics
     assert card.dataset.split_sizes == {"train": 126, "validation": 27, "test": 27}
     assert 0 < card.training.epochs_trained <= TINY_MODEL_EPOCHS
-    for name in ("report.json", "report.txt", "confusion_matrix.png", "split_manifest.json", "card.json"):
+    for name in (*REPORT_FILES, "split_manifest.json", "card.json"):
         assert (stored.path / name).is_file(), name
     report = json.loads((stored.path / "report.json").read_text())
     assert report["accuracy"] == card.metrics.accuracy
+
+
+@pytest.mark.training
+def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag):
+    stored = load_model(tiny_model_tag)
+    card = stored.card
+    # Split by near-duplicate group: the synthetic tiles are all distinct originals.
+    assert card.dataset.n_groups == 180 and card.dataset.largest_group == 1
+    assert card.dataset.groups_across_splits == 0 and "group" in card.dataset.split_policy
+    # Calibration from the validation split travels in the card and is what the service applies.
+    assert card.calibration is not None and card.calibration.temperature == card.calibration_temperature
+    assert card.calibration.test_nll_after <= card.calibration.test_nll_before + 0.05
+    # Abstention from the validation split; its threshold is the card's.
+    abstention = card.abstention
+    assert abstention is not None and abstention.threshold == card.abstain_threshold >= 0.5
+    assert abstention.cancer_classes == ["lung_aca", "lung_scc"]
+    if abstention.target_met_on_validation:
+        assert max(abstention.validation_false_negative_rate.values()) <= abstention.fnr_target
+    # Bootstrap intervals around the test metrics.
+    intervals = card.metrics.confidence_intervals
+    assert intervals is not None and intervals.accuracy.estimate == pytest.approx(card.metrics.accuracy)
+    assert intervals.accuracy.low <= card.metrics.accuracy <= intervals.accuracy.high
+    assert set(intervals.recall) == set(card.class_names)
+    # The Markdown report is the card's numbers, with its three figures beside it.
+    markdown = (stored.path / REPORT_MARKDOWN).read_text()
+    assert f"T = {card.calibration_temperature:.3f}" in markdown
+    assert f"{card.abstain_threshold:.3f}" in markdown and "Not for diagnosis" in markdown
+    for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG):
+        assert f"({figure})" in markdown
+        assert (stored.path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _four_class_folder(root):

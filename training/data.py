@@ -3,6 +3,11 @@
 Any folder of class sub-folders is a dataset (LC25000's ``lung_image_sets/``,
 a brain-MRI ``Training/`` folder, the synthetic tiles). Classes are the sorted
 sub-folder names; that order is the model's output order.
+
+Splits are by near-duplicate group (see :mod:`training.grouping`), stratified
+by class: rotated and flipped copies of one original never end up on both
+sides of a split. ``split_by="image"`` reproduces the leaky image-level split
+that published LC25000 scores use, for comparison only.
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ import numpy as np
 import tensorflow as tf
 
 from models.preprocessing import decode_image
+from training.grouping import DEFAULT_MAX_DISTANCE, group_files, summarise
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "validation", "test")
-SPLIT_POLICY = "stratified random split by image"
+SPLIT_BY = ("group", "image")
+SPLIT_POLICIES = {
+    "group": "stratified by near-duplicate group (rotation/flip-invariant 256-bit pHash, Hamming <= {distance})",
+    "image": "stratified random split by image (near-duplicates may cross splits)",
+}
 AUGMENTATIONS = ["flip_left_right", "flip_up_down", "rotate_90", "brightness", "contrast", "saturation", "stain_gain"]
 
 
@@ -34,6 +44,7 @@ class Example:
     path: str  # relative to the dataset root
     label: int
     split: str
+    group: int = -1  # near-duplicate group; -1 in manifests written before grouping existed
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,29 @@ class SplitManifest:
     seed: int
     fractions: dict[str, float]
     examples: list[Example]
+    policy: str = SPLIT_POLICIES["image"]
 
     def paths(self, split: str) -> list[Path]:
         return [self.root / e.path for e in self.examples if e.split == split]
 
     def labels(self, split: str) -> np.ndarray:
         return np.array([e.label for e in self.examples if e.split == split], dtype=np.int32)
+
+    def groups(self, split: str) -> np.ndarray:
+        return np.array([e.group for e in self.examples if e.split == split], dtype=np.int64)
+
+    def n_groups(self) -> int:
+        return summarise(np.array([e.group for e in self.examples])).n_groups
+
+    def largest_group(self) -> int:
+        return summarise(np.array([e.group for e in self.examples])).largest_group
+
+    def groups_across_splits(self) -> int:
+        """How many near-duplicate groups have members in more than one split (0 means no leak)."""
+        splits_of: dict[int, set[str]] = {}
+        for example in self.examples:
+            splits_of.setdefault(example.group, set()).add(example.split)
+        return sum(len(splits) > 1 for splits in splits_of.values())
 
     def sizes(self) -> dict[str, int]:
         return {s: sum(e.split == s for e in self.examples) for s in SPLITS}
@@ -73,7 +101,7 @@ class SplitManifest:
             "class_names": self.class_names,
             "seed": self.seed,
             "fractions": self.fractions,
-            "policy": SPLIT_POLICY,
+            "policy": self.policy,
             "examples": [e.__dict__ for e in self.examples],
         }
         path.write_text(json.dumps(payload, indent=1))
@@ -87,6 +115,7 @@ class SplitManifest:
             seed=payload["seed"],
             fractions=payload["fractions"],
             examples=[Example(**e) for e in payload["examples"]],
+            policy=payload.get("policy", SPLIT_POLICIES["image"]),
         )
 
 
@@ -111,30 +140,64 @@ def discover_classes(root: Path) -> dict[str, list[Path]]:
 
 
 def split_dataset(
-    root: Path, seed: int = 0, validation_fraction: float = 0.15, test_fraction: float = 0.15
+    root: Path,
+    seed: int = 0,
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    split_by: str = "group",
+    max_distance: int = DEFAULT_MAX_DISTANCE,
 ) -> SplitManifest:
-    """Stratified train/validation/test split of a class-folder dataset."""
+    """Stratified train/validation/test split of a class-folder dataset.
+
+    Near-duplicate groups are found within each class. With ``split_by="group"``
+    whole groups are dealt to test, then validation, then train, in a seeded
+    random order, until each split holds its share of the class's images.
+    """
     if not 0 < validation_fraction < 1 or not 0 < test_fraction < 1 or validation_fraction + test_fraction >= 1:
         raise ValueError("validation and test fractions must be in (0, 1) and sum below 1")
+    if split_by not in SPLIT_BY:
+        raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
     classes = discover_classes(root)
     rng = np.random.default_rng(seed)
     examples: list[Example] = []
+    next_group = 0
     for label, (name, files) in enumerate(classes.items()):
-        order = rng.permutation(len(files))
-        n_test = max(1, round(len(files) * test_fraction))
-        n_val = max(1, round(len(files) * validation_fraction))
-        if len(files) - n_test - n_val < 1:
-            raise ValueError(f"class {name!r} has too few images ({len(files)}) to split")
-        for rank, index in enumerate(order):
-            split = "test" if rank < n_test else "validation" if rank < n_test + n_val else "train"
-            examples.append(Example(files[index].relative_to(root).as_posix(), label, split))
+        groups = group_files(files, max_distance) + next_group
+        next_group = int(groups.max()) + 1
+        units = groups if split_by == "group" else np.arange(len(files))
+        assignment = _deal_units(units, rng, test_fraction, validation_fraction)
+        if assignment is None:
+            raise ValueError(f"class {name!r} has too few {split_by}s ({len(np.unique(units))}) to split")
+        examples += [
+            Example(path.relative_to(root).as_posix(), label, assignment[index], int(groups[index]))
+            for index, path in enumerate(files)
+        ]
     return SplitManifest(
         root=root,
         class_names=list(classes),
         seed=seed,
         fractions={"validation": validation_fraction, "test": test_fraction},
         examples=examples,
+        policy=SPLIT_POLICIES[split_by].format(distance=max_distance),
     )
+
+
+def _deal_units(
+    units: np.ndarray, rng: np.random.Generator, test_fraction: float, validation_fraction: float
+) -> list[str] | None:
+    """Split name per image, dealing whole units (groups or single images); None if a split would be empty."""
+    unique, sizes = np.unique(units, return_counts=True)
+    total = int(sizes.sum())
+    targets = {"test": max(1, round(total * test_fraction)), "validation": max(1, round(total * validation_fraction))}
+    split_of_unit: dict[int, str] = {}
+    filled = {"test": 0, "validation": 0, "train": 0}
+    for position in rng.permutation(len(unique)):
+        split = next((s for s in ("test", "validation") if filled[s] < targets[s]), "train")
+        split_of_unit[int(unique[position])] = split
+        filled[split] += int(sizes[position])
+    if min(filled.values()) == 0:
+        return None
+    return [split_of_unit[int(unit)] for unit in units]
 
 
 def load_images(paths: list[Path], size: int, workers: int = 4) -> np.ndarray:

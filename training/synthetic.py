@@ -18,6 +18,12 @@ stain variation). Stain, brightness, contrast, scale, blur and noise are drawn
 from the SAME ranges for every class, so colour statistics alone do not reveal
 the class: a model has to look at morphology.
 
+With ``augmented_copies=K`` every drawn tile is also written K more times,
+rotated and/or mirrored and JPEG re-encoded, the way LC25000 grew 250
+originals per class into 5,000 images. Such a dataset leaks under an
+image-level split, which is what the grouping in :mod:`training.grouping`
+exists to prevent.
+
 CLI::
 
     python -m training.synthetic --out data/synthetic --per-class 300 --seed 0
@@ -295,15 +301,45 @@ def tile_seed(seed: int, class_name: str, index: int) -> int:
     return zlib.crc32(f"{seed}:{class_name}:{index}".encode())
 
 
-def _write_tile(job: tuple[str, int, int, int, Path]) -> Path:
-    class_name, index, size, seed, folder = job
-    tile_rng_seed = tile_seed(seed, class_name, index)
-    image = render_tile(class_name, size, tile_rng_seed)
+# The seven non-identity orientations of a square (rotations and mirrorings).
+ORIENTATIONS: tuple[Image.Transpose, ...] = (
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
+
+
+@dataclass(frozen=True)
+class TileJob:
+    class_name: str
+    index: int  # of the drawn (original) tile within its class
+    size: int
+    seed: int
+    folder: Path
+    augmented_copies: int = 0
+
+
+def _write_tile(job: TileJob) -> list[Path]:
+    """Render one original tile and write it, plus its augmented copies."""
+    tile_rng_seed = tile_seed(job.seed, job.class_name, job.index)
+    image = render_tile(job.class_name, job.size, tile_rng_seed)
+    rng = np.random.default_rng(tile_rng_seed + 1)
     quality = draw_appearance(np.random.default_rng(tile_rng_seed)).jpeg_quality
-    # LC25000 names files like lungaca1.jpeg; keep that flavour.
-    path = folder / f"{class_name.replace('_', '')}{index + 1}.jpeg"
-    image.save(path, format="JPEG", quality=quality)
-    return path
+    copies = [image] + [
+        image.transpose(ORIENTATIONS[rng.integers(len(ORIENTATIONS))]) for _ in range(job.augmented_copies)
+    ]
+    paths = []
+    for offset, copy in enumerate(copies):
+        # LC25000 names files like lungaca1.jpeg; keep that flavour (copies numbered on).
+        number = job.index * (job.augmented_copies + 1) + offset + 1
+        path = job.folder / f"{job.class_name.replace('_', '')}{number}.jpeg"
+        copy.save(path, format="JPEG", quality=quality)
+        paths.append(path)
+    return paths
 
 
 def generate_dataset(
@@ -313,21 +349,31 @@ def generate_dataset(
     seed: int = 0,
     classes: tuple[str, ...] = LUNG_CLASSES,
     workers: int | None = None,
+    augmented_copies: int = 0,
 ) -> Path:
-    """Write `per_class` tiles per class under ``out/lung_image_sets/<class>/``.
+    """Write `per_class` original tiles per class, each with `augmented_copies`
+    rotated/mirrored copies, under ``out/lung_image_sets/<class>/``.
 
     Returns the folder that holds the class sub-folders (what training takes).
     """
+    if augmented_copies < 0:
+        raise ValueError("augmented_copies must be >= 0")
     root = Path(out) / LC25000_SUBDIR
     jobs = []
     for class_name in classes:
         folder = root / class_name
         folder.mkdir(parents=True, exist_ok=True)
-        jobs += [(class_name, i, size, seed, folder) for i in range(per_class)]
+        jobs += [TileJob(class_name, i, size, seed, folder, augmented_copies) for i in range(per_class)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(_write_tile, jobs, chunksize=8):
-            pass
-    logger.info("wrote %d tiles (%d per class, %dpx) to %s", len(jobs), per_class, size, root)
+        written = sum(len(paths) for paths in pool.map(_write_tile, jobs, chunksize=8))
+    logger.info(
+        "wrote %d tiles (%d originals per class, %d copies each, %dpx) to %s",
+        written,
+        per_class,
+        augmented_copies,
+        size,
+        root,
+    )
     return root
 
 
@@ -339,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder; tiles go to OUT/lung_image_sets/<class>/"
     )
-    parser.add_argument("--per-class", type=int, default=300, help="tiles per class (default: 300)")
+    parser.add_argument("--per-class", type=int, default=300, help="original tiles per class (default: 300)")
     parser.add_argument(
         "--size", type=int, default=768, help="tile width and height in pixels (default: 768, as LC25000)"
     )
@@ -347,9 +393,17 @@ def main(argv: list[str] | None = None) -> None:
         "--seed", type=int, default=0, help="seed; the same seed gives byte-identical files (default: 0)"
     )
     parser.add_argument("--workers", type=int, default=None, help="processes to render with (default: all cores)")
+    parser.add_argument(
+        "--augmented-copies",
+        type=int,
+        default=0,
+        help="rotated/mirrored copies written per tile, as LC25000 has (default: 0)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = generate_dataset(args.out, args.per_class, args.size, args.seed, workers=args.workers)
+    root = generate_dataset(
+        args.out, args.per_class, args.size, args.seed, workers=args.workers, augmented_copies=args.augmented_copies
+    )
     logger.info("dataset ready: %s", root)
 
 

@@ -1,7 +1,8 @@
 """Train a classifier on a class-folder dataset and save it into the model store.
 
-Early stopping and the learning-rate schedule watch the VALIDATION split only;
-the test split is touched once, after training, for the report and the card.
+Early stopping, the learning-rate schedule, the calibration temperature and
+the abstain threshold all come from the VALIDATION split; the test split is
+touched once, after training, for the report and the card.
 
     python -m training.train --data data/synthetic/lung_image_sets --arch cnn
 """
@@ -24,15 +25,20 @@ import pydantic
 import tensorflow as tf
 
 from models.architectures import ARCHITECTURES, apply_phase, build_model, fine_tune_schedule
-from models.card import DatasetInfo, ModelCard, TrainingConfig
-from models.inference import Predictor
+from models.card import Abstention, Calibration, DatasetInfo, ModelCard, TestMetrics, TrainingConfig
+from models.inference import logits_model
 from models.store import DEFAULT_MODEL_NAME, save_model
 from training import data
-from training.evaluate import compute_metrics, text_report, write_report
+from training.abstention import cancer_classes, choose_threshold, selective_metrics
+from training.bootstrap import bootstrap_intervals
+from training.calibration import calibrated_probabilities, fit_temperature, negative_log_likelihood
+from training.evaluate import compute_metrics, expected_calibration_error
+from training.report import TestPredictions, text_report, write_report
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SIZE = {"cnn": 128, "efficientnetb0": 224}
+WARM_UP_EPOCHS = 5  # epochs before early stopping watches the validation loss
 DEFAULT_TASK = "lung histopathology tile classification (LC25000 layout)"
 
 
@@ -53,7 +59,11 @@ class TrainSettings:
     weights: str | None = None
     name: str = DEFAULT_MODEL_NAME
     task: str = DEFAULT_TASK
-    abstain_threshold: float = 0.5
+    split_by: str = "group"
+    fnr_target: float = 0.05
+    min_confidence: float = 0.5
+    negative_classes: list[str] | None = None  # None: recognised by name (lung_n, notumor, ...)
+    bootstrap_resamples: int = 2000
     out: Path = Path("artifacts")
     verbose: int = field(default_factory=lambda: 1 if sys.stderr.isatty() else 2)
 
@@ -75,8 +85,14 @@ def framework_versions() -> dict[str, str]:
 
 
 def _callbacks(settings: TrainSettings, run_dir: Path) -> list[keras.callbacks.Callback]:
+    # On small datasets the first epochs' validation loss is meaningless (BatchNorm's
+    # moving statistics lag the weights) and can be the lowest of the run; early
+    # stopping then restores an epoch that predicts one class. Watch only after a warm-up.
+    warm_up = min(WARM_UP_EPOCHS, max(0, settings.epochs - settings.patience))
     return [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=settings.patience, restore_best_weights=True, start_from_epoch=warm_up
+        ),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, settings.patience // 2)),
         keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_loss", save_best_only=True),
     ]
@@ -117,16 +133,86 @@ def _fit(
     return epochs_done
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything learned from the validation and test splits after fitting."""
+
+    metrics: TestMetrics
+    calibration: Calibration
+    abstention: Abstention
+    test: TestPredictions
+
+
+def evaluate(
+    model: keras.Model,
+    images: dict[str, np.ndarray],
+    manifest: data.SplitManifest,
+    settings: TrainSettings,
+) -> Evaluation:
+    """Calibrate and choose the abstain threshold on validation, then measure on test."""
+    classes = manifest.class_names
+    to_logits = logits_model(model)
+    logits = {split: to_logits.predict(images[split], batch_size=64, verbose=0) for split in ("validation", "test")}
+    labels = {split: manifest.labels(split) for split in ("validation", "test")}
+
+    temperature = fit_temperature(logits["validation"], labels["validation"])
+    test = TestPredictions(
+        labels=labels["test"],
+        uncalibrated=calibrated_probabilities(logits["test"], 1.0),
+        calibrated=calibrated_probabilities(logits["test"], temperature),
+    )
+    calibration = Calibration(
+        temperature=temperature,
+        test_ece_before=expected_calibration_error(test.labels, test.uncalibrated),
+        test_ece_after=expected_calibration_error(test.labels, test.calibrated),
+        test_nll_before=negative_log_likelihood(logits["test"], test.labels, 1.0),
+        test_nll_after=negative_log_likelihood(logits["test"], test.labels, temperature),
+    )
+
+    cancer = cancer_classes(classes, settings.negative_classes)
+    validation_probabilities = calibrated_probabilities(logits["validation"], temperature)
+    choice = choose_threshold(
+        labels["validation"], validation_probabilities, classes, cancer, settings.fnr_target, settings.min_confidence
+    )
+    on_test = selective_metrics(test.labels, test.calibrated, choice.threshold, classes, cancer)
+    abstention = Abstention(
+        threshold=choice.threshold,
+        fnr_target=settings.fnr_target,
+        cancer_classes=cancer,
+        target_met_on_validation=choice.target_met,
+        validation_coverage=choice.validation.coverage,
+        validation_false_negative_rate=choice.validation.false_negative_rate,
+        test_coverage=on_test.coverage,
+        test_false_negative_rate=on_test.false_negative_rate,
+    )
+
+    metrics = compute_metrics(test.labels, test.calibrated, classes)
+    intervals = bootstrap_intervals(
+        test.labels, test.calibrated, manifest.groups("test"), classes, settings.bootstrap_resamples, seed=settings.seed
+    )
+    metrics = metrics.model_copy(update={"confidence_intervals": intervals})
+    return Evaluation(metrics, calibration, abstention, test)
+
+
 def train(settings: TrainSettings) -> str:
-    """Run the whole pipeline: split, fit, evaluate on test, save. Returns the tag."""
+    """Run the whole pipeline: split, fit, calibrate, evaluate on test, save. Returns the tag."""
     keras.utils.set_random_seed(settings.seed)
     root = data.resolve_dataset_root(settings.data)
-    manifest = data.split_dataset(root, settings.seed, settings.validation_fraction, settings.test_fraction)
+    manifest = data.split_dataset(
+        root, settings.seed, settings.validation_fraction, settings.test_fraction, split_by=settings.split_by
+    )
     run_dir = settings.out / f"{settings.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "split_manifest.json"
     manifest.save(manifest_path)
-    logger.info("classes %s, split sizes %s", manifest.class_names, manifest.sizes())
+    logger.info(
+        "classes %s, split sizes %s, %d near-duplicate groups (largest %d), %d groups across splits",
+        manifest.class_names,
+        manifest.sizes(),
+        manifest.n_groups(),
+        manifest.largest_group(),
+        manifest.groups_across_splits(),
+    )
 
     started = time.perf_counter()
     images = {split: data.load_images(manifest.paths(split), settings.size) for split in data.SPLITS}
@@ -139,11 +225,12 @@ def train(settings: TrainSettings) -> str:
     epochs_trained = _fit(model, settings, train_ds, val_ds, run_dir)
     train_seconds = time.perf_counter() - started
 
-    predictor = Predictor(model, settings.size)
-    probabilities = predictor(images["test"])
-    metrics = compute_metrics(labels["test"], probabilities, manifest.class_names)
-    logger.info("test results\n%s", text_report(metrics, manifest.class_names))
-    report = write_report(metrics, manifest.class_names, run_dir)
+    evaluation = evaluate(model, images, manifest, settings)
+    logger.info(
+        "test results (calibrated, T=%.3f)\n%s",
+        evaluation.calibration.temperature,
+        text_report(evaluation.metrics, manifest.class_names),
+    )
 
     card = ModelCard(
         task=settings.task,
@@ -167,17 +254,24 @@ def train(settings: TrainSettings) -> str:
             fingerprint=manifest.fingerprint(),
             class_counts=manifest.class_counts(),
             n_images=len(manifest.examples),
-            split_policy=data.SPLIT_POLICY,
+            split_policy=manifest.policy,
             split_seed=settings.seed,
             split_sizes=manifest.sizes(),
+            n_groups=manifest.n_groups(),
+            largest_group=manifest.largest_group(),
+            groups_across_splits=manifest.groups_across_splits(),
         ),
-        metrics=metrics,
-        abstain_threshold=settings.abstain_threshold,
+        metrics=evaluation.metrics,
+        calibration_temperature=evaluation.calibration.temperature,
+        abstain_threshold=evaluation.abstention.threshold,
+        calibration=evaluation.calibration,
+        abstention=evaluation.abstention,
         framework_versions=framework_versions(),
         created_at=datetime.now(UTC),
     )
-    extra = {**report.as_dict(), manifest_path.name: manifest_path}
-    return save_model(model, card, settings.name, extra_files=extra)
+    report = write_report(card, evaluation.test, run_dir)
+    logger.info("report written to %s", run_dir / "report.md")
+    return save_model(model, card, settings.name, extra_files={**report, manifest_path.name: manifest_path})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,10 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--task", default=DEFAULT_TASK, help="task description written into the model card")
     parser.add_argument(
-        "--abstain-threshold",
+        "--split-by",
+        choices=data.SPLIT_BY,
+        default="group",
+        help="split whole near-duplicate groups (default) or single images (leaks; for comparison only)",
+    )
+    parser.add_argument(
+        "--fnr-target",
+        type=float,
+        default=0.05,
+        help="highest false-negative rate allowed for each cancer class among answered validation images; "
+        "sets the abstain threshold (default: 0.05)",
+    )
+    parser.add_argument(
+        "--min-confidence",
         type=float,
         default=0.5,
-        help="confidence below which answers are flagged uncertain (default: 0.5)",
+        help="the abstain threshold is never below this (default: 0.5)",
+    )
+    parser.add_argument(
+        "--negative-class",
+        action="append",
+        dest="negative_classes",
+        metavar="CLASS",
+        help="a class that means no disease (repeatable; default: recognised by name, e.g. lung_n, notumor)",
     )
     parser.add_argument(
         "--out",
@@ -262,7 +376,10 @@ def main(argv: list[str] | None = None) -> None:
         weights=None if args.weights == "none" else args.weights,
         name=args.name,
         task=args.task,
-        abstain_threshold=args.abstain_threshold,
+        split_by=args.split_by,
+        fnr_target=args.fnr_target,
+        min_confidence=args.min_confidence,
+        negative_classes=args.negative_classes,
         out=args.out,
     )
     tag = train(settings)

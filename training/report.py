@@ -1,0 +1,252 @@
+"""The evaluation report stored with every model: Markdown, JSON, text and figures.
+
+``report.md`` is written from the model card (so the two cannot disagree) and
+links three figures that sit beside it: the confusion matrix, one-vs-rest ROC
+curves and the reliability diagram before and after calibration. The service
+serves them under ``/model/report``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.card import ModelCard, TestMetrics
+from models.store import REPORT_FILES, REPORT_MARKDOWN
+from training.calibration import reliability_bins
+from training.evaluate import roc_curve
+
+REPORT_JSON = "report.json"
+REPORT_TEXT = "report.txt"
+CONFUSION_PNG = "confusion_matrix.png"
+ROC_PNG = "roc_curves.png"
+RELIABILITY_PNG = "reliability_diagram.png"
+
+
+@dataclass(frozen=True)
+class TestPredictions:
+    """The test split's labels and probabilities before and after temperature scaling."""
+
+    labels: np.ndarray
+    uncalibrated: np.ndarray
+    calibrated: np.ndarray
+
+
+def text_report(metrics: TestMetrics, class_names: list[str]) -> str:
+    """A fixed-width report a reviewer can read in a terminal."""
+    lines = [
+        f"test images: {metrics.n_images}",
+        f"accuracy:    {metrics.accuracy:.4f}",
+        f"macro F1:    {metrics.macro_f1:.4f}",
+        f"macro AUC:   {metrics.macro_roc_auc:.4f}" if metrics.macro_roc_auc is not None else "macro AUC:   n/a",
+        f"ECE:         {metrics.expected_calibration_error:.4f}",
+        "",
+        f"{'class':<16}{'precision':>10}{'recall':>10}{'F1':>10}{'FNR':>10}{'AUC':>10}{'support':>9}",
+    ]
+    for name in class_names:
+        m = metrics.per_class[name]
+        auc = f"{m.roc_auc:.4f}" if m.roc_auc is not None else "n/a"
+        lines.append(
+            f"{name:<16}{m.precision:>10.4f}{m.recall:>10.4f}{m.f1:>10.4f}"
+            f"{m.false_negative_rate:>10.4f}{auc:>10}{m.support:>9}"
+        )
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+    width = max(len(n) for n in class_names) + 2
+    lines.append(" " * width + "".join(f"{n:>{width}}" for n in class_names))
+    for name, row in zip(class_names, metrics.confusion_matrix, strict=True):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown_report(card: ModelCard) -> str:
+    """The report as Markdown, from the card alone; figures are linked by file name."""
+    m, data = card.metrics, card.dataset
+    ci = m.confidence_intervals
+
+    def with_ci(value: float, name: str) -> str:
+        if ci is None:
+            return _percent(value)
+        interval = ci.recall[name] if name in ci.recall else getattr(ci, name)
+        return f"{_percent(value)} ({_percent(interval.low)} to {_percent(interval.high)})"
+
+    lines = [
+        f"# Model report: {card.architecture} ({card.parameter_count:,} parameters)",
+        "",
+        f"*{card.intended_use}* Task: {card.task}. Created {card.created_at:%Y-%m-%d %H:%M} UTC.",
+        "",
+        "## Data and split",
+        "",
+        f"- Source `{data.source}`: {data.n_images} images, "
+        + ", ".join(f"{name} {count}" for name, count in data.class_counts.items()),
+        f"- Split: {data.split_policy}, seed {data.split_seed}; "
+        + ", ".join(f"{split} {size}" for split, size in data.split_sizes.items()),
+    ]
+    if data.n_groups is not None:
+        lines.append(
+            f"- Near-duplicate groups: {data.n_groups} (largest {data.largest_group} images); "
+            f"groups with members in more than one split: {data.groups_across_splits}"
+        )
+    level = f"{ci.level:.0%} CI" if ci else "CI"
+    lines += [
+        "",
+        f"## Test metrics ({m.n_images} images, calibrated probabilities)",
+        "",
+    ]
+    if ci:
+        lines += [f"Intervals: {ci.method}, {ci.resamples} resamples.", ""]
+    lines += [
+        f"| metric | value ({level}) |",
+        "|---|---|",
+        f"| accuracy | {with_ci(m.accuracy, 'accuracy')} |",
+        f"| macro-F1 | {with_ci(m.macro_f1, 'macro_f1')} |",
+        f"| macro one-vs-rest AUC | {m.macro_roc_auc:.4f} |" if m.macro_roc_auc is not None else "| macro AUC | n/a |",
+        "",
+        f"| class | recall ({level}) | false-negative rate | precision | F1 | AUC | support |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in card.class_names:
+        c = m.per_class[name]
+        auc = f"{c.roc_auc:.4f}" if c.roc_auc is not None else "n/a"
+        lines.append(
+            f"| {name} | {with_ci(c.recall, name)} | {_percent(c.false_negative_rate)} | "
+            f"{_percent(c.precision)} | {_percent(c.f1)} | {auc} | {c.support} |"
+        )
+    lines += ["", f"![Confusion matrix]({CONFUSION_PNG})", "", f"![ROC curves]({ROC_PNG})", ""]
+    if card.calibration:
+        cal = card.calibration
+        lines += [
+            "## Calibration",
+            "",
+            f"{cal.method.capitalize()} fitted on the {cal.fitted_on} split: T = {cal.temperature:.3f} "
+            "(the service divides the logits by T).",
+            "",
+            "| test split | before | after |",
+            "|---|---|---|",
+            f"| expected calibration error (15 bins) | {cal.test_ece_before:.4f} | {cal.test_ece_after:.4f} |",
+            f"| negative log-likelihood | {cal.test_nll_before:.4f} | {cal.test_nll_after:.4f} |",
+            "",
+            f"![Reliability diagram]({RELIABILITY_PNG})",
+            "",
+        ]
+    if card.abstention:
+        ab = card.abstention
+        lines += [
+            "## Abstention",
+            "",
+            f"Answers with confidence below **{ab.threshold:.3f}** are flagged `uncertain` (refer to a "
+            f"pathologist). The threshold is the lowest at which each cancer class "
+            f"({', '.join(ab.cancer_classes)}) has a false-negative rate of at most {_percent(ab.fnr_target)} "
+            f"among answered {ab.chosen_on} images"
+            + ("." if ab.target_met_on_validation else "; **no threshold met that target on validation**."),
+            "",
+            "| split | coverage (answered) | " + " | ".join(f"FNR {name}" for name in ab.cancer_classes) + " |",
+            "|---|---|" + "---|" * len(ab.cancer_classes),
+            f"| validation | {_percent(ab.validation_coverage)} | "
+            + " | ".join(_percent(ab.validation_false_negative_rate[n]) for n in ab.cancer_classes)
+            + " |",
+            f"| test | {_percent(ab.test_coverage)} | "
+            + " | ".join(_percent(ab.test_false_negative_rate[n]) for n in ab.cancer_classes)
+            + " |",
+            "",
+        ]
+    t = card.training
+    lines += [
+        "## Training",
+        "",
+        f"{t.epochs_trained} of at most {t.epochs_max} epochs (early stopping on {t.early_stopping_monitor}), "
+        f"batch {t.batch_size}, learning rate {t.learning_rate:g}, seed {t.seed}, initial weights "
+        f"{t.weights or 'random'}, input {card.input_size}x{card.input_size}, {t.train_seconds:.0f} s. "
+        f"Augmentation: {', '.join(t.augmentation) or 'none'}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(metrics: TestMetrics, class_names: list[str], path: Path) -> None:
+    """Save the confusion matrix as a PNG (counts and row-normalised colour)."""
+    plt = _pyplot()
+    matrix = np.array(metrics.confusion_matrix)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(class_names), 1.2 + 1.2 * len(class_names)))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Test confusion matrix (accuracy {metrics.accuracy:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc_curves(test: TestPredictions, metrics: TestMetrics, class_names: list[str], path: Path) -> None:
+    """One-vs-rest ROC curve of every class on the test split."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    for k, name in enumerate(class_names):
+        fpr, tpr = roc_curve(test.labels == k, test.calibrated[:, k])
+        auc = metrics.per_class[name].roc_auc
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate (recall)")
+    ax.set_title("One-vs-rest ROC, test split")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(test: TestPredictions, card: ModelCard, path: Path) -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    temperature = card.calibration_temperature
+    for probabilities, label, marker in (
+        (test.uncalibrated, "before (T = 1)", "o"),
+        (test.calibrated, f"after (T = {temperature:.2f})", "s"),
+    ):
+        bins = reliability_bins(test.labels, probabilities)
+        filled = bins.count > 0
+        ax.plot(bins.confidence[filled], bins.accuracy[filled], marker=marker, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (mean per bin)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram, test split")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[str, Path]:
+    """Write every report file into `folder`; returns {file name: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: folder / name for name in REPORT_FILES}
+    files[REPORT_MARKDOWN].write_text(markdown_report(card))
+    files[REPORT_JSON].write_text(json.dumps(card.metrics.model_dump(mode="json"), indent=2))
+    files[REPORT_TEXT].write_text(text_report(card.metrics, card.class_names))
+    plot_confusion_matrix(card.metrics, card.class_names, files[CONFUSION_PNG])
+    plot_roc_curves(test, card.metrics, card.class_names, files[ROC_PNG])
+    plot_reliability(test, card, files[RELIABILITY_PNG])
+    return files
