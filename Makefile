@@ -30,7 +30,7 @@ USERS ?= 32
 SPAWN_RATE ?= 8
 DURATION ?= 30s
 
-.PHONY: help setup data model train serve build lock-serving test lint bench-model benchmark loadtest resilience clean
+.PHONY: help setup system-deps data model train model-report compare serve build lock-serving test lint bench-model benchmark loadtest resilience clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,13 @@ $(VENV)/.installed: requirements/serving.txt requirements/dev.txt requirements/c
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt -c requirements/constraints.txt
 	touch $@
+
+# Debian packages the browser test needs (Playwright drives Debian's Chromium: no browser download).
+DEBIAN_TEST_PACKAGES ?= chromium fonts-dejavu-core
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+system-deps: ## Debian packages the tests need (apt-get, once)
+	@missing=$$(for package in $(DEBIAN_TEST_PACKAGES); do 		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q "install ok installed" || echo $$package; done); 	if [ -n "$$missing" ]; then 		echo "installing Debian packages:" $$missing; 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; 	fi
 
 data: $(SYNTHETIC_DIR)/.complete ## synthetic LC25000-layout tiles (PER_CLASS per class)
 
@@ -58,6 +65,12 @@ model: setup ## the default model in the BentoML store, trained if the store has
 
 train: setup ## train on DATA (default: the synthetic tiles) into the store
 	$(PY) -m training.train --data $(DATA) --arch $(ARCH) --name $(MODEL_NAME) $(TRAIN_ARGS)
+
+model-report: model ## copy the default model's evaluation report (Markdown + figures) to docs/model-report/
+	$(PY) -m training.report --model $(MODEL_NAME):latest --out docs/model-report
+
+compare: data ## train every architecture on one split, one table (artifacts/compare/comparison.md)
+	$(PY) -m training.compare --data $(DATA) --out artifacts/compare
 
 serve: model ## setup, the default model if the store has none, then the service on PORT (3000)
 	$(BENTOML) serve service:Histopathology --host $(HOST) --port $(PORT)
@@ -92,7 +105,7 @@ loadtest: setup ## headless Locust against a running service (LOADTEST_HOST, USE
 resilience: model ## overload at 4x capacity, recovery, a killed worker, a 10,000-request soak (prints figures)
 	$(PY) -m loadtests.resilience --model $(MODEL_NAME):latest
 
-test: setup ## every test group, as CI runs them
+test: setup system-deps ## every test group, as CI runs them
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff (style, imports, bandit security rules)

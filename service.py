@@ -9,6 +9,7 @@ Run it with `make serve`, or `bentoml serve` from this folder.
 """
 
 import asyncio
+import base64
 import logging
 import time
 from http import HTTPStatus
@@ -20,7 +21,8 @@ from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from models.preprocessing import ImageDecodeError, decode_image
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
@@ -30,7 +32,7 @@ from serving.guard import GuardPolicy, RequestGuard
 from serving.logs import configure_logging
 from serving.metrics import ServiceMetrics, service_metrics
 from serving.model_check import check_model_can_serve
-from serving.predictions import Prediction, to_prediction
+from serving.predictions import ExplainedPrediction, Prediction, to_prediction
 from serving.problems import decode_problem, problem
 from serving.request_log import RequestLog, note
 from serving.settings import load_settings
@@ -40,8 +42,10 @@ logger = logging.getLogger(__name__)
 # Read when BentoML imports this module: the decorators below need them.
 SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
-UPLOAD_ROUTES = {"/predict": 1, "/predict_batch": SETTINGS.max_files_per_request}
-KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/docs.json", "/"}
+UPLOAD_ROUTES = {"/predict": 1, "/predict_batch": SETTINGS.max_files_per_request, "/explain": 1}
+EXPLAIN_FIELDS = frozenset({"target_class", "include_map"})
+KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/ui/", "/docs.json", "/"}
+UI_FOLDER = Path(__file__).resolve().parent / "ui"
 
 
 async def _model_card(request: Request) -> Response:
@@ -66,6 +70,7 @@ http_routes = Starlette(
         Route("/model", _model_card, methods=["GET"]),
         Route("/model/report", _model_report, methods=["GET"]),
         Route("/model/report/{name}", _model_report, methods=["GET"]),
+        Mount("/ui", StaticFiles(directory=UI_FOLDER, html=True), name="ui"),
     ]
 )
 
@@ -100,6 +105,7 @@ class Histopathology:
 
     def __init__(self) -> None:
         # TensorFlow loads here, in the worker only: the supervisor process stays small.
+        from models.explain import GradCam
         from models.inference import Predictor, configure_threads
 
         configure_logging(SETTINGS.log_format)
@@ -112,6 +118,9 @@ class Histopathology:
             SETTINGS.abstain_threshold if SETTINGS.abstain_threshold is not None else card.abstain_threshold
         )
         self.predictor: Predictor = Predictor(self.stored.model, card.input_size, card.calibration_temperature)
+        self.grad_cam: GradCam = GradCam(self.stored.model, card.architecture, card.input_size)
+        # One explanation at a time: a gradient pass costs several predictions, and /predict comes first.
+        self._explaining = asyncio.Semaphore(1)
         self.metrics: ServiceMetrics = service_metrics()
         name, _, version = self.stored.tag.partition(":")
         self.metrics.model_info.labels(name=name, version=version, architecture=card.architecture).set(1)
@@ -133,6 +142,8 @@ class Histopathology:
         """
         sizes = range(1, SETTINGS.max_batch_size + 1)
         await asyncio.to_thread(self.predictor.warm_up, sizes)
+        blank = np.zeros((self.input_size, self.input_size, 3), np.uint8)
+        await asyncio.to_thread(self.grad_cam.heat_map, blank, 0)
         self._warm.set()
         logger.info("warmed up for batch sizes 1..%d", SETTINGS.max_batch_size)
 
@@ -201,6 +212,41 @@ class Histopathology:
         note(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 
+    @bentoml.api(route="/explain")
+    async def explain(
+        self, file: Path, target_class: str | None = None, include_map: bool = False
+    ) -> ExplainedPrediction:
+        """Classify one tile and show where the model looked: a Grad-CAM overlay (base64 PNG).
+
+        `target_class` explains another class than the predicted one; `include_map` adds the raw map.
+        """
+        from models.explain import explain
+
+        class_names = self.stored.card.class_names
+        if target_class is not None and target_class not in class_names:
+            return problem(HTTPStatus.BAD_REQUEST, f"target_class {target_class!r} is not one of {class_names}")
+        try:
+            image = await self._decode(file)
+            full_image = await asyncio.to_thread(decode_image, file, None, SETTINGS.max_pixels)
+        except ImageDecodeError as exc:
+            return decode_problem(exc)
+        try:
+            prediction = self._prediction(await self.batcher.submit(image))
+        except BatchTimeoutError as exc:
+            return _too_slow(exc)
+        explained = target_class or prediction.predicted_class
+        async with self._explaining:
+            explanation = await asyncio.to_thread(
+                explain, self.grad_cam, image, full_image, class_names.index(explained)
+            )
+        note(predicted_class=prediction.predicted_class, explained_class=explained)
+        return ExplainedPrediction(
+            **prediction.model_dump(),
+            explained_class=explained,
+            overlay_png=base64.b64encode(explanation.overlay_png).decode("ascii"),
+            heat_map=explanation.heat_map.round(4).tolist() if include_map else None,
+        )
+
 
 def _too_slow(error: BatchTimeoutError) -> JSONResponse:
     return problem(HTTPStatus.GATEWAY_TIMEOUT, f"inference did not finish in time ({error}); retry later")
@@ -223,5 +269,6 @@ Histopathology.add_asgi_middleware(
         max_body_bytes=SETTINGS.max_body_bytes,
         max_in_flight=SETTINGS.max_in_flight,
         api_token=SETTINGS.api_token,
+        text_fields={"/explain": EXPLAIN_FIELDS},
     ),
 )

@@ -22,6 +22,9 @@ from keras import layers
 
 LOGITS_LAYER = "logits"
 ARCHITECTURES = ("cnn", "efficientnetb0")
+# The last convolutional activation of each architecture, which Grad-CAM explains
+# (for efficientnetb0 it lives inside the nested Keras backbone).
+GRADCAM_LAYERS = {"cnn": "block4_relu", "efficientnetb0": "top_activation"}
 # Small datasets give few steps per epoch; the Keras default (0.99) leaves the
 # inference statistics far behind the trained weights for many epochs.
 BN_MOMENTUM = 0.9

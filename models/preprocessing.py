@@ -107,14 +107,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_image(
     source: bytes | bytearray | memoryview | str | Path,
-    size: int,
+    size: int | None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode an image into the model's RGB uint8 input of shape (size, size, 3).
 
     Args:
         source: the encoded file, as bytes or a path.
-        size: target width and height in pixels (the model's input size).
+        size: target width and height in pixels (the model's input size);
+            None keeps the upright image at its own size, shape (height, width, 3).
         max_pixels: refuse images with more pixels than this.
 
     Raises:
@@ -142,13 +143,13 @@ def decode_image(
         if width * height > max_pixels:
             raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
         try:
-            if fmt == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+            if size is not None and fmt == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
                 # DCT-domain downscaling to the smallest scale >= size.
                 image.draft(image.mode, (size, size))
             image.load()
             upright = ImageOps.exif_transpose(image)
             rgb = _to_rgb(upright)
-            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            resized = rgb if size is None else rgb.resize((size, size), Image.Resampling.BILINEAR)
         except ImageDecodeError:
             raise
         except Image.DecompressionBombError as exc:
@@ -157,6 +158,6 @@ def decode_image(
             # PIL reports truncation and damaged streams through these.
             raise CorruptImageError(f"cannot decode {fmt} image: {exc}") from exc
     array = np.asarray(resized, dtype=np.uint8)
-    if array.shape != (size, size, 3):  # defensive: PIL contract
+    if array.ndim != 3 or array.shape[2] != 3 or (size is not None and array.shape[:2] != (size, size)):
         raise CorruptImageError(f"decoded to unexpected shape {array.shape}")
     return array

@@ -28,7 +28,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from starlette.datastructures import Headers, UploadFile
@@ -60,6 +60,7 @@ class GuardPolicy:
     max_body_bytes: int
     max_in_flight: int
     api_token: str | None = None
+    text_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)  # path -> optional string fields
 
 
 class RequestGuard:
@@ -97,7 +98,8 @@ class RequestGuard:
         self.in_flight += 1
         try:
             try:
-                body = await self._checked_body(scope, receive, max_files)
+                text_fields = self.policy.text_fields.get(path, frozenset())
+                body = await self._checked_body(scope, receive, max_files, text_fields)
             except _RejectedError as rejected:
                 await rejected.response(scope, receive, send)
                 return
@@ -113,7 +115,9 @@ class RequestGuard:
         expected = self.policy.api_token.encode()
         return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), expected)
 
-    async def _checked_body(self, scope: Scope, receive: Receive, max_files: int) -> bytes:
+    async def _checked_body(
+        self, scope: Scope, receive: Receive, max_files: int, text_fields: frozenset[str]
+    ) -> bytes:
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "multipart/form-data":
@@ -128,7 +132,7 @@ class RequestGuard:
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             raise _RejectedError(_too_large(cap))
         body = await _read_body(receive, cap)
-        await _check_multipart(headers, body, max_files)
+        await _check_multipart(headers, body, max_files, text_fields)
         return body
 
 
@@ -161,7 +165,7 @@ async def _read_body(receive: Receive, cap: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _check_multipart(headers: Headers, body: bytes, max_files: int) -> None:
+async def _check_multipart(headers: Headers, body: bytes, max_files: int, text_fields: frozenset[str]) -> None:
     async def stream() -> AsyncIterator[bytes]:
         yield body
 
@@ -171,9 +175,14 @@ async def _check_multipart(headers: Headers, body: bytes, max_files: int) -> Non
         raise _bad_request(f"malformed multipart body: {exc}") from None
     try:
         names = [name for name, _ in form.multi_items()]
-        unexpected = sorted(set(names) - {FILE_FIELD})
+        unexpected = sorted(set(names) - {FILE_FIELD, *text_fields})
         if unexpected:
-            raise _bad_request(f"unexpected field(s) {unexpected}; send `{FILE_FIELD}`")
+            allowed = ", ".join(f"`{name}`" for name in [FILE_FIELD, *sorted(text_fields)])
+            raise _bad_request(f"unexpected field(s) {unexpected}; this route takes {allowed}")
+        for name in text_fields:
+            values = form.getlist(name)
+            if len(values) > 1 or any(isinstance(value, UploadFile) for value in values):
+                raise _bad_request(f"`{name}` must be a single text field")
         values = form.getlist(FILE_FIELD)
         if not values:
             raise _bad_request(f"no `{FILE_FIELD}` part in the multipart body")

@@ -33,3 +33,15 @@ def to_prediction(
         uncertain=confidence < abstain_threshold,
         model=model_tag,
     )
+
+
+class ExplainedPrediction(Prediction):
+    """The body of `POST /explain`: the prediction plus a Grad-CAM heat map."""
+
+    explained_class: str = Field(description="the class whose evidence the heat map shows")
+    overlay_png: str = Field(
+        description="base64 PNG: the upload (long side at most 2048 px) with the heat map drawn over it"
+    )
+    heat_map: list[list[float]] | None = Field(
+        default=None, description="the raw Grad-CAM map in [0, 1] at the feature-map resolution, if asked for"
+    )

@@ -250,3 +250,38 @@ def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[s
     plot_roc_curves(test, card.metrics, card.class_names, files[ROC_PNG])
     plot_reliability(test, card, files[RELIABILITY_PNG])
     return files
+
+
+def export_report(tag: str, out: Path) -> Path:
+    """Copy a stored model's report files into `out` (e.g. docs/ for the README); returns report.md's path."""
+    import shutil
+
+    from models.store import store_entry
+
+    entry = store_entry(tag)
+    folder = Path(entry.path)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+    markdown = out / REPORT_MARKDOWN
+    markdown.write_text(f"<!-- model {entry.tag}; regenerate with `make model-report` -->\n" + markdown.read_text())
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.report", description="Copy a stored model's evaluation report into a folder."
+    )
+    parser.add_argument("--model", default="lung_histopathology:latest", help="model tag (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("docs/model-report"), help="folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).info("report of %s written to %s", args.model, export_report(args.model, args.out))
+
+
+if __name__ == "__main__":
+    main()

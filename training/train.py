@@ -194,17 +194,12 @@ def evaluate(
     return Evaluation(metrics, calibration, abstention, test)
 
 
-def train(settings: TrainSettings) -> str:
-    """Run the whole pipeline: split, fit, calibrate, evaluate on test, save. Returns the tag."""
-    keras.utils.set_random_seed(settings.seed)
+def prepare_split(settings: TrainSettings) -> data.SplitManifest:
+    """The dataset's leakage-aware split for these settings."""
     root = data.resolve_dataset_root(settings.data)
     manifest = data.split_dataset(
         root, settings.seed, settings.validation_fraction, settings.test_fraction, split_by=settings.split_by
     )
-    run_dir = settings.out / f"{settings.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = run_dir / "split_manifest.json"
-    manifest.save(manifest_path)
     logger.info(
         "classes %s, split sizes %s, %d near-duplicate groups (largest %d), %d groups across splits",
         manifest.class_names,
@@ -213,7 +208,24 @@ def train(settings: TrainSettings) -> str:
         manifest.largest_group(),
         manifest.groups_across_splits(),
     )
+    return manifest
 
+
+@dataclass(frozen=True)
+class FittedRun:
+    model: keras.Model
+    evaluation: Evaluation
+    epochs_trained: int
+    train_seconds: float
+
+
+def fit_and_evaluate(settings: TrainSettings, manifest: data.SplitManifest, run_dir: Path) -> FittedRun:
+    """Decode the split, build and fit the architecture, then calibrate and evaluate it."""
+    keras.utils.set_random_seed(settings.seed)
+    # Same seed, same data, same machine -> the same model (TensorFlow's parallel
+    # reductions are otherwise free to change the order of float additions).
+    tf.config.experimental.enable_op_determinism()
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     images = {split: data.load_images(manifest.paths(split), settings.size) for split in data.SPLITS}
     labels = {split: manifest.labels(split) for split in data.SPLITS}
@@ -227,10 +239,23 @@ def train(settings: TrainSettings) -> str:
 
     evaluation = evaluate(model, images, manifest, settings)
     logger.info(
-        "test results (calibrated, T=%.3f)\n%s",
+        "%s test results (calibrated, T=%.3f)\n%s",
+        settings.arch,
         evaluation.calibration.temperature,
         text_report(evaluation.metrics, manifest.class_names),
     )
+    return FittedRun(model, evaluation, epochs_trained, train_seconds)
+
+
+def train(settings: TrainSettings) -> str:
+    """Run the whole pipeline: split, fit, calibrate, evaluate on test, save. Returns the tag."""
+    manifest = prepare_split(settings)
+    run_dir = settings.out / f"{settings.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = run_dir / "split_manifest.json"
+    manifest.save(manifest_path)
+    run = fit_and_evaluate(settings, manifest, run_dir)
+    model, evaluation = run.model, run.evaluation
 
     card = ModelCard(
         task=settings.task,
@@ -240,17 +265,17 @@ def train(settings: TrainSettings) -> str:
         parameter_count=int(model.count_params()),
         training=TrainingConfig(
             epochs_max=settings.epochs,
-            epochs_trained=epochs_trained,
+            epochs_trained=run.epochs_trained,
             batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
             seed=settings.seed,
             augmentation=data.AUGMENTATIONS,
             early_stopping_monitor="val_loss",
             weights=settings.weights,
-            train_seconds=round(train_seconds, 1),
+            train_seconds=round(run.train_seconds, 1),
         ),
         dataset=DatasetInfo(
-            source=root.name,
+            source=manifest.root.name,
             fingerprint=manifest.fingerprint(),
             class_counts=manifest.class_counts(),
             n_images=len(manifest.examples),

@@ -1,0 +1,124 @@
+"""The web page at /ui/, driven in Debian's headless Chromium by Playwright.
+
+Playwright's own browser download cannot work offline, so the test uses
+/usr/bin/chromium (`make test` installs it). Screenshots go to
+artifacts/browser/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtests.servers import REPO_ROOT
+from tests.conftest import STRICT_TOKEN
+from tests.test_service import fresh_tile
+
+pytestmark = [pytest.mark.browser, pytest.mark.service]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOTS = REPO_ROOT / "artifacts" / "browser"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, strict_server):
+    context = browser.new_context(viewport={"width": 1200, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(f"{strict_server.url}/ui/")
+    yield page
+    context.close()
+
+
+def screenshot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=path, full_page=True)
+    return path
+
+
+def enter_token(page) -> None:
+    page.fill("#token", STRICT_TOKEN)
+    page.dispatch_event("#token", "change")
+
+
+def test_upload_shows_class_bars_heat_map_and_model_card(page, tmp_path):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#disclaimer")).to_contain_text("Research use only. Not for diagnosis.")
+    # The service requires a token: without it the card cannot load, and the page says why.
+    expect(page.locator("#card-error")).to_contain_text("401")
+    enter_token(page)
+    expect(page.locator("#card")).to_be_visible()
+    expect(page.locator("#card-architecture")).to_contain_text("cnn")
+    expect(page.locator("#card-classes tbody tr")).to_have_count(3)
+    expect(page.locator("#card-confusion tbody tr")).to_have_count(3)
+
+    tile = tmp_path / "adenocarcinoma.jpeg"
+    tile.write_bytes(fresh_tile("lung_aca", 50))
+    page.set_input_files("#file", tile)
+    expect(page.locator("#predicted-class")).to_have_text("lung_aca")
+    bars = page.locator("#bars li")
+    expect(bars).to_have_count(3)
+    assert bars.first.get_attribute("data-class") == "lung_aca"  # sorted, most probable first
+    values = [float(text.rstrip("%")) for text in page.locator("#bars .value").all_inner_texts()]
+    assert values == sorted(values, reverse=True) and sum(values) == pytest.approx(100, abs=0.5)
+    expect(page.locator("#model-tag")).to_contain_text("tiny_lung:")
+    plain_src = page.get_attribute("#preview", "src")
+    assert plain_src.startswith("blob:")
+    screenshot(page, "prediction")
+
+    page.check("#heatmap-toggle")
+    overlay_src = page.get_attribute("#preview", "src")
+    assert overlay_src.startswith("data:image/png;base64,") and len(overlay_src) > 1000
+    expect(page.locator("#explained-class")).to_have_text("lung_aca")
+    screenshot(page, "heat_map")
+    page.uncheck("#heatmap-toggle")
+    assert page.get_attribute("#preview", "src") == plain_src
+
+
+def test_drag_and_drop_and_rejected_files(page, tmp_path):
+    from playwright.sync_api import expect
+
+    enter_token(page)
+    encoded = base64.b64encode(fresh_tile("lung_scc", 51)).decode()
+    transfer = page.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "squamous.jpeg", { type: "image/jpeg" }));
+            return transfer;
+        }""",
+        encoded,
+    )
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#predicted-class")).to_have_text("lung_scc")
+
+    not_an_image = tmp_path / "notes.jpeg"
+    not_an_image.write_text("these are notes, not a tile")
+    page.set_input_files("#file", not_an_image)
+    error = page.locator("#error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("415")
+    expect(error).to_contain_text("not a supported image")
+    expect(page.locator("#result")).to_be_hidden()
+    screenshot(page, "rejected")
+
+    truncated = tmp_path / "truncated.jpeg"
+    truncated.write_bytes(fresh_tile("lung_n", 52)[:700])
+    page.set_input_files("#file", truncated)
+    expect(error).to_contain_text("422")
