@@ -30,7 +30,7 @@ USERS ?= 32
 SPAWN_RATE ?= 8
 DURATION ?= 30s
 
-.PHONY: help setup system-deps data model train model-report compare serve build lock-serving test lint bench-model benchmark loadtest resilience clean
+.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark loadtest resilience clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,8 +43,9 @@ $(VENV)/.installed: requirements/serving.txt requirements/dev.txt requirements/c
 	$(PY) -m pip install --quiet -r requirements/dev.txt -c requirements/constraints.txt
 	touch $@
 
-# Debian packages the browser test needs (Playwright drives Debian's Chromium: no browser download).
-DEBIAN_TEST_PACKAGES ?= chromium fonts-dejavu-core
+# Debian packages the browser test (Playwright drives Debian's Chromium: no browser download) and
+# the container test (buildah, debootstrap: no Docker daemon) need.
+DEBIAN_TEST_PACKAGES ?= chromium fonts-dejavu-core buildah runc debootstrap uidmap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 system-deps: ## Debian packages the tests need (apt-get, once)
@@ -83,6 +84,10 @@ build: model ## the versioned Bento, pinned to MODEL_TAG (default: newest MODEL_
 	echo "built Bento $$bento_tag serving model $$model_tag; run it with: $(BENTOML) serve $$bento_tag"; \
 	echo "$$bento_tag"
 
+containerize: model ## the Bento's OCI image: Docker if a daemon answers, else buildah on a Debian base; prints tag and size
+	@command -v docker >/dev/null || $(MAKE) --no-print-directory system-deps
+	@bento_tag=$$($(MAKE) -s --no-print-directory build | tail -1) && $(PY) -m deploy.oci build $$bento_tag
+
 lock-serving: ## regenerate $(SERVING_LOCK): serving.txt resolved under constraints.txt in a clean venv
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet -r requirements/serving.txt -c requirements/constraints.txt
@@ -112,4 +117,4 @@ lint: setup ## ruff (style, imports, bandit security rules)
 	$(VENV)/bin/ruff check .
 
 clean: ## remove generated data and run artefacts (not the model store)
-	rm -rf data artifacts .pytest_cache
+	rm -rf data artifacts .pytest_cache build

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests.servers import RunningServer, start_server, stop_server
+from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server
 
 TINY_TILE = 256  # px: small tiles keep generation and decoding fast in tests
 TINY_MODEL_NAME = "tiny_lung"
@@ -66,6 +67,23 @@ def server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def bento_tag(tiny_model_tag: str) -> str:
+    """`make build` for the tiny model; its last line of output is the Bento tag."""
+    result = subprocess.run(
+        ["make", "-s", "build", f"MODEL_NAME={TINY_MODEL_NAME}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    tag = result.stdout.strip().splitlines()[-1]
+    assert tag.startswith("histopathology:"), result.stdout
+    return tag
 
 
 STRICT_TOKEN = "test-token-5f2c"  # noqa: S105 - a throwaway credential for the strict test server

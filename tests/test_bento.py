@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import bentoml
@@ -10,29 +9,12 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.servers import REPO_ROOT, start_server, stop_server
+from loadtests.servers import start_server, stop_server
 from models.store import load_model, save_model
 from tests.conftest import TINY_MODEL_NAME, TINY_TILE, encode
 from training.synthetic import render_tile
 
 pytestmark = [pytest.mark.bento, pytest.mark.service]
-
-
-@pytest.fixture(scope="module")
-def bento_tag(tiny_model_tag: str) -> str:
-    """`make build` for the tiny model; its last line of output is the Bento tag."""
-    result = subprocess.run(
-        ["make", "-s", "build", f"MODEL_NAME={TINY_MODEL_NAME}"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    tag = result.stdout.strip().splitlines()[-1]
-    assert tag.startswith("histopathology:"), result.stdout
-    return tag
 
 
 def test_bento_pins_the_model_version_and_ships_serving_code_only(bento_tag, tiny_model_tag):

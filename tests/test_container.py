@@ -1,0 +1,79 @@
+"""The Bento's OCI image, built and run for real (buildah without a Docker daemon).
+
+Builds the tiny model's Bento into an image (deploy/oci.py), runs it bound to
+127.0.0.1, waits for /readyz, classifies a tile of every class, checks a bad
+upload's 4xx, runs a 15-second Locust smoke test with an SLO gate, then stops
+the container and removes it and the image. The Debian base image is kept in
+build/oci/ between runs (`make clean` removes it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from deploy.oci import RunningContainer, containerize, remove_image, run_container, stop_container
+from loadtests.servers import free_port
+from tests.test_load import _locust, _stats
+from tests.test_service import assert_problem, fresh_tile
+from training.synthetic import LUNG_CLASSES
+
+pytestmark = [pytest.mark.container, pytest.mark.bento, pytest.mark.service]
+
+READY_TIMEOUT_S = 240  # TensorFlow import + start-up model check + warm-up, inside the image
+
+
+@pytest.fixture(scope="module")
+def container(bento_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningContainer]:
+    image_tag = f"localhost/{bento_tag}-test"
+    image = containerize(bento_tag, image_tag)
+    print(f"\nimage {image.tag}: {image.size_bytes / 1e9:.2f} GB, built with {image.backend} in {image.seconds:.0f} s")
+    running = run_container(image_tag, free_port(), tmp_path_factory.mktemp("container") / "container.log")
+    try:
+        started = time.perf_counter()
+        while True:
+            if running.process.poll() is not None:
+                pytest.fail(
+                    f"container exited with {running.process.returncode}:\n{running.log_path.read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{running.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - started > READY_TIMEOUT_S:
+                pytest.fail(f"not ready in {READY_TIMEOUT_S} s:\n{running.log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        print(f"container ready {time.perf_counter() - started:.1f} s after start")
+        yield running
+    finally:
+        stop_container(running)
+        remove_image(image_tag)
+
+
+def test_container_classifies_every_class_and_refuses_bad_input(container, tiny_model_tag):
+    for class_name in LUNG_CLASSES:
+        tile = fresh_tile(class_name, 60)
+        response = httpx.post(f"{container.url}/predict", files={"file": ("t.jpeg", tile, "image/jpeg")}, timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["predicted_class"] == class_name and body["model"] == tiny_model_tag
+    not_an_image = {"file": ("notes.jpeg", b"plain text, not a tile", "image/jpeg")}
+    assert_problem(httpx.post(f"{container.url}/predict", files=not_an_image, timeout=30), 415)
+    assert httpx.get(f"{container.url}/livez", timeout=10).status_code == 200
+    assert "<title>Histopathology tile classifier</title>" in httpx.get(f"{container.url}/ui/", timeout=10).text
+
+
+def test_container_passes_a_locust_smoke_test(container, tmp_path):
+    result = _locust(container.url, tmp_path, 15, SLO_P95_MS="5000", SLO_MAX_FAILURE_RATIO="0.0")
+    stats = _stats(tmp_path)
+    aggregated = stats["Aggregated"]
+    print(
+        f"\ncontainer smoke test: {float(aggregated['Requests/s']):.1f} requests/s, "
+        f"{aggregated['Failure Count']} failures, p95 {aggregated['95%']} ms"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(aggregated["Failure Count"]) == 0 and int(stats["/predict"]["Request Count"]) > 10
