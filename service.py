@@ -20,7 +20,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -70,6 +70,8 @@ http_routes = Starlette(
         Route("/model", _model_card, methods=["GET"]),
         Route("/model/report", _model_report, methods=["GET"]),
         Route("/model/report/{name}", _model_report, methods=["GET"]),
+        # The page's relative links need the trailing slash.
+        Route("/ui", lambda request: RedirectResponse("/ui/", status_code=HTTPStatus.PERMANENT_REDIRECT)),
         Mount("/ui", StaticFiles(directory=UI_FOLDER, html=True), name="ui"),
     ]
 )

@@ -9,8 +9,9 @@ softmax named ``probabilities``. The named logits layer lets calibration
 * ``cnn``: a compact CNN designed for CPU serving (the default: ~0.2 M
   parameters, ~400 images/s in-process on 2 cores at 128x128).
 * ``efficientnetb0``: EfficientNetB0 transfer learning. ``weights="imagenet"``
-  for users online; ``None`` (random init) works offline. Fine-tuning follows
-  the usual three phases (head, top blocks, all layers) at falling rates.
+  for users online, fine-tuned in the usual three phases (head, top blocks,
+  all layers) at falling rates; ``None`` (random init, offline) trains every
+  layer from the start in one phase.
 """
 
 from __future__ import annotations
@@ -69,8 +70,14 @@ def build_compact_cnn(
 def build_efficientnetb0(
     num_classes: int, input_size: int = 224, weights: str | None = None, dropout: float = 0.3
 ) -> keras.Model:
-    """EfficientNetB0 backbone (frozen at first) with a new classification head.
+    """EfficientNetB0 backbone with a new classification head.
 
+    With pretrained ``weights`` the backbone starts frozen and runs in inference
+    mode (BatchNormalization keeps its statistics), for the phased fine-tuning of
+    :func:`fine_tune_schedule`. Without (``None``, offline), there is nothing to
+    preserve: everything trains from the start, BatchNormalization included; a
+    frozen random backbone gives constant features and the head never learns
+    (measured: loss stuck at ln 3 for 8 epochs).
     Keras' EfficientNet includes its own rescaling/normalisation and expects
     0..255 inputs, so no Rescaling layer is added here.
     """
@@ -78,8 +85,9 @@ def build_efficientnetb0(
     backbone = keras.applications.EfficientNetB0(
         include_top=False, weights=weights, input_shape=(input_size, input_size, 3), pooling="avg"
     )
-    backbone.trainable = False
-    features = backbone(x, training=False)
+    pretrained = weights is not None
+    backbone.trainable = not pretrained
+    features = backbone(x, training=False) if pretrained else backbone(x)
     return keras.Model(inputs, _classifier_head(features, num_classes, dropout), name="efficientnetb0_transfer")
 
 

@@ -74,6 +74,7 @@ class Calibration(_Strict):
     method: str = "temperature scaling"
     fitted_on: str = "validation"
     temperature: float = Field(gt=0.0)
+    validation_errors: int | None = Field(default=None, ge=0)  # 0: T cannot be fitted and stays 1
     test_ece_before: Probability
     test_ece_after: Probability
     test_nll_before: float = Field(ge=0.0)

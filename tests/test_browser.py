@@ -56,6 +56,17 @@ def enter_token(page) -> None:
     page.dispatch_event("#token", "change")
 
 
+def test_the_page_is_served_by_the_service(strict_server):
+    import httpx
+
+    moved = httpx.get(f"{strict_server.url}/ui", timeout=10)
+    assert moved.status_code == 308 and moved.headers["location"] == "/ui/"
+    page = httpx.get(f"{strict_server.url}/ui/", timeout=10)  # no token needed for the page itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("app.js", "style.css"):
+        assert httpx.get(f"{strict_server.url}/ui/{asset}", timeout=10).status_code == 200, asset
+
+
 def test_upload_shows_class_bars_heat_map_and_model_card(page, tmp_path):
     from playwright.sync_api import expect
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from models.architectures import LOGITS_LAYER, apply_phase, build_model, fine_tune_schedule
 from models.card import CARD_FILE, ModelCard
+from models.explain import GradCam
 from models.inference import Predictor
 from models.store import ModelLoadError, load_model, save_model
 from training.evaluate import compute_metrics
@@ -75,6 +76,11 @@ def test_efficientnet_builds_offline_and_phases_unfreeze_progressively():
     model = build_model("efficientnetb0", 4, 64, weights=None)
     assert model.outputs[0].shape[-1] == 4
     backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    # Random init (offline): everything trains, BatchNorm included; phases are for pretrained weights.
+    assert backbone.trainable and all(layer.trainable for layer in backbone.layers)
+    # Grad-CAM reaches into the nested backbone's last activation (2x2 at 64 px).
+    heat = GradCam(model, "efficientnetb0", 64).heat_map(np.full((64, 64, 3), 128, np.uint8), 1)
+    assert heat.shape == (2, 2) and heat.min() >= 0 and heat.max() <= 1
     counts = []
     for phase in fine_tune_schedule(1e-3):
         apply_phase(model, phase)

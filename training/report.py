@@ -90,7 +90,7 @@ def markdown_report(card: ModelCard) -> str:
     ]
     if data.n_groups is not None:
         lines.append(
-            f"- Near-duplicate groups: {data.n_groups} (largest {data.largest_group} images); "
+            f"- Near-duplicate groups: {data.n_groups} (the largest has {data.largest_group} images); "
             f"groups with members in more than one split: {data.groups_across_splits}"
         )
     level = f"{ci.level:.0%} CI" if ci else "CI"
@@ -125,7 +125,13 @@ def markdown_report(card: ModelCard) -> str:
             "## Calibration",
             "",
             f"{cal.method.capitalize()} fitted on the {cal.fitted_on} split: T = {cal.temperature:.3f} "
-            "(the service divides the logits by T).",
+            "(the service divides the logits by T)."
+            + (
+                f" The {cal.fitted_on} split had no errors, so no temperature can be fitted (the likelihood keeps "
+                "rising as T falls to 0) and the network's own probabilities are kept."
+                if cal.validation_errors == 0
+                else ""
+            ),
             "",
             "| test split | before | after |",
             "|---|---|---|",

@@ -106,7 +106,9 @@ def _fit(
     run_dir: Path,
 ) -> int:
     """Fit (phase by phase for transfer models); return the epochs trained."""
-    phases = fine_tune_schedule(settings.learning_rate) if settings.arch == "efficientnetb0" else (None,)
+    # Phased fine-tuning protects pretrained weights; a randomly initialised backbone trains whole.
+    transfer = settings.arch == "efficientnetb0" and settings.weights is not None
+    phases = fine_tune_schedule(settings.learning_rate) if transfer else (None,)
     epochs_done = 0
     for phase in phases:
         rate = settings.learning_rate
@@ -163,6 +165,7 @@ def evaluate(
     )
     calibration = Calibration(
         temperature=temperature,
+        validation_errors=int((logits["validation"].argmax(axis=1) != labels["validation"]).sum()),
         test_ece_before=expected_calibration_error(test.labels, test.uncalibrated),
         test_ece_after=expected_calibration_error(test.labels, test.calibrated),
         test_nll_before=negative_log_likelihood(logits["test"], test.labels, 1.0),
