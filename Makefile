@@ -19,6 +19,7 @@ DATA ?= $(SYNTHETIC_DIR)/lung_image_sets
 ARCH ?= cnn
 MODEL_NAME ?= lung_histopathology
 TRAIN_ARGS ?=
+COMPARE_ARGS ?= --input-size 128 --epochs 10
 PYTEST_ARGS ?=
 HOST ?= 0.0.0.0
 PORT ?= 3000
@@ -71,7 +72,7 @@ model-report: model ## copy the default model's evaluation report (Markdown + fi
 	$(PY) -m training.report --model $(MODEL_NAME):latest --out docs/model-report
 
 compare: data ## train every architecture on one split, one table (artifacts/compare/comparison.md)
-	$(PY) -m training.compare --data $(DATA) --out artifacts/compare
+	$(PY) -m training.compare --data $(DATA) --out artifacts/compare $(COMPARE_ARGS)
 
 serve: model ## setup, the default model if the store has none, then the service on PORT (3000)
 	$(BENTOML) serve service:Histopathology --host $(HOST) --port $(PORT)

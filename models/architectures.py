@@ -87,6 +87,10 @@ def build_efficientnetb0(
     )
     pretrained = weights is not None
     backbone.trainable = not pretrained
+    if not pretrained:  # as for the compact CNN: Keras' 0.99 leaves BN statistics behind on small sets
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = BN_MOMENTUM
     features = backbone(x, training=False) if pretrained else backbone(x)
     return keras.Model(inputs, _classifier_head(features, num_classes, dropout), name="efficientnetb0_transfer")
 

@@ -65,7 +65,7 @@ def compare(base: TrainSettings, manifest: SplitManifest, architectures: list[st
     """Train, evaluate and time each architecture on `manifest`'s split."""
     rows = []
     for arch in architectures:
-        settings = replace(base, arch=arch, input_size=None)
+        settings = replace(base, arch=arch)  # input_size None: each architecture's default
         run = fit_and_evaluate(settings, manifest, base.out / f"compare-{arch}")
         evaluation = run.evaluation
         metrics = evaluation.metrics
@@ -119,13 +119,18 @@ def main(argv: list[str] | None = None) -> None:
         "--arch", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES), help="architectures to compare"
     )
     parser.add_argument("--epochs", type=int, default=15, help="maximum epochs per architecture (default: 15)")
+    parser.add_argument(
+        "--input-size", type=int, default=None, help="one input size for all (default: each architecture's own)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default: 0)")
     parser.add_argument(
         "--out", type=Path, default=Path("artifacts/compare"), help="folder for the table (Markdown and JSON)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base = TrainSettings(data=args.data, epochs=args.epochs, seed=args.seed, out=args.out, verbose=2)
+    base = TrainSettings(
+        data=args.data, input_size=args.input_size, epochs=args.epochs, seed=args.seed, out=args.out, verbose=2
+    )
     manifest = prepare_split(base)
     rows = compare(base, manifest, args.arch)
     table = markdown_table(rows, manifest.policy, manifest.sizes()["test"])
