@@ -15,6 +15,7 @@ certificates, which the TLS-intercepting egress proxy needs). The recipe is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -215,16 +216,57 @@ def run_container(
     return RunningContainer(name, f"http://127.0.0.1:{port}", process, log_path)
 
 
-def stop_container(running: RunningContainer, timeout_s: float = 30.0) -> None:
-    """SIGTERM the container's process group, SIGKILL it if it lingers, then remove the container."""
-    if running.process.poll() is None:
-        os.killpg(running.process.pid, signal.SIGTERM)
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants, from /proc (the container's server and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            running.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(running.process.pid, signal.SIGKILL)
-            running.process.wait(timeout=10)
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, stack = [root], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            tree.append(child)
+            stack.append(child)
+    return tree
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies are gone
+
+
+def stop_container(running: RunningContainer, timeout_s: float = 30.0) -> list[int]:
+    """SIGTERM every process of the container, SIGKILL what lingers, remove it; returns the PIDs stopped.
+
+    The whole process tree is collected first: BentoML's workers run in process
+    groups of their own, so signalling `buildah run`'s group alone would leave
+    them running, re-parented to init.
+    """
+    pids = process_tree(running.process.pid) if running.process.poll() is None else []
+    for signal_number in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal_number)
+        deadline = time.monotonic() + (timeout_s if signal_number == signal.SIGTERM else 10)
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            running.process.poll()  # reap buildah itself
+        if not any(alive(pid) for pid in pids):
+            break
+    running.process.wait(timeout=10)
     subprocess.run(["buildah", "rm", running.name], env=buildah_env(), capture_output=True, check=False)
+    return pids
 
 
 def remove_image(tag: str) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from deploy.oci import RunningContainer, containerize, remove_image, run_container, stop_container
+from deploy.oci import RunningContainer, alive, containerize, remove_image, run_container, stop_container
 from loadtests.servers import free_port
 from tests.test_load import _locust, _stats
 from tests.test_service import assert_problem, fresh_tile
@@ -50,8 +50,11 @@ def container(bento_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         print(f"container ready {time.perf_counter() - started:.1f} s after start")
         yield running
     finally:
-        stop_container(running)
+        stopped = stop_container(running)
         remove_image(image_tag)
+        # Nothing of the container may outlive the test: not buildah, not BentoML's workers.
+        assert len(stopped) >= 3, stopped  # buildah run, the BentoML supervisor, at least one worker
+        assert not [pid for pid in stopped if alive(pid)], "container processes left running"
 
 
 def test_container_classifies_every_class_and_refuses_bad_input(container, tiny_model_tag):
