@@ -3,9 +3,11 @@
 Measures, one after the other on the same machine:
 
 * the in-process limit: decode + traced model at its best batch size, no HTTP;
-* the BentoML service with adaptive batching (the defaults);
+* the BentoML service with its defaults: adaptive batching, two workers of one
+  intra-op and one inter-op TensorFlow thread each;
 * the same service with batching off (`HISTO_MAX_BATCH_SIZE=1`);
-* the same service with two workers of one intra-op and one inter-op thread;
+* the same service as ONE worker with TensorFlow's own thread counts (the
+  layout the defaults replaced);
 * the seed-style baseline (`loadtests/baseline_server.py`: FastAPI, one
   `model.predict` per request);
 
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 LEVELS = (1, 8, 32, 64)
 RESULTS_DIR = REPO_ROOT / "loadtests" / "results"
+DEFAULT_SERVICE = "service (defaults: batching, 2 workers x 1+1 TF threads)"
 COMMAND = "make benchmark"
 
 
@@ -104,10 +107,10 @@ def _checks(rows: list[Row], limit_rps: float, single_ms: float) -> list[tuple[s
     def at(target_prefix: str, clients: int) -> LevelResult:
         return next(r.level for r in rows if r.target.startswith(target_prefix) and r.level.concurrency == clients)
 
-    service = [r.level for r in rows if r.target == "service (adaptive batching)"]
+    service = [r.level for r in rows if r.target == DEFAULT_SERVICE]
     best = max(service, key=lambda r: r.requests_per_second)
-    s32, b32 = at("service (adaptive", 32), at("baseline", 32)
-    s1 = at("service (adaptive", 1)
+    s32, b32 = at(DEFAULT_SERVICE, 32), at("baseline", 32)
+    s1 = at(DEFAULT_SERVICE, 1)
     return [
         (f"saturation {best.requests_per_second:.1f} req/s >= 80% of the in-process limit {limit_rps:.1f} "
          f"({100 * best.requests_per_second / limit_rps:.0f}%)", best.requests_per_second >= 0.8 * limit_rps),
@@ -154,11 +157,11 @@ def run(model_tag: str, seconds: float) -> tuple[list[str], list[tuple[str, bool
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         workdir = Path(tmp)
-        rows += _service_rows("service (adaptive batching)", model_tag, {}, payload, seconds, workdir)
+        rows += _service_rows(DEFAULT_SERVICE, model_tag, {}, payload, seconds, workdir)
         rows += _service_rows("service (batching off)", model_tag, {"HISTO_MAX_BATCH_SIZE": "1"}, payload, seconds,
                               workdir)
-        two_workers = {"HISTO_WORKERS": "2", "HISTO_TF_INTRA_OP_THREADS": "1", "HISTO_TF_INTER_OP_THREADS": "1"}
-        rows += _service_rows("service (2 workers, 1+1 TF threads)", model_tag, two_workers, payload, seconds,
+        one_worker = {"HISTO_WORKERS": "1", "HISTO_TF_INTRA_OP_THREADS": "0", "HISTO_TF_INTER_OP_THREADS": "0"}
+        rows += _service_rows("service (1 worker, TF picks threads)", model_tag, one_worker, payload, seconds,
                               workdir)
         rows += _baseline_rows(model_tag, payload, seconds, workdir)
     table = _table(rows, limit_rps)

@@ -90,9 +90,11 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         abstain_threshold=_probability_or_none(env, "HISTO_ABSTAIN_THRESHOLD"),
         max_batch_size=_int(env, "HISTO_MAX_BATCH_SIZE", 32, minimum=1),
         max_latency_ms=_int(env, "HISTO_MAX_LATENCY_MS", 10_000, minimum=1),
-        workers=_int(env, "HISTO_WORKERS", 1, minimum=1),
-        tf_intra_op_threads=_int(env, "HISTO_TF_INTRA_OP_THREADS", 0, minimum=0),
-        tf_inter_op_threads=_int(env, "HISTO_TF_INTER_OP_THREADS", 0, minimum=0),
+        # Two single-threaded workers beat one worker with two threads on 2 cores (BENCHMARKS.md):
+        # scale HISTO_WORKERS with the cores, and keep one thread of each kind per worker.
+        workers=_int(env, "HISTO_WORKERS", 2, minimum=1),
+        tf_intra_op_threads=_int(env, "HISTO_TF_INTRA_OP_THREADS", 1, minimum=0),
+        tf_inter_op_threads=_int(env, "HISTO_TF_INTER_OP_THREADS", 1, minimum=0),
         log_format=_choice(env, "HISTO_LOG_FORMAT", LOG_FORMATS),
         max_in_flight=_int(env, "HISTO_MAX_IN_FLIGHT", 64, minimum=1),
         max_files_per_request=_int(env, "HISTO_MAX_FILES_PER_REQUEST", 32, minimum=1),
