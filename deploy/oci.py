@@ -9,6 +9,7 @@ certificates, which the TLS-intercepting egress proxy needs). The recipe is
 ../shared/CONTAINERS.md. Everything buildah writes stays under one work folder.
 
     python -m deploy.oci build BENTO_TAG [--tag IMAGE]   # prints the image tag and size
+    python -m deploy.oci run IMAGE [--port 3000]        # serves on 127.0.0.1 until Ctrl-C, then cleans up
     python -m deploy.oci remove IMAGE                   # and the work folder's leftovers
 """
 
@@ -275,12 +276,27 @@ def remove_image(tag: str) -> None:
     subprocess.run(["buildah", "rmi", "--prune"], env=env, capture_output=True, check=False)
 
 
+def _run_until_interrupted(image_tag: str, port: int) -> int:
+    log_path = WORK_FOLDER / "run.log"
+    running = run_container(image_tag, port, log_path)
+    logger.info("serving %s at %s (log: %s); Ctrl-C stops and removes the container", image_tag, running.url, log_path)
+    try:
+        return running.process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_container(running)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.oci", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="containerize a Bento; prints the image tag and size")
     build.add_argument("bento", help="Bento tag, e.g. histopathology:VERSION")
     build.add_argument("--tag", help="image tag (default: localhost/NAME:VERSION)")
+    run = commands.add_parser("run", help="run an image built with buildah on 127.0.0.1 until Ctrl-C")
+    run.add_argument("image")
+    run.add_argument("--port", type=int, default=3000)
     remove = commands.add_parser("remove", help="remove an image built with buildah")
     remove.add_argument("image")
     args = parser.parse_args(argv)
@@ -289,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "remove":
             remove_image(args.image)
             return 0
+        if args.command == "run":
+            return _run_until_interrupted(args.image, args.port)
         image = containerize(args.bento, args.tag or f"localhost/{args.bento}")
     except ContainerError as exc:
         logger.error("%s", exc)
