@@ -127,6 +127,7 @@ def test_drag_and_drop_and_rejected_files(page, tmp_path):
     expect(error).to_contain_text("415")
     expect(error).to_contain_text("not a supported image")
     expect(page.locator("#result")).to_be_hidden()
+    expect(page.locator("#figure")).to_be_hidden()  # no broken image of the refused file
     screenshot(page, "rejected")
 
     truncated = tmp_path / "truncated.jpeg"

@@ -79,7 +79,10 @@ async function classify(file) {
   try {
     const response = await fetch(new URL("explain", api), { method: "POST", body: form, headers: authHeaders() });
     if (!response.ok) {
+      // A refused file is usually not a picture at all: show the reason, not a broken image.
       showError(await problemMessage(response));
+      $("figure").hidden = true;
+      $("explained-class").textContent = "-";
       $("no-result").hidden = false;
       return;
     }
