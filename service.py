@@ -179,18 +179,25 @@ class Histopathology:
             self.metrics.uncertain.inc()
         return prediction
 
-    @bentoml.api(route="/predict")
-    async def predict(self, file: Path) -> Prediction:
-        """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF)."""
-        # Errors are returned as problem+json responses, which BentoML passes through.
+    async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction] | JSONResponse:
+        """Decode one upload and classify it through the batcher; a problem response if either fails."""
         try:
             image = await self._decode(file)
         except ImageDecodeError as exc:
             return decode_problem(exc)
         try:
-            prediction = self._prediction(await self.batcher.submit(image))
+            return image, self._prediction(await self.batcher.submit(image))
         except BatchTimeoutError as exc:
             return _too_slow(exc)
+
+    @bentoml.api(route="/predict")
+    async def predict(self, file: Path) -> Prediction:
+        """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF)."""
+        # Errors are returned as problem+json responses, which BentoML passes through.
+        classified = await self._classify(file)
+        if isinstance(classified, JSONResponse):
+            return classified
+        _, prediction = classified
         note(predicted_class=prediction.predicted_class, uncertain=prediction.uncertain)
         return prediction
 
@@ -227,15 +234,14 @@ class Histopathology:
         class_names = self.stored.card.class_names
         if target_class is not None and target_class not in class_names:
             return problem(HTTPStatus.BAD_REQUEST, f"target_class {target_class!r} is not one of {class_names}")
-        try:
-            image = await self._decode(file)
+        classified = await self._classify(file)
+        if isinstance(classified, JSONResponse):
+            return classified
+        image, prediction = classified
+        try:  # the upload at its own size, for the overlay; it decoded once already
             full_image = await asyncio.to_thread(decode_image, file, None, SETTINGS.max_pixels)
         except ImageDecodeError as exc:
             return decode_problem(exc)
-        try:
-            prediction = self._prediction(await self.batcher.submit(image))
-        except BatchTimeoutError as exc:
-            return _too_slow(exc)
         explained = target_class or prediction.predicted_class
         async with self._explaining:
             explanation = await asyncio.to_thread(

@@ -103,7 +103,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class Explanation:
-    class_index: int
     heat_map: np.ndarray  # [0, 1], feature-map resolution
     overlay_png: bytes  # the upload (at most MAX_OVERLAY_SIDE) with the heat map over it
 
@@ -111,4 +110,4 @@ class Explanation:
 def explain(cam: GradCam, model_input: np.ndarray, full_image: np.ndarray, class_index: int) -> Explanation:
     """Grad-CAM of `class_index` for one tile: the map, and its overlay on the full-size upload."""
     heat = cam.heat_map(model_input, class_index)
-    return Explanation(class_index, heat, png_bytes(overlay(fit_within(full_image), heat)))
+    return Explanation(heat, png_bytes(overlay(fit_within(full_image), heat)))

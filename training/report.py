@@ -8,14 +8,17 @@ serves them under ``/model/report``.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from models.card import ModelCard, TestMetrics
-from models.store import REPORT_FILES, REPORT_MARKDOWN
+from models.store import REPORT_FILES, REPORT_MARKDOWN, store_entry
 from training.calibration import reliability_bins
 from training.evaluate import roc_curve
 
@@ -184,6 +187,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def plot_confusion_matrix(metrics: TestMetrics, class_names: list[str], path: Path) -> None:
     """Save the confusion matrix as a PNG (counts and row-normalised colour)."""
     plt = _pyplot()
@@ -198,9 +207,7 @@ def plot_confusion_matrix(metrics: TestMetrics, class_names: list[str], path: Pa
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"Test confusion matrix (accuracy {metrics.accuracy:.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_roc_curves(test: TestPredictions, metrics: TestMetrics, class_names: list[str], path: Path) -> None:
@@ -216,9 +223,7 @@ def plot_roc_curves(test: TestPredictions, metrics: TestMetrics, class_names: li
     ax.set_ylabel("true-positive rate (recall)")
     ax.set_title("One-vs-rest ROC, test split")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_reliability(test: TestPredictions, card: ModelCard, path: Path) -> None:
@@ -240,9 +245,7 @@ def plot_reliability(test: TestPredictions, card: ModelCard, path: Path) -> None
     ax.set_ylabel("accuracy")
     ax.set_title("Reliability diagram, test split")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[str, Path]:
@@ -260,10 +263,6 @@ def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[s
 
 def export_report(tag: str, out: Path) -> Path:
     """Copy a stored model's report files into `out` (e.g. docs/ for the README); returns report.md's path."""
-    import shutil
-
-    from models.store import store_entry
-
     entry = store_entry(tag)
     folder = Path(entry.path)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,9 +275,6 @@ def export_report(tag: str, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import logging
-
     parser = argparse.ArgumentParser(
         prog="python -m training.report", description="Copy a stored model's evaluation report into a folder."
     )
