@@ -94,11 +94,16 @@ STRICT_ORIGIN = "https://viewer.example"
 
 @pytest.fixture(scope="session")
 def strict_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A second server: API token, a CORS origin, a 1 MB body cap, 2 requests in flight, JSON logs."""
+    """A second server: API token, a CORS origin, a 1 MB body cap, 2 requests in flight, JSON logs,
+    and BentoML tracing configured (spans kept in memory)."""
+    folder = tmp_path_factory.mktemp("strict")
+    tracing_config = folder / "bentoml-tracing.yaml"
+    tracing_config.write_text("tracing:\n  exporter_type: in_memory\n  sample_rate: 1.0\n")
     running = start_server(
         "service:Histopathology",
-        tmp_path_factory.mktemp("strict") / "serve.log",
+        folder / "serve.log",
         env={
+            "BENTOML_CONFIG": str(tracing_config),
             "HISTO_MODEL_TAG": tiny_model_tag,
             "HISTO_API_TOKEN": STRICT_TOKEN,
             "HISTO_CORS_ORIGINS": STRICT_ORIGIN,

@@ -75,6 +75,20 @@ def test_request_id_round_trips_or_is_generated(server):
 
 
 @pytest.mark.service
+def test_spans_are_recorded_only_when_tracing_is_configured(server, strict_server):
+    # BentoML names its span in X-BentoML-Request-ID; the default server skips spans (nothing exports
+    # them), the strict server has a tracing exporter configured and keeps them.
+    tile = fresh_tile("lung_n", 722)
+    untraced = httpx.post(f"{server.url}/predict", files={"file": ("t.jpeg", tile)}, timeout=30)
+    traced = httpx.post(f"{strict_server.url}/predict", files={"file": ("t.jpeg", tile)},
+                        headers={"Authorization": f"Bearer {STRICT_TOKEN}"}, timeout=30)
+    assert untraced.status_code == traced.status_code == 200
+    assert "x-bentoml-request-id" not in untraced.headers
+    assert re.fullmatch(r"[0-9a-f]{16}", traced.headers["x-bentoml-request-id"])
+    assert untraced.headers["x-request-id"] and traced.headers["x-request-id"]  # ours, either way
+
+
+@pytest.mark.service
 def test_json_logs_parse_and_carry_no_image_data(strict_server):
     marker = "zz-json-log-marker"
     headers = {"Authorization": f"Bearer {STRICT_TOKEN}", "X-Request-ID": "json-check-1"}
