@@ -31,14 +31,14 @@ USERS ?= 32
 SPAWN_RATE ?= 8
 DURATION ?= 30s
 
-.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark loadtest resilience clean
+.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark runtimes loadtest resilience clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## virtual environment with the pinned dependencies
 
-$(VENV)/.installed: requirements/serving.txt requirements/dev.txt requirements/constraints.txt
+$(VENV)/.installed: requirements/serving.txt requirements/runtimes.txt requirements/dev.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt -c requirements/constraints.txt
@@ -102,6 +102,9 @@ bench-model: setup ## in-process images/s of the default architecture, batch 1..
 
 benchmark: model ## service vs in-process limit vs seed-style baseline, 1-64 clients; writes BENCHMARKS.md
 	$(PY) -m loadtests.benchmark --model $(MODEL_NAME):latest
+
+runtimes: model ## the model under LiteRT, ONNX Runtime and OpenVINO vs TensorFlow: agreement, images/s, decision
+	$(PY) -m loadtests.runtimes --model $(MODEL_NAME):latest
 
 loadtest: setup ## headless Locust against a running service (LOADTEST_HOST, USERS, DURATION); SLO gate = exit code
 	mkdir -p loadtests/results

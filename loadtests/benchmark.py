@@ -41,12 +41,12 @@ import httpx
 
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import measure, sample_jpeg
+from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
 from loadtests.servers import REPO_ROOT, free_port, start_server, stop_server
 
 logger = logging.getLogger(__name__)
 
 LEVELS = (1, 8, 32, 64)
-RESULTS_DIR = REPO_ROOT / "loadtests" / "results"
 DEFAULT_SERVICE = "service (defaults: batching, 2 workers x 1+1 TF threads)"
 COMMAND = "make benchmark"
 
@@ -188,7 +188,7 @@ def _write(rows: list[Row], limit: object, model_tag: str, table: list[str], che
         writer.writerows(record["rows"])
     _plot(rows, limit.pipeline_images_per_second, RESULTS_DIR / "benchmark.png")
     lines = [
-        "# Benchmarks",
+        "## Service under load",
         "",
         f"Latest run of `{COMMAND}` ({record['when']}; {machine}; model `{model_tag}`).",
         "Closed-loop clients post a 768x768 JPEG tile to `/predict`; the load generator runs on the same cores",
@@ -203,7 +203,8 @@ def _write(rows: list[Row], limit: object, model_tag: str, table: list[str], che
         "![throughput and p95](loadtests/results/benchmark.png)",
         "",
     ]
-    (REPO_ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
+    (RESULTS_DIR / "benchmark.md").write_text("\n".join(lines))
+    write_benchmarks_markdown()
 
 
 def main(argv: list[str] | None = None) -> None:

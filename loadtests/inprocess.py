@@ -17,8 +17,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,30 @@ class InProcessResult:
     pipeline_images_per_second: float  # decode + traced model at the best batch, serial
 
 
-def _rate(run: Callable[[], None], items: int, seconds: float) -> float:
+@dataclass(frozen=True)
+class ServedModel:
+    model: keras.Model
+    input_size: int
+    architecture: str
+    temperature: float
+
+
+def served_model(model_tag: str | None = None) -> ServedModel:
+    """The stored model (default: the latest lung_histopathology), or, when there is none, the
+    default architecture with random weights (the same speed)."""
+    from models.architectures import build_model
+    from models.store import ModelLoadError, load_model
+
+    try:
+        stored = load_model(model_tag) if model_tag else load_model()
+    except ModelLoadError as exc:
+        logger.info("%s; measuring the default architecture with random weights", exc)
+        return ServedModel(build_model("cnn", 3, 128), 128, "cnn", 1.0)
+    card = stored.card
+    return ServedModel(stored.model, card.input_size, card.architecture, card.calibration_temperature)
+
+
+def rate(run: Callable[[], None], items: int, seconds: float) -> float:
     """Items per second of `run` over at least `seconds` (after one warm-up)."""
     run()
     done, started = 0, time.perf_counter()
@@ -56,30 +83,24 @@ def sample_jpeg(size: int = 768, class_name: str = "lung_aca", seed: int = 1) ->
 
 
 def measure(model_tag: str | None = None, seconds: float = 2.0) -> InProcessResult:
-    from models.architectures import build_model
     from models.inference import Predictor
     from models.preprocessing import decode_image
-    from models.store import ModelLoadError, load_model
 
-    try:
-        stored = load_model(model_tag) if model_tag else load_model()
-        model, size, arch = stored.model, stored.card.input_size, stored.card.architecture
-    except ModelLoadError as exc:
-        logger.info("%s; measuring the default architecture with random weights", exc)
-        model, size, arch = build_model("cnn", 3, 128), 128, "cnn"
-    predictor = Predictor(model, size)
+    served = served_model(model_tag)
+    model, size, arch = served.model, served.input_size, served.architecture
+    predictor = Predictor(model, size, served.temperature)
     rng = np.random.default_rng(0)
     rates = {}
     for batch_size in BATCH_SIZES:
         batch = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-        rates[batch_size] = _rate(lambda b=batch: predictor(b), batch_size, seconds)
+        rates[batch_size] = rate(lambda b=batch: predictor(b), batch_size, seconds)
         logger.info("batch %3d: %7.1f images/s", batch_size, rates[batch_size])
     best = max(rates, key=rates.get)
 
     jpeg = sample_jpeg()
-    decode_rate = _rate(lambda: decode_image(jpeg, size), 1, seconds)
+    decode_rate = rate(lambda: decode_image(jpeg, size), 1, seconds)
     one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8).astype(np.float32)
-    predict_rate = _rate(lambda: model.predict(one, verbose=0), 1, seconds)
+    predict_rate = rate(lambda: model.predict(one, verbose=0), 1, seconds)
     best_batch = rng.integers(0, 256, (best, size, size, 3), dtype=np.uint8)
 
     def pipeline() -> None:
@@ -94,7 +115,7 @@ def measure(model_tag: str | None = None, seconds: float = 2.0) -> InProcessResu
         best_batch_size=best,
         decode_ms=round(1000 / decode_rate, 2),
         predict_single_ms=round(1000 / predict_rate, 2),
-        pipeline_images_per_second=round(_rate(pipeline, best, seconds), 1),
+        pipeline_images_per_second=round(rate(pipeline, best, seconds), 1),
     )
 
 

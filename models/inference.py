@@ -28,24 +28,34 @@ def logits_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
 
 
+def probability_function(
+    model: keras.Model, input_size: int, temperature: float = 1.0
+) -> tf.types.experimental.PolymorphicFunction:
+    """The served graph: uint8 images (batch, S, S, 3) -> calibrated probabilities, traced once.
+
+    Also what other runtimes are converted from (loadtests/runtimes.py), so they run the same graph.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    logits_net = logits_model(model)
+    spec = tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")
+    inverse_temperature = 1.0 / temperature  # a Python float: a constant in the graph, not a captured input
+
+    @tf.function(input_signature=[spec], reduce_retracing=True)
+    def probabilities(images: tf.Tensor) -> tf.Tensor:
+        logits = logits_net(tf.cast(images, tf.float32), training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32) * inverse_temperature, axis=-1)
+
+    return probabilities
+
+
 class Predictor:
     """Calibrated class probabilities for batches of RGB uint8 images."""
 
     def __init__(self, model: keras.Model, input_size: int, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
         self.input_size = input_size
         self.temperature = float(temperature)
-        self._logits = logits_model(model)
-        spec = tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")
-        inverse_temperature = tf.constant(1.0 / self.temperature, tf.float32)
-
-        @tf.function(input_signature=[spec], reduce_retracing=True)
-        def _probabilities(images: tf.Tensor) -> tf.Tensor:
-            logits = self._logits(tf.cast(images, tf.float32), training=False)
-            return tf.nn.softmax(tf.cast(logits, tf.float32) * inverse_temperature, axis=-1)
-
-        self._fn = _probabilities
+        self._fn = probability_function(model, input_size, self.temperature)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Probabilities of shape (batch, classes) for uint8 images (batch, S, S, 3)."""
