@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from models.preprocessing import ImageDecodeError, decode_image
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
+from models.tf_environment import prefer_onednn
 from serving.batcher import BatchTimeoutError, MicroBatcher
 from serving.error_tracking import init_error_tracking
 from serving.guard import GuardPolicy, RequestGuard
@@ -110,6 +111,7 @@ class Histopathology:
 
     def __init__(self) -> None:
         # TensorFlow loads here, in the worker only: the supervisor process stays small.
+        prefer_onednn()
         from models.explain import GradCam
         from models.inference import Predictor, configure_threads
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from models.preprocessing import ImageDecodeError, decode_image
 from models.store import load_model
+from models.tf_environment import prefer_onednn
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="lung_histopathology:latest", help="model tag (default: %(default)s)")
     parser.add_argument("--port", type=int, default=3100, help="port on 127.0.0.1 (default: %(default)s)")
     args = parser.parse_args(argv)
+    prefer_onednn()  # the same TensorFlow kernels as the service: the comparison is about serving
     uvicorn.run(create_app(args.model), host="127.0.0.1", port=args.port, log_level="warning")
 
 

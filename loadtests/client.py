@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
+RAMP_S = 1.0  # closed-loop clients connect over this long before measuring
 Outcome = tuple[str, float, float]  # status code or error name, latency s, finish time
 
 
@@ -51,19 +52,37 @@ async def post_file(client: aiohttp.ClientSession, url: str, payload: bytes, hea
     return outcome, finished - started, finished
 
 
-async def closed_loop(url: str, payload: bytes, concurrency: int, seconds: float) -> LevelResult:
-    """`concurrency` clients, each posting again as soon as it has its answer, for `seconds`."""
+async def closed_loop(
+    url: str, payload: bytes, concurrency: int, seconds: float, ramp_s: float = RAMP_S
+) -> LevelResult:
+    """`concurrency` clients, each posting again as soon as it has its answer, for `seconds`.
+
+    The clients connect one after another over `ramp_s` and the measured window
+    starts once all are connected. Connections opened in one burst can all land
+    on one worker of a multi-worker server (each asyncio worker accepts up to its
+    whole backlog in one go), which is not how traffic arrives and made the
+    two-worker figures swing between runs.
+    """
     outcomes: list[Outcome] = []
     async with session(concurrency, 60) as client:
-        await post_file(client, url, payload)  # connection and server warm-up, not counted
-        cpu_started, started = time.process_time(), time.perf_counter()
-        deadline = started + seconds
+        connected = asyncio.Barrier(concurrency + 1)
+        go = asyncio.Event()
+        deadline = 0.0
 
-        async def one_client() -> None:
+        async def one_client(index: int) -> None:
+            await asyncio.sleep(ramp_s * index / concurrency)
+            await post_file(client, url, payload)  # connects and warms up; not counted
+            await connected.wait()
+            await go.wait()
             while time.perf_counter() < deadline:
                 outcomes.append(await post_file(client, url, payload))
 
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        clients = [asyncio.create_task(one_client(i)) for i in range(concurrency)]
+        await connected.wait()
+        cpu_started, started = time.process_time(), time.perf_counter()
+        deadline = started + seconds
+        go.set()
+        await asyncio.gather(*clients)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     latencies_ms = np.array([latency for _, latency, _ in outcomes]) * 1000
     p50, p95, p99 = np.percentile(latencies_ms, [50, 95, 99]) if len(outcomes) else (np.nan,) * 3

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.tf_environment import prefer_onednn
+
 if TYPE_CHECKING:
     import keras
 
@@ -83,6 +85,8 @@ def sample_jpeg(size: int = 768, class_name: str = "lung_aca", seed: int = 1) ->
 
 
 def measure(model_tag: str | None = None, seconds: float = 2.0) -> InProcessResult:
+    """The limit, with the service's TensorFlow settings (call before TensorFlow is imported)."""
+    prefer_onednn()
     from models.inference import Predictor
     from models.preprocessing import decode_image
 

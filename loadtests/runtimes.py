@@ -35,6 +35,7 @@ import numpy as np
 
 from loadtests.inprocess import rate, sample_jpeg, served_model
 from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
+from models.tf_environment import prefer_onednn
 from training.synthetic import LUNG_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def agreement_tiles(input_size: int) -> np.ndarray:
 def measure_runtimes(
     model_tag: str | None, threads: int, seconds: float, runtimes: tuple[str, ...] = RUNTIMES
 ) -> list[RuntimeResult]:
-    """Convert, check and time each runtime in this process (TensorFlow threads set first)."""
+    """Convert, check and time each runtime in this process (TensorFlow set up as the service does it)."""
+    prefer_onednn()
     from models.inference import configure_threads, probability_function
 
     configure_threads(threads, 1)

@@ -148,3 +148,29 @@ def test_store_refuses_bad_or_mismatched_cards(cnn):
         load_model(tag)
     with pytest.raises(ModelLoadError, match="not in the BentoML model store"):
         load_model("no_such_model:latest")
+
+
+def _prefer_onednn_in_a_fresh_process(preset: str | None, import_tensorflow_first: bool) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        ("import tensorflow\n" if import_tensorflow_first else "")
+        + "import logging, os\nlogging.basicConfig(level=logging.WARNING)\n"
+        + "from models.tf_environment import prefer_onednn\n"
+        + "print(prefer_onednn(), os.environ['TF_ENABLE_ONEDNN_OPTS'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if preset is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = preset
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    return [done.stdout.strip(), done.stderr]
+
+
+def test_onednn_kernels_are_asked_for_unless_the_environment_already_chose():
+    assert _prefer_onednn_in_a_fresh_process(None, False) == ["True 1", ""]
+    assert _prefer_onednn_in_a_fresh_process("0", False)[0] == "False 0"  # the operator's choice stands
+    stdout, stderr = _prefer_onednn_in_a_fresh_process(None, True)
+    assert "too late" in stderr
