@@ -45,3 +45,23 @@ def test_slo_gate_fails_the_run_when_latency_is_over_the_limit(server, tmp_path)
     result = _locust(server.url, tmp_path, 3, SLO_P95_MS="0.001")
     assert result.returncode == 1
     assert "SLO MISSED" in result.stderr and "p95" in result.stderr
+
+
+def test_benchmark_client_measures_a_closed_loop_after_its_ramp(server):
+    # The client `make benchmark` uses: every client connects (ramp, not counted), then all post for the window.
+    import asyncio
+    import time
+
+    from loadtests.client import closed_loop
+    from tests.test_service import fresh_tile
+
+    started = time.perf_counter()
+    result = asyncio.run(closed_loop(f"{server.url}/predict", fresh_tile("lung_aca", 740), 4, 2.0, ramp_s=0.5))
+    took = time.perf_counter() - started
+    assert result.concurrency == 4 and result.errors == 0
+    assert result.requests >= 4  # each client posted at least once inside the window
+    assert result.requests_per_second == pytest.approx(result.requests / 2.0, rel=0.3)
+    assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms
+    assert 2.0 + 0.5 * 3 / 4 <= took < 10  # the last client starts after 3/4 of the ramp; the window is bounded
+    bad = asyncio.run(closed_loop(f"{server.url}/predict", b"not an image", 2, 0.5, ramp_s=0.1))
+    assert bad.requests > 0 and bad.errors == bad.requests  # 415s count as errors
