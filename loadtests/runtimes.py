@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from loadtests.inprocess import rate, sample_jpeg, served_model
 from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
 from models.tf_environment import prefer_onednn
 from training.synthetic import LUNG_CLASSES
+
+if TYPE_CHECKING:  # TensorFlow loads only after prefer_onednn()
+    from tensorflow.types.experimental import PolymorphicFunction
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ class RuntimeResult:
         return self.argmax_agrees and self.max_abs_difference <= MAX_ABS_DIFFERENCE
 
 
-def _litert_runner(probabilities, threads: int) -> tuple[Runner, int]:
+def _litert_runner(probabilities: PolymorphicFunction, threads: int) -> tuple[Runner, int]:
+    """LiteRT flatbuffer run by the XNNPACK delegate; the runner and the flatbuffer's size."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
@@ -97,7 +102,8 @@ def _litert_runner(probabilities, threads: int) -> tuple[Runner, int]:
     return run, len(content)
 
 
-def _onnxruntime_runner(probabilities, threads: int) -> tuple[Runner, int]:
+def _onnxruntime_runner(probabilities: PolymorphicFunction, threads: int) -> tuple[Runner, int]:
+    """ONNX graph (tf2onnx) in an ONNX Runtime CPU session; the runner and the graph's size."""
     import onnxruntime
     import tf2onnx
 
@@ -113,7 +119,8 @@ def _onnxruntime_runner(probabilities, threads: int) -> tuple[Runner, int]:
     return (lambda images: session.run(None, {input_name: images})[0]), len(content)
 
 
-def _openvino_runner(probabilities, threads: int) -> tuple[Runner, int]:
+def _openvino_runner(probabilities: PolymorphicFunction, threads: int) -> tuple[Runner, int]:
+    """OpenVINO IR compiled for the CPU in fp32; the runner and the IR's size on disk."""
     import openvino
 
     converted = openvino.convert_model(probabilities)
@@ -135,7 +142,7 @@ def _openvino_runner(probabilities, threads: int) -> tuple[Runner, int]:
     return (lambda images: request.infer({0: images})[0]), artifact_bytes
 
 
-CONVERTERS: dict[str, Callable[..., tuple[Runner, int]]] = {
+CONVERTERS: dict[str, Callable[[PolymorphicFunction, int], tuple[Runner, int]]] = {
     "litert": _litert_runner,
     "onnxruntime": _onnxruntime_runner,
     "openvino": _openvino_runner,
