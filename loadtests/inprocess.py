@@ -44,6 +44,7 @@ class InProcessResult:
 
 @dataclass(frozen=True)
 class ServedModel:
+    tag: str | None  # name:version in the store; None for random weights
     model: keras.Model
     input_size: int
     architecture: str
@@ -60,9 +61,9 @@ def served_model(model_tag: str | None = None) -> ServedModel:
         stored = load_model(model_tag) if model_tag else load_model()
     except ModelLoadError as exc:
         logger.info("%s; measuring the default architecture with random weights", exc)
-        return ServedModel(build_model("cnn", 3, 128), 128, "cnn", 1.0)
+        return ServedModel(None, build_model("cnn", 3, 128), 128, "cnn", 1.0)
     card = stored.card
-    return ServedModel(stored.model, card.input_size, card.architecture, card.calibration_temperature)
+    return ServedModel(stored.tag, stored.model, card.input_size, card.architecture, card.calibration_temperature)
 
 
 def rate(run: Callable[[], None], items: int, seconds: float) -> float:

@@ -295,13 +295,12 @@ def markdown(results: list[RuntimeResult], decode_ms: float, decision: Decision,
 
 def run(model_tag: str | None, seconds: float) -> list[str]:
     from models.preprocessing import decode_image
-    from models.store import resolve_tag
 
-    model = resolve_tag(model_tag) if model_tag else "(random weights)"
     results = [row for threads in THREAD_COUNTS for row in _measure_in_child(model_tag, threads, seconds)]
-    served_size = served_model(model_tag).input_size
+    served = served_model(model_tag)  # after the children: TensorFlow's threads are fixed once it loads
+    model = served.tag or "(random weights)"
     jpeg = sample_jpeg()
-    decode_ms = 1000 / rate(lambda: decode_image(jpeg, served_size), 1, seconds)
+    decode_ms = 1000 / rate(lambda: decode_image(jpeg, served.input_size), 1, seconds)
     decision = decide(results, decode_ms)
     when = datetime.now(UTC).isoformat(timespec="seconds")
     lines = markdown(results, decode_ms, decision, when, model)

@@ -97,7 +97,7 @@ def fit_within(image: np.ndarray, max_side: int = MAX_OVERLAY_SIDE) -> np.ndarra
 
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # fast: 768 px in ~20 ms, not ~400
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # 768 px in ~90 ms, ~300 at the default level
     return buffer.getvalue()
 
 

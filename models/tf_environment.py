@@ -3,7 +3,7 @@
 TensorFlow turns its oneDNN CPU kernels on by default only on CPUs with
 AVX-512 VNNI/BF16 or AMX. On AVX2-only CPUs, such as this project's 2-core
 AMD EPYC, turning them on made the default CNN about 35% faster at batch
-8-32 on one thread (190 -> 255 images/s), and the service served ~16% less
+8-32 on one thread (190 -> 255 images/s), and the service used ~16% less
 CPU per request. Results agree with the default kernels to float rounding.
 """
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import keras
@@ -151,10 +154,6 @@ def test_store_refuses_bad_or_mismatched_cards(cnn):
 
 
 def _prefer_onednn_in_a_fresh_process(preset: str | None, import_tensorflow_first: bool) -> list[str]:
-    import os
-    import subprocess
-    import sys
-
     script = (
         ("import tensorflow\n" if import_tensorflow_first else "")
         + "import logging, os\nlogging.basicConfig(level=logging.WARNING)\n"
@@ -172,5 +171,5 @@ def _prefer_onednn_in_a_fresh_process(preset: str | None, import_tensorflow_firs
 def test_onednn_kernels_are_asked_for_unless_the_environment_already_chose():
     assert _prefer_onednn_in_a_fresh_process(None, False) == ["True 1", ""]
     assert _prefer_onednn_in_a_fresh_process("0", False)[0] == "False 0"  # the operator's choice stands
-    stdout, stderr = _prefer_onednn_in_a_fresh_process(None, True)
+    _, stderr = _prefer_onednn_in_a_fresh_process(None, True)
     assert "too late" in stderr

@@ -2,8 +2,8 @@
 
 Every architecture is trained with the same settings on the same split (its
 own default input size), calibrated and evaluated the way `training.train`
-does, and timed in-process (traced function, decoded uint8 tiles, best of a
-few batch sizes). Nothing is saved to the model store.
+does, and timed in-process (traced function on random uint8 tiles, best of
+a few batch sizes). Nothing is saved to the model store.
 
     python -m training.compare --data data/synthetic/lung_image_sets --arch cnn efficientnetb0
 """
