@@ -59,8 +59,8 @@ $(SYNTHETIC_DIR)/.complete: | setup
 	touch $@
 
 model: setup ## the default model in the BentoML store, trained if the store has none
-	@if tag=$$($(PY) -m models.store $(MODEL_NAME):latest 2>/dev/null); then \
-		echo "model $(MODEL_NAME) already in the store: $$tag"; \
+	@if tag=$$($(PY) -m models.store --check $(MODEL_NAME):latest 2>/dev/null); then \
+		echo "model $(MODEL_NAME) already in the store and servable: $$tag"; \
 	else \
 		$(MAKE) --no-print-directory data && $(MAKE) --no-print-directory train; \
 	fi

@@ -2,8 +2,12 @@
 
 Each request is decoded and validated by `models.preprocessing.decode_image`
 in a worker thread first, so a bad upload is answered with its 4xx and never
-joins a batch. Valid images are queued to an in-process micro-batcher that
-runs the traced model (`models.inference.Predictor`) on stacked uint8 arrays.
+joins a batch; the same thread measures the tile for the quality gate
+(`models.quality`). Valid images are queued to an in-process micro-batcher that
+runs the traced model (`models.inference.Predictor`) on stacked uint8 arrays;
+the same pass yields the features of the out-of-distribution score
+(`models.ood`). A tile that fails the gate or scores out of distribution is
+answered with `uncertain: true` and the reasons, never as a plain class.
 
 Run it with `make serve`, or `bentoml serve` from this folder.
 """
@@ -14,6 +18,7 @@ import logging
 import time
 from http import HTTPStatus
 from pathlib import Path
+from typing import NamedTuple
 
 import bentoml
 import numpy as np
@@ -25,6 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from models.preprocessing import ImageDecodeError, decode_image
+from models.quality import QualityReport, assess
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
 from serving.batcher import BatchTimeoutError, MicroBatcher
@@ -33,7 +39,7 @@ from serving.guard import GuardPolicy, RequestGuard
 from serving.logs import configure_logging
 from serving.metrics import ServiceMetrics, service_metrics
 from serving.model_check import check_model_can_serve
-from serving.predictions import ExplainedPrediction, Prediction, to_prediction
+from serving.predictions import ExplainedPrediction, Prediction, TrustEvidence, to_prediction
 from serving.problems import decode_problem, problem
 from serving.request_log import RequestLog, note
 from serving.settings import load_settings
@@ -48,6 +54,16 @@ UPLOAD_ROUTES = {"/predict": 1, "/predict_batch": SETTINGS.max_files_per_request
 EXPLAIN_FIELDS = frozenset({"target_class", "include_map"})
 KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/ui/", "/docs.json", "/"}
 UI_FOLDER = Path(__file__).resolve().parent / "ui"
+
+
+class DecodedTile(NamedTuple):
+    image: np.ndarray  # the model input, (S, S, 3) uint8
+    quality: QualityReport | None  # None when the gate is off
+
+
+class ModelRow(NamedTuple):
+    probabilities: np.ndarray
+    ood_score: float  # NaN when the gate is off
 
 
 async def _model_card(request: Request) -> Response:
@@ -124,21 +140,31 @@ class Histopathology:
         self.abstain_threshold = (
             SETTINGS.abstain_threshold if SETTINGS.abstain_threshold is not None else card.abstain_threshold
         )
-        self.predictor: Predictor = Predictor(self.stored.model, card.input_size, card.calibration_temperature)
+        ood = card.out_of_distribution
+        self.ood_threshold = SETTINGS.ood_threshold if SETTINGS.ood_threshold is not None else ood.threshold
+        # The gate off taps no feature layer: the graph is then exactly the plain classifier (benchmarks).
+        feature_layers = ood.feature_layers if SETTINGS.ood_gate else ()
+        self.predictor: Predictor = Predictor(
+            self.stored.model, card.input_size, card.calibration_temperature, feature_layers
+        )
         self.grad_cam: GradCam = GradCam(self.stored.model, card.architecture, card.input_size)
         # One explanation at a time: a gradient pass costs several predictions, and /predict comes first.
         self._explaining = asyncio.Semaphore(1)
         self.metrics: ServiceMetrics = service_metrics()
         name, _, version = self.stored.tag.partition(":")
         self.metrics.model_info.labels(name=name, version=version, architecture=card.architecture).set(1)
-        self.batcher = MicroBatcher(
+        self.batcher: MicroBatcher[ModelRow] = MicroBatcher(
             self._run_model,
             max_batch_size=SETTINGS.max_batch_size,
             max_wait_s=SETTINGS.max_latency_ms / 1000,
             observe_batch_size=self.metrics.batch_size.observe,
         )
         self._warm = asyncio.Event()
-        logger.info("loaded %s (%s, %d classes)", self.stored.tag, card.architecture, len(card.class_names))
+        logger.info(
+            "loaded %s (%s, %d classes); quality gate and out-of-distribution score %s (threshold %.3f)",
+            self.stored.tag, card.architecture, len(card.class_names), "on" if SETTINGS.ood_gate else "OFF",
+            self.ood_threshold,
+        )
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
@@ -161,37 +187,45 @@ class Histopathology:
     def __is_ready__(self) -> bool:
         return self._warm.is_set()
 
-    def _run_model(self, images: np.ndarray) -> np.ndarray:
+    def _run_model(self, images: np.ndarray) -> list[ModelRow]:
         started = time.perf_counter()
-        probabilities = self.predictor(images)
+        outputs = self.predictor.outputs(images)
+        scores = self.stored.ood_scorer(outputs.features) if SETTINGS.ood_gate else np.full(len(images), np.nan)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        return probabilities
+        return [ModelRow(p, float(s)) for p, s in zip(outputs.probabilities, scores, strict=True)]
 
-    def _timed_decode(self, path: Path) -> np.ndarray:
+    def _timed_decode(self, path: Path) -> DecodedTile:
         started = time.perf_counter()
         try:
-            return decode_image(path, self.input_size, SETTINGS.max_pixels)
+            image = decode_image(path, self.input_size, SETTINGS.max_pixels)
+            quality = assess(image, self.stored.card.quality_gate) if SETTINGS.ood_gate else None
+            return DecodedTile(image, quality)
         finally:  # refused uploads cost decode time too
             self.metrics.decode_seconds.observe(time.perf_counter() - started)
 
-    async def _decode(self, path: Path) -> np.ndarray:
+    async def _decode(self, path: Path) -> DecodedTile:
         return await asyncio.to_thread(self._timed_decode, path)
 
-    def _prediction(self, probabilities: np.ndarray) -> Prediction:
-        prediction = to_prediction(probabilities, self.stored.card.class_names, self.abstain_threshold, self.stored.tag)
+    def _prediction(self, row: ModelRow, quality: QualityReport | None) -> Prediction:
+        evidence = None if quality is None else TrustEvidence(quality, row.ood_score, self.ood_threshold)
+        prediction = to_prediction(
+            row.probabilities, self.stored.card.class_names, self.abstain_threshold, self.stored.tag, evidence
+        )
         self.metrics.predictions.labels(predicted_class=prediction.predicted_class).inc()
         if prediction.uncertain:
             self.metrics.uncertain.inc()
+        for reason in prediction.reasons:
+            self.metrics.flagged.labels(reason=reason).inc()
         return prediction
 
     async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction] | JSONResponse:
         """Decode one upload and classify it through the batcher; a problem response if either fails."""
         try:
-            image = await self._decode(file)
+            tile = await self._decode(file)
         except ImageDecodeError as exc:
             return decode_problem(exc)
         try:
-            return image, self._prediction(await self.batcher.submit(image))
+            return tile.image, self._prediction(await self.batcher.submit(tile.image), tile.quality)
         except BatchTimeoutError as exc:
             return _too_slow(exc)
 
@@ -203,7 +237,7 @@ class Histopathology:
         if isinstance(classified, JSONResponse):
             return classified
         _, prediction = classified
-        note(predicted_class=prediction.predicted_class, uncertain=prediction.uncertain)
+        note(predicted_class=prediction.predicted_class, uncertain=prediction.uncertain, **_reasons(prediction))
         return prediction
 
     @bentoml.api(route="/predict_batch")
@@ -217,12 +251,12 @@ class Histopathology:
                 return decode_problem(result, part=f"file[{index}]")
             if isinstance(result, BaseException):
                 raise result
-        images: list[np.ndarray] = decoded  # all arrays now
+        tiles: list[DecodedTile] = decoded  # all decoded now
         try:
-            rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
+            rows = await asyncio.gather(*(self.batcher.submit(tile.image) for tile in tiles))
         except BatchTimeoutError as exc:
             return _too_slow(exc)
-        predictions = [self._prediction(row) for row in rows]
+        predictions = [self._prediction(row, tile.quality) for row, tile in zip(rows, tiles, strict=True)]
         note(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 
@@ -252,13 +286,18 @@ class Histopathology:
             explanation = await asyncio.to_thread(
                 explain, self.grad_cam, image, full_image, class_names.index(explained)
             )
-        note(predicted_class=prediction.predicted_class, explained_class=explained)
+        note(predicted_class=prediction.predicted_class, explained_class=explained, **_reasons(prediction))
         return ExplainedPrediction(
             **prediction.model_dump(),
             explained_class=explained,
             overlay_png=base64.b64encode(explanation.overlay_png).decode("ascii"),
             heat_map=explanation.heat_map.round(4).tolist() if include_map else None,
         )
+
+
+def _reasons(prediction: Prediction) -> dict[str, str]:
+    """The log line's `reasons` field, when the answer was flagged."""
+    return {"reasons": ",".join(prediction.reasons)} if prediction.reasons else {}
 
 
 def _too_slow(error: BatchTimeoutError) -> JSONResponse:

@@ -26,6 +26,13 @@ ARCHITECTURES = ("cnn", "efficientnetb0")
 # The last convolutional activation of each architecture, which Grad-CAM explains
 # (for efficientnetb0 it lives inside the nested Keras backbone).
 GRADCAM_LAYERS = {"cnn": "block4_relu", "efficientnetb0": "top_activation"}
+# Feature maps the out-of-distribution score reads, shallow to deep (models.ood): a feature
+# ensemble as in Lee et al. (2018). The deepest layer alone learns only what separates the
+# training classes; shallower ones still see texture and colour a new kind of input changes.
+OOD_FEATURE_LAYERS = {
+    "cnn": ("block1_relu", "block2_relu", "block3_relu", "block4_relu"),
+    "efficientnetb0": ("block2b_add", "block4c_add", "block6d_add", "top_activation"),
+}
 # Small datasets give few steps per epoch; the Keras default (0.99) leaves the
 # inference statistics far behind the trained weights for many epochs.
 BN_MOMENTUM = 0.9
@@ -93,6 +100,23 @@ def build_efficientnetb0(
                 layer.momentum = BN_MOMENTUM
     features = backbone(x, training=False) if pretrained else backbone(x)
     return keras.Model(inputs, _classifier_head(features, num_classes, dropout), name="efficientnetb0_transfer")
+
+
+def tap_layers(model: keras.Model, layer_names: tuple[str, ...]) -> keras.Model:
+    """The same network from the image to (each named layer's output..., logits).
+
+    Layers of a nested backbone (transfer models) are reached by rebuilding
+    image -> resize -> backbone -> head around the backbone.
+    """
+    logits_layer = model.get_layer(LOGITS_LAYER)
+    top_level = {layer.name for layer in model.layers}
+    if all(name in top_level for name in layer_names):  # a flat model: every tensor lives in one graph
+        return keras.Model(model.inputs, [*(model.get_layer(n).output for n in layer_names), logits_layer.output])
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    inner = keras.Model(backbone.inputs, [*(backbone.get_layer(n).output for n in layer_names), backbone.output])
+    image = keras.Input(shape=(None, None, 3))
+    *tapped, pooled = inner(model.get_layer("resize")(image))
+    return keras.Model(image, [*tapped, logits_layer(pooled)])
 
 
 def build_model(arch: str, num_classes: int, input_size: int, weights: str | None = None) -> keras.Model:

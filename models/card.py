@@ -11,7 +11,11 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-CARD_SCHEMA_VERSION = 1
+from models.ood import OutOfDistribution
+from models.quality import QualityGate
+
+# 2: the quality gate and the out-of-distribution detector became part of every card.
+CARD_SCHEMA_VERSION = 2
 CARD_FILE = "card.json"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -144,16 +148,30 @@ class ModelCard(_Strict):
     abstain_threshold: Probability = 0.5  # confidence below this is flagged `uncertain`
     calibration: Calibration | None = None
     abstention: Abstention | None = None
+    quality_gate: QualityGate  # tissue/stain/focus limits, fitted on the training split
+    out_of_distribution: OutOfDistribution  # feature-space score and its threshold
     framework_versions: dict[str, str]
     created_at: datetime
     intended_use: str = "Research use only. Not for diagnosis."
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_schema(cls, data: object) -> object:
+        # Before field validation: an old card should say "retrain", not list missing fields.
+        version = data.get("schema_version", CARD_SCHEMA_VERSION) if isinstance(data, dict) else CARD_SCHEMA_VERSION
+        if version != CARD_SCHEMA_VERSION:
+            raise ValueError(
+                f"unsupported card schema_version {version} (this service reads {CARD_SCHEMA_VERSION}; "
+                "a model from before the out-of-distribution gate must be retrained: `make model`)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names must be unique")
-        if self.schema_version != CARD_SCHEMA_VERSION:
-            raise ValueError(f"unsupported card schema_version {self.schema_version}")
+        if self.quality_gate.input_size != self.input_size:
+            raise ValueError("quality_gate.input_size differs from input_size")
         names = set(self.class_names)
         if set(self.metrics.per_class) != names:
             raise ValueError("metrics.per_class must cover exactly class_names")

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from models.architectures import GRADCAM_LAYERS, LOGITS_LAYER
+from models.architectures import GRADCAM_LAYERS, tap_layers
 
 OVERLAY_ALPHA = 0.45  # share of the colour map where the heat is full
 MAX_OVERLAY_SIDE = 2048  # px: larger uploads get an overlay scaled down to this long side
@@ -29,16 +29,7 @@ def _feature_and_logits_model(model: keras.Model, architecture: str) -> keras.Mo
     layer_name = GRADCAM_LAYERS.get(architecture)
     if layer_name is None:
         raise ValueError(f"no Grad-CAM layer known for architecture {architecture!r}")
-    logits_layer = model.get_layer(LOGITS_LAYER)
-    layer_names = {layer.name for layer in model.layers}
-    if layer_name in layer_names:  # a flat model: both tensors live in one graph
-        return keras.Model(model.inputs, [model.get_layer(layer_name).output, logits_layer.output])
-    # A nested backbone (transfer models): rebuild input -> resize -> backbone -> head around it.
-    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-    inner = keras.Model(backbone.inputs, [backbone.get_layer(layer_name).output, backbone.output])
-    image = keras.Input(shape=(None, None, 3))
-    features, pooled = inner(model.get_layer("resize")(image))
-    return keras.Model(image, [features, logits_layer(pooled)])
+    return tap_layers(model, (layer_name,))
 
 
 class GradCam:

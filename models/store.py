@@ -1,7 +1,8 @@
 """Save models into, and load them from, the BentoML model store.
 
 A store entry holds ``model.keras``, ``card.json`` (the validated
-:class:`~models.card.ModelCard`) and the evaluation report files
+:class:`~models.card.ModelCard`), the out-of-distribution scorer's parameters
+(``ood.npz``, named and hashed in the card) and the evaluation report files
 (:data:`REPORT_FILES`). The card is
 also the entry's BentoML metadata, so ``bentoml models get`` shows it (less its
 empty fields: BentoML metadata cannot hold None), and the class names travel
@@ -21,6 +22,7 @@ import bentoml
 from pydantic import ValidationError
 
 from models.card import CARD_FILE, ModelCard
+from models.ood import FeatureScorer
 
 if TYPE_CHECKING:  # keras (and TensorFlow) load only when a model does: `python -m models.store` stays fast
     import keras
@@ -53,6 +55,7 @@ class StoredModel:
     model: keras.Model
     card: ModelCard
     path: Path
+    ood_scorer: FeatureScorer
 
 
 def check_card_matches_model(card: ModelCard, model: keras.Model) -> None:
@@ -123,7 +126,22 @@ def load_model_from(folder: Path, tag: str) -> StoredModel:
     except Exception as exc:  # Keras raises many types for damaged archives
         raise ModelLoadError(f"cannot load {model_path.name}: {exc}") from exc
     check_card_matches_model(card, model)
-    return StoredModel(tag=tag, model=model, card=card, path=folder)
+    return StoredModel(tag=tag, model=model, card=card, path=folder, ood_scorer=load_ood_scorer(folder, card))
+
+
+def load_ood_scorer(folder: Path, card: ModelCard) -> FeatureScorer:
+    """The out-of-distribution scorer stored beside the model, checked against the card's hash and sizes."""
+    ood = card.out_of_distribution
+    path = folder / ood.parameters_file
+    if not path.is_file():
+        raise ModelLoadError(f"{ood.parameters_file} (the out-of-distribution scorer) is missing from {folder}")
+    try:
+        scorer = FeatureScorer.load(path, ood.parameters_sha256)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"cannot load {ood.parameters_file}: {exc}") from exc
+    if scorer.sizes != ood.feature_dims:
+        raise ModelLoadError(f"{ood.parameters_file} has layer sizes {scorer.sizes}, the card {ood.feature_dims}")
+    return scorer
 
 
 def store_entry(tag: str) -> bentoml.Model:

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-BatchFunction = Callable[[np.ndarray], np.ndarray]
+Row = TypeVar("Row")
+BatchFunction = Callable[[np.ndarray], Sequence[Row]]  # stacked images -> one result per image, in order
 BatchObserver = Callable[[int], None]
 
 
@@ -32,12 +34,12 @@ class BatchTimeoutError(TimeoutError):
     """A request waited longer than the batcher's `max_wait_s`."""
 
 
-class MicroBatcher:
-    """Queue single images; run `function` on stacked batches; return rows."""
+class MicroBatcher(Generic[Row]):
+    """Queue single images; run `function` on stacked batches; return each image's row."""
 
     def __init__(
         self,
-        function: BatchFunction,
+        function: BatchFunction[Row],
         max_batch_size: int,
         max_wait_s: float | None = None,
         observe_batch_size: BatchObserver | None = None,
@@ -46,11 +48,11 @@ class MicroBatcher:
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._observe = observe_batch_size or (lambda size: None)
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Row]]] | None = None
         self._consumer: asyncio.Task[None] | None = None
 
-    async def submit(self, image: np.ndarray) -> np.ndarray:
-        """Model output row for one image, computed within a batch.
+    async def submit(self, image: np.ndarray) -> Row:
+        """The function's result for one image, computed within a batch.
 
         Raises:
             BatchTimeoutError: no result within `max_wait_s` (queue wait included).
@@ -58,7 +60,7 @@ class MicroBatcher:
         if self._queue is None:  # created lazily on the serving event loop
             self._queue = asyncio.Queue()
             self._consumer = asyncio.create_task(self._consume())
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
         await self._queue.put((image, future))
         try:
             # A timed-out future is cancelled, so the consumer skips it.

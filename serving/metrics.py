@@ -32,6 +32,7 @@ REJECTION_REASONS: dict[int, str] = {
 METRIC_NAMES = (
     "histopathology_predictions_total",
     "histopathology_uncertain_total",
+    "histopathology_flagged_total",
     "histopathology_rejected_total",
     "histopathology_decode_seconds",
     "histopathology_inference_seconds",
@@ -44,6 +45,7 @@ METRIC_NAMES = (
 class ServiceMetrics:
     predictions: Any  # Counter{predicted_class}
     uncertain: Any  # Counter
+    flagged: Any  # Counter{reason}: why answers were uncertain (serving.predictions reasons)
     rejected: Any  # Counter{reason}
     decode_seconds: Any  # Histogram
     inference_seconds: Any  # Histogram, per model call
@@ -66,7 +68,13 @@ def service_metrics() -> ServiceMetrics:
             "histopathology_predictions", "Images classified, by predicted class.", ["predicted_class"]
         ),
         uncertain=prom.Counter(
-            "histopathology_uncertain", "Images whose confidence was below the abstain threshold."
+            "histopathology_uncertain", "Images answered as uncertain (any reason: see histopathology_flagged)."
+        ),
+        flagged=prom.Counter(
+            "histopathology_flagged",
+            "Answers flagged uncertain, by reason (low_confidence, out_of_distribution, and each failed quality "
+            "check: background, stain, saturation, blur, noise); one answer may count under several.",
+            ["reason"],
         ),
         rejected=prom.Counter(
             "histopathology_rejected", "Uploads refused, by reason (format, corrupt, too_large, ...).", ["reason"]

@@ -15,6 +15,7 @@ from models.preprocessing import DEFAULT_MAX_PIXELS
 from models.store import DEFAULT_MODEL_NAME
 
 LOG_FORMATS = ("text", "json")
+SWITCH = ("on", "off")
 MODEL_TAG_ARGUMENT = "model_tag"  # `bentoml build --arg model_tag=NAME:VERSION` pins a Bento's model
 
 
@@ -48,6 +49,19 @@ def _probability_or_none(env: Mapping[str, str], name: str) -> float | None:
     return value
 
 
+def _positive_or_none(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "")
+    if raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value > 0.0:
+        raise SettingsError(f"{name}={value} must be positive")
+    return value
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     value = env.get(name, "") or choices[0]
     if value not in choices:
@@ -61,6 +75,8 @@ class Settings:
     max_body_bytes: int
     max_pixels: int
     abstain_threshold: float | None  # overrides the model card's when set
+    ood_gate: bool  # quality gate + out-of-distribution score on every tile (off: for benchmarks only)
+    ood_threshold: float | None  # overrides the model card's out-of-distribution threshold when set
     max_batch_size: int
     max_latency_ms: int
     workers: int
@@ -88,6 +104,8 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         max_body_bytes=_int(env, "HISTO_MAX_BODY_BYTES", 20 * 1024 * 1024, minimum=1024),
         max_pixels=_int(env, "HISTO_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
         abstain_threshold=_probability_or_none(env, "HISTO_ABSTAIN_THRESHOLD"),
+        ood_gate=_choice(env, "HISTO_OOD_GATE", SWITCH) == "on",
+        ood_threshold=_positive_or_none(env, "HISTO_OOD_THRESHOLD"),
         max_batch_size=_int(env, "HISTO_MAX_BATCH_SIZE", 32, minimum=1),
         max_latency_ms=_int(env, "HISTO_MAX_LATENCY_MS", 10_000, minimum=1),
         # Two single-threaded workers beat one worker with two threads on 2 cores (BENCHMARKS.md):

@@ -7,13 +7,19 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server
+
+if TYPE_CHECKING:  # TensorFlow loads only in tests that use the model
+    from models.inference import Predictor
+    from models.store import StoredModel
 
 TINY_TILE = 256  # px: small tiles keep generation and decoding fast in tests
 TINY_MODEL_NAME = "tiny_lung"
@@ -57,6 +63,42 @@ def tiny_model_tag(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactor
         verbose=0,
     )
     return train(settings)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The served model in this process: what the server must answer for given bytes."""
+
+    stored: StoredModel
+    predictor: Predictor
+
+    def expect(self, data: bytes) -> dict[str, object]:
+        """probabilities, ood_score and quality the service should report for an upload."""
+        from models.preprocessing import decode_image
+        from models.quality import assess
+
+        card = self.stored.card
+        image = decode_image(data, card.input_size)
+        outputs = self.predictor.outputs(image[None])
+        return {
+            "probabilities": outputs.probabilities[0],
+            "ood_score": float(self.stored.ood_scorer(outputs.features)[0]),
+            "quality": assess(image, card.quality_gate),
+        }
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_tag: str) -> Reference:
+    """The tiny model loaded in-process, with the served graph (features included)."""
+    from models.inference import Predictor
+    from models.store import load_model
+
+    stored = load_model(tiny_model_tag)
+    card = stored.card
+    predictor = Predictor(
+        stored.model, card.input_size, card.calibration_temperature, card.out_of_distribution.feature_layers
+    )
+    return Reference(stored, predictor)
 
 
 @pytest.fixture(scope="session")

@@ -6,29 +6,60 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from models.architectures import LOGITS_LAYER, apply_phase, build_model, fine_tune_schedule
+from models.architectures import LOGITS_LAYER, OOD_FEATURE_LAYERS, apply_phase, build_model, fine_tune_schedule
 from models.card import CARD_FILE, ModelCard
 from models.explain import GradCam
 from models.inference import Predictor
+from models.ood import OOD_FILE, OutOfDistribution
+from models.quality import QualityGate
 from models.store import ModelLoadError, load_model, save_model
 from training.evaluate import compute_metrics
+from training.synthetic import render_tile
+from training.trust import fit_ood, fit_quality_gate
 
 CLASSES = ["lung_aca", "lung_n", "lung_scc"]
 SIZE = 48
+
+
+@cache
+def trust_parts() -> tuple[QualityGate, OutOfDistribution, Path]:
+    """A quality gate and OOD scorer fitted (for real) on synthetic tiles and a fixed random CNN."""
+    keras.utils.set_random_seed(0)
+    model = build_model("cnn", len(CLASSES), SIZE)
+    images = np.stack([np.asarray(render_tile(CLASSES[i % 3], 96, i).resize((SIZE, SIZE))) for i in range(24)])
+    labels = np.arange(24) % 3
+    predictor = Predictor(model, SIZE, 1.0, OOD_FEATURE_LAYERS["cnn"])
+    features = predictor.outputs(images).features
+    sizes = {name: model.get_layer(name).output.shape[-1] for name in OOD_FEATURE_LAYERS["cnn"]}
+    folder = Path(tempfile.mkdtemp(prefix="trust-"))
+    gate = fit_quality_gate(images[:12], images[12:])
+    _, ood = fit_ood((features[:12], labels[:12]), features[12:], features[12:], sizes, 3, folder)
+    return gate, ood, folder / OOD_FILE
+
+
+def save_with_trust(model: keras.Model, card: ModelCard, name: str) -> str:
+    """save_model with the OOD parameters the card names."""
+    return save_model(model, card, name=name, extra_files={OOD_FILE: trust_parts()[2]})
 
 
 def make_card(classes: list[str] = CLASSES, **overrides: object) -> ModelCard:
     rng = np.random.default_rng(0)
     y = np.arange(12) % len(classes)
     probs = rng.dirichlet(np.ones(len(classes)), size=12)
+    gate, ood, _ = trust_parts()
     fields = dict(
+        quality_gate=gate,
+        out_of_distribution=ood,
         task="test",
         class_names=classes,
         input_size=SIZE,
@@ -120,10 +151,14 @@ def test_card_validation_rejects_inconsistent_cards():
         make_card(abstain_threshold=1.5)
     with pytest.raises(ValidationError):
         ModelCard.model_validate({**make_card().model_dump(), "surprise": 1})
+    # A card from before the gate existed asks for retraining, rather than listing missing fields.
+    old = {k: v for k, v in make_card().model_dump().items() if k not in ("quality_gate", "out_of_distribution")}
+    with pytest.raises(ValidationError, match="must be retrained"):
+        ModelCard.model_validate({**old, "schema_version": 1})
 
 
 def test_store_round_trip_gives_identical_predictions(cnn):
-    tag = save_model(cnn, make_card(), name="unit_roundtrip")
+    tag = save_with_trust(cnn, make_card(), name="unit_roundtrip")
     loaded = load_model(tag)
     assert loaded.tag == tag
     assert loaded.card == make_card().model_copy(update={"created_at": loaded.card.created_at})
@@ -139,8 +174,18 @@ def test_store_round_trip_gives_identical_predictions(cnn):
 def test_store_refuses_bad_or_mismatched_cards(cnn):
     with pytest.raises(ModelLoadError, match="outputs"):
         save_model(cnn, make_card(classes=["a", "b", "c", "d"]), name="unit_mismatch")
-    tag = save_model(cnn, make_card(), name="unit_tamper")
-    card_path = load_model(tag).path / CARD_FILE
+    tag = save_with_trust(cnn, make_card(), name="unit_tamper")
+    folder = load_model(tag).path
+    ood_path = folder / OOD_FILE
+    original = ood_path.read_bytes()
+    ood_path.write_bytes(original[:-8] + bytes(8))  # tampered parameters: the card's hash no longer matches
+    with pytest.raises(ModelLoadError, match="sha256"):
+        load_model(tag)
+    ood_path.unlink()
+    with pytest.raises(ModelLoadError, match="out-of-distribution scorer"):
+        load_model(tag)
+    ood_path.write_bytes(original)
+    card_path = folder / CARD_FILE
     card = json.loads(card_path.read_text())
     card["class_names"] = ["lung_aca", "lung_n"]
     card_path.write_text(json.dumps(card))

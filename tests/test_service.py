@@ -15,8 +15,6 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.servers import run_server_until_exit
-from models.inference import Predictor
-from models.preprocessing import decode_image
 from models.store import load_model
 from tests.conftest import TINY_TILE, encode
 from training.synthetic import LUNG_CLASSES, render_tile, tile_seed
@@ -57,9 +55,14 @@ def assert_problem(response: httpx.Response, status: int) -> dict:
     return body
 
 
-def test_curl_style_multipart_classifies_tiles_of_every_class(server, tiny_model_tag):
-    stored = load_model(tiny_model_tag)
-    predictor = Predictor(stored.model, stored.card.input_size, stored.card.calibration_temperature)
+PREDICTION_FIELDS = {
+    "predicted_class", "confidence", "probabilities", "uncertain", "reasons", "out_of_distribution", "ood_score",
+    "ood_threshold", "quality", "model",
+}
+
+
+def test_curl_style_multipart_classifies_tiles_of_every_class(server, tiny_model_tag, reference):
+    stored = reference.stored
     correct = {name: 0 for name in LUNG_CLASSES}
     for class_name in LUNG_CLASSES:
         for index in range(4):
@@ -67,16 +70,26 @@ def test_curl_style_multipart_classifies_tiles_of_every_class(server, tiny_model
             response = post_file(server.url, data)
             assert response.status_code == 200, response.text
             body = response.json()
-            assert set(body) == {"predicted_class", "confidence", "probabilities", "uncertain", "model"}
+            assert set(body) == PREDICTION_FIELDS
             assert body["model"] == tiny_model_tag
             assert list(body["probabilities"]) == stored.card.class_names
             assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
             assert body["confidence"] == max(body["probabilities"].values())
             assert body["predicted_class"] == max(body["probabilities"], key=body["probabilities"].get)
-            assert body["uncertain"] == (body["confidence"] < stored.card.abstain_threshold)
-            # The server's answer is exactly what the model gives in-process on the same decoded tile.
-            expected = predictor(decode_image(data, stored.card.input_size)[None])[0]
-            np.testing.assert_allclose(list(body["probabilities"].values()), expected, atol=1e-5)
+            # The server's answer is exactly what the model, the score and the gate give in-process.
+            expected = reference.expect(data)
+            np.testing.assert_allclose(list(body["probabilities"].values()), expected["probabilities"], atol=1e-5)
+            assert body["ood_score"] == pytest.approx(expected["ood_score"], abs=1e-3)
+            assert body["quality"] == expected["quality"].model_dump()
+            assert body["ood_threshold"] == pytest.approx(stored.card.out_of_distribution.threshold, abs=1e-4)
+            assert body["out_of_distribution"] == (expected["ood_score"] > stored.card.out_of_distribution.threshold)
+            expected_reasons = (
+                ["low_confidence"] * (body["confidence"] < stored.card.abstain_threshold)
+                + ["out_of_distribution"] * body["out_of_distribution"]
+                + expected["quality"].failed_checks
+            )
+            assert body["reasons"] == expected_reasons
+            assert body["uncertain"] == bool(expected_reasons)
             correct[class_name] += body["predicted_class"] == class_name
     assert correct == {name: 4 for name in LUNG_CLASSES}
 

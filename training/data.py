@@ -146,18 +146,26 @@ def split_dataset(
     test_fraction: float = 0.15,
     split_by: str = "group",
     max_distance: int = DEFAULT_MAX_DISTANCE,
+    exclude: tuple[str, ...] = (),
 ) -> SplitManifest:
     """Stratified train/validation/test split of a class-folder dataset.
 
     Near-duplicate groups are found within each class. With ``split_by="group"``
     whole groups are dealt to test, then validation, then train, in a seeded
     random order, until each split holds its share of the class's images.
+    Classes named in ``exclude`` are left out (a held-out-class experiment).
     """
     if not 0 < validation_fraction < 1 or not 0 < test_fraction < 1 or validation_fraction + test_fraction >= 1:
         raise ValueError("validation and test fractions must be in (0, 1) and sum below 1")
     if split_by not in SPLIT_BY:
         raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
     classes = discover_classes(root)
+    unknown = set(exclude) - set(classes)
+    if unknown:
+        raise ValueError(f"cannot leave out {sorted(unknown)}: the classes are {list(classes)}")
+    classes = {name: files for name, files in classes.items() if name not in exclude}
+    if len(classes) < 2:
+        raise ValueError("at least two classes must remain for training")
     rng = np.random.default_rng(seed)
     examples: list[Example] = []
     next_group = 0

@@ -24,16 +24,27 @@ import PIL
 import pydantic
 import tensorflow as tf
 
-from models.architectures import ARCHITECTURES, apply_phase, build_model, fine_tune_schedule
+from models.architectures import (
+    ARCHITECTURES,
+    OOD_FEATURE_LAYERS,
+    apply_phase,
+    build_model,
+    fine_tune_schedule,
+    tap_layers,
+)
 from models.card import Abstention, Calibration, DatasetInfo, ModelCard, TestMetrics, TrainingConfig
-from models.inference import logits_model
+from models.inference import Predictor, logits_model
+from models.ood import OOD_FILE, OutOfDistribution
+from models.quality import QualityGate
 from models.store import DEFAULT_MODEL_NAME, save_model
 from training import data
 from training.abstention import cancer_classes, choose_threshold, selective_metrics
 from training.bootstrap import bootstrap_intervals
 from training.calibration import calibrated_probabilities, fit_temperature, negative_log_likelihood
 from training.evaluate import compute_metrics, expected_calibration_error
+from training.ood_sets import OodSet, evaluate_set, near_ood_sets
 from training.report import TestPredictions, text_report, write_report
+from training.trust import DEFAULT_OOD_ACCEPTANCE, fit_ood, fit_quality_gate, flagged
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +74,8 @@ class TrainSettings:
     fnr_target: float = 0.05
     min_confidence: float = 0.5
     negative_classes: list[str] | None = None  # None: recognised by name (lung_n, notumor, ...)
+    ood_acceptance: float = DEFAULT_OOD_ACCEPTANCE
+    holdout_class: str | None = None  # left out of training; its images test the OOD detector
     bootstrap_resamples: int = 2000
     out: Path = Path("artifacts")
     verbose: int = field(default_factory=lambda: 1 if sys.stderr.isatty() else 2)
@@ -201,7 +214,12 @@ def prepare_split(settings: TrainSettings) -> data.SplitManifest:
     """The dataset's leakage-aware split for these settings."""
     root = data.resolve_dataset_root(settings.data)
     manifest = data.split_dataset(
-        root, settings.seed, settings.validation_fraction, settings.test_fraction, split_by=settings.split_by
+        root,
+        settings.seed,
+        settings.validation_fraction,
+        settings.test_fraction,
+        split_by=settings.split_by,
+        exclude=(settings.holdout_class,) if settings.holdout_class else (),
     )
     logger.info(
         "classes %s, split sizes %s, %d near-duplicate groups (largest %d), %d groups across splits",
@@ -215,9 +233,62 @@ def prepare_split(settings: TrainSettings) -> data.SplitManifest:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """The quality gate and the OOD detector fitted after training, with their evaluation."""
+
+    quality_gate: QualityGate
+    out_of_distribution: OutOfDistribution
+    parameters_path: Path  # the scorer's parameters, stored beside the model
+
+
+def fit_trust(
+    model: keras.Model,
+    images: dict[str, np.ndarray],
+    manifest: data.SplitManifest,
+    settings: TrainSettings,
+    temperature: float,
+    run_dir: Path,
+) -> Trust:
+    """Fit the gate and the OOD score on the training split; choose the threshold on validation;
+    measure both on test tiles and on generated near-OOD sets (plus the held-out class, if any)."""
+    layer_names = OOD_FEATURE_LAYERS[settings.arch]
+    predictor = Predictor(model, settings.size, temperature, layer_names)
+    features = {split: predictor.outputs_in_batches(images[split]).features for split in data.SPLITS}
+    tapped = tap_layers(model, layer_names).outputs[:-1]
+    gate = fit_quality_gate(images["train"], images["validation"], images["test"])
+    scorer, ood = fit_ood(
+        (features["train"], manifest.labels("train")),
+        features["validation"],
+        features["test"],
+        {name: int(tensor.shape[-1]) for name, tensor in zip(layer_names, tapped, strict=True)},
+        len(manifest.class_names),
+        run_dir,
+        settings.ood_acceptance,
+    )
+    test_scores = scorer(features["test"])
+    sets = near_ood_sets(images["test"], seed=settings.seed)
+    if settings.holdout_class:
+        held_out = data.load_images(data.discover_classes(manifest.root)[settings.holdout_class], settings.size)
+        sets.append(OodSet(f"held_out:{settings.holdout_class}", "a class the model never saw", held_out))
+    results = [
+        evaluate_set(s, scorer(predictor.outputs_in_batches(s.images).features), test_scores, gate, ood.threshold)
+        for s in sets
+    ]
+    accepted = float(np.mean(~flagged(images["test"], test_scores, gate, ood.threshold)))
+    for result in results:
+        logger.info("OOD set %-24s detected %5.1f%% (gate %5.1f%%), score AUROC %.3f, FPR@95%%TPR %.3f",
+                    result.name, 100 * result.detection_rate, 100 * result.gate_rate, result.score_auroc,
+                    result.fpr_at_95_tpr)
+    logger.info("in-distribution test tiles accepted by gate and score: %.1f%%", 100 * accepted)
+    ood = ood.model_copy(update={"evaluation": results, "test_acceptance_with_gate": accepted})
+    return Trust(gate, ood, run_dir / OOD_FILE)
+
+
+@dataclass(frozen=True)
 class FittedRun:
     model: keras.Model
     evaluation: Evaluation
+    trust: Trust
     epochs_trained: int
     train_seconds: float
 
@@ -241,13 +312,14 @@ def fit_and_evaluate(settings: TrainSettings, manifest: data.SplitManifest, run_
     train_seconds = time.perf_counter() - started
 
     evaluation = evaluate(model, images, manifest, settings)
+    trust = fit_trust(model, images, manifest, settings, evaluation.calibration.temperature, run_dir)
     logger.info(
         "%s test results (calibrated, T=%.3f)\n%s",
         settings.arch,
         evaluation.calibration.temperature,
         text_report(evaluation.metrics, manifest.class_names),
     )
-    return FittedRun(model, evaluation, epochs_trained, train_seconds)
+    return FittedRun(model, evaluation, trust, epochs_trained, train_seconds)
 
 
 def train(settings: TrainSettings) -> str:
@@ -294,12 +366,15 @@ def train(settings: TrainSettings) -> str:
         abstain_threshold=evaluation.abstention.threshold,
         calibration=evaluation.calibration,
         abstention=evaluation.abstention,
+        quality_gate=run.trust.quality_gate,
+        out_of_distribution=run.trust.out_of_distribution,
         framework_versions=framework_versions(),
         created_at=datetime.now(UTC),
     )
     report = write_report(card, evaluation.test, run_dir)
     logger.info("report written to %s", run_dir / "report.md")
-    return save_model(model, card, settings.name, extra_files={**report, manifest_path.name: manifest_path})
+    extra_files = {**report, manifest_path.name: manifest_path, OOD_FILE: run.trust.parameters_path}
+    return save_model(model, card, settings.name, extra_files=extra_files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,6 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="a class that means no disease (repeatable; default: recognised by name, e.g. lung_n, notumor)",
     )
     parser.add_argument(
+        "--ood-acceptance",
+        type=float,
+        default=DEFAULT_OOD_ACCEPTANCE,
+        help="share of in-distribution tiles the out-of-distribution threshold is to keep (default: 0.995)",
+    )
+    parser.add_argument(
+        "--holdout-class",
+        metavar="CLASS",
+        help="leave this class out of training and report how often the OOD detector flags it (an experiment)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("artifacts"),
@@ -408,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         fnr_target=args.fnr_target,
         min_confidence=args.min_confidence,
         negative_classes=args.negative_classes,
+        ood_acceptance=args.ood_acceptance,
+        holdout_class=args.holdout_class,
         out=args.out,
     )
     tag = train(settings)

@@ -1,0 +1,221 @@
+"""The tissue and quality gate: cheap, explainable checks that run before the model.
+
+Whole-slide pipelines find tissue the same way (HistoQC, TIAToolbox): a tile is
+measured on the decoded model input, in well under a millisecond, and each
+measure is compared with limits fitted on the model's TRAINING images
+(:func:`training.trust.fit_quality_gate`), stored in the model card:
+
+* ``background_fraction``: share of pixels with almost no optical density
+  (bright, unstained glass). Blank slides and tiles of mostly glass fail.
+* ``stain_fraction``: share of the tissue pixels whose colour the training
+  stains explain. Colour deconvolution in optical-density (OD) space
+  (Beer-Lambert: OD = -log(I / I0)) as Macenko et al. (2009) fit it: the
+  training pixels' OD directions span a plane (for H&E, the hematoxylin and
+  eosin vectors), and a pixel is stain-like when its OD direction lies close
+  to that plane, within the angular range of the training stains along it,
+  and not darker than any training pixel. Photographs, DAB
+  (immunohistochemistry) brown, fundus orange, grey-scale or black images
+  fail it for an H&E model; for a grey-scale training set (e.g. MRI) the
+  "plane" is the grey axis and colour images fail.
+* ``stain_distance``: how far the tile's average stain colour (its mean OD
+  direction) lies from the training tiles' average stain colours, as a
+  Mahalanobis distance over their spread: a tile stained another way as a
+  whole (IHC, a shifted stain, a natural photograph) is far even when single
+  pixels could pass.
+* ``saturation``: mean colour saturation of the tissue pixels: a grey-scale
+  image fed to a model trained on stained colour tiles fails it.
+* ``focus``: variance of the 4-neighbour Laplacian of the grey image: too low
+  is out of focus or flat, too high is noise or an artefact no training tile
+  had.
+
+Nothing here is lung-specific: every limit comes from the training data.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+# A pixel is tissue when its summed optical density reaches this (about 90% transmission per channel).
+TISSUE_OD = 0.3
+# Pixels looked at per tile for the stain measure: a 64x64 grid is plenty and keeps the gate cheap.
+STAIN_GRID = 64
+CHECKS = ("background", "stain", "saturation", "blur", "noise")
+
+# Optical density of every uint8 level, looked up instead of computing a log per pixel.
+_OD_LUT = (-np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)).astype(np.float32)
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StainModel(_Strict):
+    """The training stains in optical-density space (fitted by training.trust)."""
+
+    basis: list[list[float]] = Field(min_length=2, max_length=2)  # two unit OD vectors spanning the stain plane
+    max_off_plane_degrees: float = Field(gt=0.0, le=90.0)  # a pixel further off the plane is not stain
+    in_plane_degrees: tuple[float, float]  # allowed angle along the plane, from basis[0] towards basis[1]
+    max_optical_density: float = Field(gt=0.0)  # darker pixels than this are not stain (black, ink)
+    mean_direction: list[float] = Field(min_length=3, max_length=3)  # training tiles' mean stain colour
+    direction_precision: list[list[float]]  # inverse covariance of the tiles' mean stain colours (3x3)
+
+
+class Range(_Strict):
+    """Closed interval a measure must lie in; None means unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+
+class QualityGate(_Strict):
+    """Limits of the gate, fitted on the training split, with how often they pass."""
+
+    method: str = "tissue/stain/focus limits from training-split quantiles, widened by a margin"
+    fitted_on: str = "train"
+    input_size: int = Field(gt=0)  # measures are taken on the decoded model input, at this size
+    stain: StainModel
+    background_fraction: Range
+    stain_fraction: Range
+    stain_distance: Range
+    saturation: Range
+    focus: Range
+    train_pass_rate: Fraction
+    validation_pass_rate: Fraction
+    test_pass_rate: Fraction | None = None
+
+
+class QualityReport(BaseModel):
+    """What the gate measured on one tile and which checks failed (part of every prediction)."""
+
+    passed: bool = Field(description="every check passed")
+    failed_checks: list[str] = Field(
+        description="checks that failed: background (mostly glass), stain (colours the model was not trained on), "
+        "saturation (grey-scale, or more vivid than stained tissue), blur (too little detail), "
+        "noise (more fine detail than any training tile)"
+    )
+    background_fraction: float = Field(description="share of near-white (unstained) pixels")
+    stain_fraction: float = Field(description="share of tissue pixels whose colour the training stains explain")
+    stain_distance: float = Field(
+        description="distance of the tile's mean stain colour from the training tiles' (Mahalanobis, in their spreads)"
+    )
+    saturation: float = Field(description="mean colour saturation of the tissue pixels (0: grey)")
+    focus: float = Field(description="variance of the Laplacian of the grey image (sharpness)")
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Per-pixel optical density, shape (..., 3), float32."""
+    return _OD_LUT[rgb]
+
+
+def stain_grid(image: np.ndarray) -> np.ndarray:
+    """The tile's pixels on an at most STAIN_GRID x STAIN_GRID grid, as (N, 3) uint8."""
+    step = max(1, min(image.shape[0], image.shape[1]) // STAIN_GRID)
+    return image[::step, ::step].reshape(-1, 3)
+
+
+def stain_angles(density: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(off-plane angle, in-plane angle) in degrees of OD vectors (M, 3) against a (2, 3) plane basis."""
+    norms = np.linalg.norm(density, axis=1, keepdims=True)
+    unit = density / np.maximum(norms, 1e-6)
+    along = unit @ basis.T  # (M, 2)
+    normal = np.cross(basis[0], basis[1])
+    normal /= np.linalg.norm(normal)
+    off_plane = np.degrees(np.arcsin(np.clip(np.abs(unit @ normal), 0.0, 1.0)))
+    in_plane = np.degrees(np.arctan2(along[:, 1], along[:, 0]))
+    return off_plane, in_plane
+
+
+def stain_like(density: np.ndarray, stain: StainModel) -> np.ndarray:
+    """Boolean per OD vector: does the training stain model explain it?"""
+    off_plane, in_plane = stain_angles(density, np.asarray(stain.basis, dtype=np.float32))
+    low, high = stain.in_plane_degrees
+    return (
+        (off_plane <= stain.max_off_plane_degrees)
+        & (in_plane >= low)
+        & (in_plane <= high)
+        & (np.linalg.norm(density, axis=1) <= stain.max_optical_density)
+    )
+
+
+def mean_stain_direction(density: np.ndarray) -> np.ndarray:
+    """The unit vector of the summed OD of tissue pixels (M, 3): the tile's average stain colour."""
+    total = density.sum(axis=0)
+    return total / max(float(np.linalg.norm(total)), 1e-6)
+
+
+def stain_distance(density: np.ndarray, stain: StainModel) -> float:
+    """Mahalanobis distance of the tile's mean stain colour from the training tiles' mean."""
+    offset = mean_stain_direction(density) - np.asarray(stain.mean_direction, dtype=np.float32)
+    return float(np.sqrt(max(offset @ np.asarray(stain.direction_precision, dtype=np.float32) @ offset, 0.0)))
+
+
+def saturation(pixels: np.ndarray) -> float:
+    """Mean HSV saturation, (max - min) / max, of uint8 pixels (M, 3)."""
+    top = pixels.max(axis=1).astype(np.float32)
+    spread = top - pixels.min(axis=1)
+    return float((spread / np.maximum(top, 1.0)).mean())
+
+
+def focus_measure(image: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian of the grey image (0-255 scale)."""
+    grey = image.astype(np.float32).mean(axis=2)
+    laplacian = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
+    return float(laplacian.var())
+
+
+MEASURES = ("background_fraction", "stain_fraction", "stain_distance", "saturation", "focus")
+
+
+def measure(image: np.ndarray, stain: StainModel) -> dict[str, float]:
+    """Every gate measure of an RGB uint8 tile (see :data:`MEASURES`).
+
+    A tile without tissue pixels explains no stain: stain_fraction 0, and the
+    other colour measures take values that fail their checks.
+    """
+    pixels = stain_grid(image)
+    density = optical_density(pixels)
+    tissue = density.sum(axis=1) >= TISSUE_OD
+    tissue_density = density[tissue]
+    if not len(tissue_density):
+        return {"background_fraction": 1.0, "stain_fraction": 0.0, "stain_distance": float("inf"),
+                "saturation": 0.0, "focus": focus_measure(image)}
+    return {
+        "background_fraction": 1.0 - len(tissue_density) / len(pixels),
+        "stain_fraction": float(stain_like(tissue_density, stain).mean()),
+        "stain_distance": stain_distance(tissue_density, stain),
+        "saturation": saturation(pixels[tissue]),
+        "focus": focus_measure(image),
+    }
+
+
+def failed_checks(measures: dict[str, float], gate: QualityGate) -> list[str]:
+    """The names of the checks (see :data:`CHECKS`) whose limits the measures break."""
+    failed = []
+    if not gate.background_fraction.contains(measures["background_fraction"]):
+        failed.append("background")
+    if not (gate.stain_fraction.contains(measures["stain_fraction"])
+            and gate.stain_distance.contains(measures["stain_distance"])):
+        failed.append("stain")
+    if not gate.saturation.contains(measures["saturation"]):
+        failed.append("saturation")
+    if gate.focus.low is not None and measures["focus"] < gate.focus.low:
+        failed.append("blur")
+    if gate.focus.high is not None and measures["focus"] > gate.focus.high:
+        failed.append("noise")
+    return failed
+
+
+def assess(image: np.ndarray, gate: QualityGate) -> QualityReport:
+    """Measure a decoded model input and check it against the gate's limits."""
+    measures = measure(image, gate.stain)
+    failed = failed_checks(measures, gate)
+    shown = {name: round(min(value, 1e9), 4) for name, value in measures.items()}  # JSON has no infinity
+    return QualityReport(passed=not failed, failed_checks=failed, **shown)
