@@ -2,12 +2,12 @@
 
 Each request is decoded and validated by `models.preprocessing.decode_image`
 in a worker thread first, so a bad upload is answered with its 4xx and never
-joins a batch; the same thread measures the tile for the quality gate
-(`models.quality`). Valid images are queued to an in-process micro-batcher that
-runs the traced model (`models.inference.Predictor`) on stacked uint8 arrays;
-the same pass yields the features of the out-of-distribution score
-(`models.ood`). A tile that fails the gate or scores out of distribution is
-answered with `uncertain: true` and the reasons, never as a plain class.
+joins a batch. Valid images are queued to an in-process micro-batcher that
+runs, on stacked uint8 arrays, the quality gate (`models.quality`, vectorised
+over the batch) and the traced model (`models.inference.Predictor`), whose
+pass also yields the features of the out-of-distribution score (`models.ood`).
+A tile that fails the gate or scores out of distribution is answered with
+`uncertain: true` and the reasons, never as a plain class.
 
 Run it with `make serve`, or `bentoml serve` from this folder.
 """
@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from models.preprocessing import ImageDecodeError, decode_image
-from models.quality import QualityReport, assess
+from models.quality import QualityReport, assess_batch
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
 from serving.batcher import BatchTimeoutError, MicroBatcher
@@ -56,14 +56,12 @@ KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/ui/", "/docs.json",
 UI_FOLDER = Path(__file__).resolve().parent / "ui"
 
 
-class DecodedTile(NamedTuple):
-    image: np.ndarray  # the model input, (S, S, 3) uint8
-    quality: QualityReport | None  # None when the gate is off
-
-
 class ModelRow(NamedTuple):
+    """What one batch run says about one tile."""
+
     probabilities: np.ndarray
     ood_score: float  # NaN when the gate is off
+    quality: QualityReport | None  # None when the gate is off
 
 
 async def _model_card(request: Request) -> Response:
@@ -190,24 +188,29 @@ class Histopathology:
     def _run_model(self, images: np.ndarray) -> list[ModelRow]:
         started = time.perf_counter()
         outputs = self.predictor.outputs(images)
-        scores = self.stored.ood_scorer(outputs.features) if SETTINGS.ood_gate else np.full(len(images), np.nan)
+        if SETTINGS.ood_gate:
+            # Batched, like the model: per tile, numpy's call overhead would cost more than the gate's arithmetic.
+            qualities: list[QualityReport | None] = list(assess_batch(images, self.stored.card.quality_gate))
+            scores = self.stored.ood_scorer(outputs.features)
+        else:
+            qualities, scores = [None] * len(images), np.full(len(images), np.nan)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        return [ModelRow(p, float(s)) for p, s in zip(outputs.probabilities, scores, strict=True)]
+        return [
+            ModelRow(p, float(s), q) for p, s, q in zip(outputs.probabilities, scores, qualities, strict=True)
+        ]
 
-    def _timed_decode(self, path: Path) -> DecodedTile:
+    def _timed_decode(self, path: Path) -> np.ndarray:
         started = time.perf_counter()
         try:
-            image = decode_image(path, self.input_size, SETTINGS.max_pixels)
-            quality = assess(image, self.stored.card.quality_gate) if SETTINGS.ood_gate else None
-            return DecodedTile(image, quality)
+            return decode_image(path, self.input_size, SETTINGS.max_pixels)
         finally:  # refused uploads cost decode time too
             self.metrics.decode_seconds.observe(time.perf_counter() - started)
 
-    async def _decode(self, path: Path) -> DecodedTile:
+    async def _decode(self, path: Path) -> np.ndarray:
         return await asyncio.to_thread(self._timed_decode, path)
 
-    def _prediction(self, row: ModelRow, quality: QualityReport | None) -> Prediction:
-        evidence = None if quality is None else TrustEvidence(quality, row.ood_score, self.ood_threshold)
+    def _prediction(self, row: ModelRow) -> Prediction:
+        evidence = None if row.quality is None else TrustEvidence(row.quality, row.ood_score, self.ood_threshold)
         prediction = to_prediction(
             row.probabilities, self.stored.card.class_names, self.abstain_threshold, self.stored.tag, evidence
         )
@@ -221,11 +224,11 @@ class Histopathology:
     async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction] | JSONResponse:
         """Decode one upload and classify it through the batcher; a problem response if either fails."""
         try:
-            tile = await self._decode(file)
+            image = await self._decode(file)
         except ImageDecodeError as exc:
             return decode_problem(exc)
         try:
-            return tile.image, self._prediction(await self.batcher.submit(tile.image), tile.quality)
+            return image, self._prediction(await self.batcher.submit(image))
         except BatchTimeoutError as exc:
             return _too_slow(exc)
 
@@ -251,12 +254,12 @@ class Histopathology:
                 return decode_problem(result, part=f"file[{index}]")
             if isinstance(result, BaseException):
                 raise result
-        tiles: list[DecodedTile] = decoded  # all decoded now
+        images: list[np.ndarray] = decoded  # all arrays now
         try:
-            rows = await asyncio.gather(*(self.batcher.submit(tile.image) for tile in tiles))
+            rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
         except BatchTimeoutError as exc:
             return _too_slow(exc)
-        predictions = [self._prediction(row, tile.quality) for row, tile in zip(rows, tiles, strict=True)]
+        predictions = [self._prediction(row) for row in rows]
         note(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 

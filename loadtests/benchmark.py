@@ -6,6 +6,8 @@ Measures, one after the other on the same machine:
 * the BentoML service with its defaults: adaptive batching, two workers of one
   intra-op and one inter-op TensorFlow thread each;
 * the same service with batching off (`HISTO_MAX_BATCH_SIZE=1`);
+* the same service without the quality gate and the out-of-distribution score
+  (`HISTO_OOD_GATE=off`), at 32 clients: what the trust checks cost;
 * the same service as ONE worker with TensorFlow's own thread counts (the
   layout the defaults replaced);
 * the seed-style baseline (`loadtests/baseline_server.py`: FastAPI, one
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 LEVELS = (1, 8, 32, 64)
 DEFAULT_SERVICE = "service (defaults: batching, 2 workers x 1+1 TF threads)"
+GATE_OFF = "service (quality gate and OOD score off)"
 COMMAND = "make benchmark"
 
 
@@ -58,10 +61,10 @@ class Row:
 
 
 def _service_rows(name: str, model_tag: str, env: dict[str, str], payload: bytes, seconds: float,
-                  workdir: Path) -> list[Row]:
+                  workdir: Path, levels: tuple[int, ...] = LEVELS) -> list[Row]:
     server = start_server("service:Histopathology", workdir / f"{name}.log", env={"HISTO_MODEL_TAG": model_tag, **env})
     try:
-        return [Row(name, asyncio.run(closed_loop(f"{server.url}/predict", payload, n, seconds))) for n in LEVELS]
+        return [Row(name, asyncio.run(closed_loop(f"{server.url}/predict", payload, n, seconds))) for n in levels]
     finally:
         stop_server(server)
 
@@ -111,7 +114,11 @@ def _checks(rows: list[Row], limit_rps: float, single_ms: float) -> list[tuple[s
     best = max(service, key=lambda r: r.requests_per_second)
     s32, b32 = at(DEFAULT_SERVICE, 32), at("baseline", 32)
     s1 = at(DEFAULT_SERVICE, 1)
+    off32 = at(GATE_OFF, 32)
+    gate_ratio = s32.requests_per_second / max(off32.requests_per_second, 1e-9)
     return [
+        (f"32 clients with the quality gate and OOD score: {s32.requests_per_second:.1f} req/s >= 95% of "
+         f"{off32.requests_per_second:.1f} without ({100 * gate_ratio:.0f}%)", gate_ratio >= 0.95),
         (f"saturation {best.requests_per_second:.1f} req/s >= 80% of the in-process limit {limit_rps:.1f} "
          f"({100 * best.requests_per_second / limit_rps:.0f}%)", best.requests_per_second >= 0.8 * limit_rps),
         (f"32 clients: {s32.requests_per_second:.1f} req/s >= 10x baseline {b32.requests_per_second:.1f} "
@@ -158,6 +165,7 @@ def run(model_tag: str, seconds: float) -> tuple[list[str], list[tuple[str, bool
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         workdir = Path(tmp)
         rows += _service_rows(DEFAULT_SERVICE, model_tag, {}, payload, seconds, workdir)
+        rows += _service_rows(GATE_OFF, model_tag, {"HISTO_OOD_GATE": "off"}, payload, seconds, workdir, (32,))
         rows += _service_rows("service (batching off)", model_tag, {"HISTO_MAX_BATCH_SIZE": "1"}, payload, seconds,
                               workdir)
         one_worker = {"HISTO_WORKERS": "1", "HISTO_TF_INTRA_OP_THREADS": "0", "HISTO_TF_INTER_OP_THREADS": "0"}

@@ -40,8 +40,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # A pixel is tissue when its summed optical density reaches this (about 90% transmission per channel).
 TISSUE_OD = 0.3
-# Pixels looked at per tile for the stain measure: a 64x64 grid is plenty and keeps the gate cheap.
-STAIN_GRID = 64
+# Pixels looked at per tile: colour measures on a grid of at most 16x16 (256 samples pin a fraction to
+# a few percent), focus on one of at most 32x32. The gate runs on every request beside a ~1.3 ms decode:
+# per tile at full 128x128 it cost 0.75 ms and 20% of the service's throughput; on these grids, batched,
+# about 0.05 ms. Limits are fitted on the same grids, so the measures mean the same in training and serving.
+STAIN_GRID = 16
+FOCUS_GRID = 32
 CHECKS = ("background", "stain", "saturation", "blur", "noise")
 
 # Optical density of every uint8 level, looked up instead of computing a log per pixel.
@@ -115,33 +119,33 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return _OD_LUT[rgb]
 
 
-def stain_grid(image: np.ndarray) -> np.ndarray:
-    """The tile's pixels on an at most STAIN_GRID x STAIN_GRID grid, as (N, 3) uint8."""
-    step = max(1, min(image.shape[0], image.shape[1]) // STAIN_GRID)
-    return image[::step, ::step].reshape(-1, 3)
+def stain_grid(images: np.ndarray) -> np.ndarray:
+    """Tiles (..., S, S, 3) sampled on an at most STAIN_GRID x STAIN_GRID grid, as (..., N, 3) uint8."""
+    step = max(1, min(images.shape[-3], images.shape[-2]) // STAIN_GRID)
+    grid = images[..., ::step, ::step, :]
+    return grid.reshape(*grid.shape[:-3], -1, 3)
 
 
 def stain_angles(density: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(off-plane angle, in-plane angle) in degrees of OD vectors (M, 3) against a (2, 3) plane basis."""
-    norms = np.linalg.norm(density, axis=1, keepdims=True)
-    unit = density / np.maximum(norms, 1e-6)
-    along = unit @ basis.T  # (M, 2)
+    """(off-plane angle, in-plane angle) in degrees of OD vectors (..., 3) against a (2, 3) plane basis."""
+    unit = density / np.maximum(np.linalg.norm(density, axis=-1, keepdims=True), 1e-6)
+    along = unit @ basis.T  # (..., 2)
     normal = np.cross(basis[0], basis[1])
     normal /= np.linalg.norm(normal)
     off_plane = np.degrees(np.arcsin(np.clip(np.abs(unit @ normal), 0.0, 1.0)))
-    in_plane = np.degrees(np.arctan2(along[:, 1], along[:, 0]))
+    in_plane = np.degrees(np.arctan2(along[..., 1], along[..., 0]))
     return off_plane, in_plane
 
 
 def stain_like(density: np.ndarray, stain: StainModel) -> np.ndarray:
-    """Boolean per OD vector: does the training stain model explain it?"""
+    """Boolean per OD vector (..., 3): does the training stain model explain it?"""
     off_plane, in_plane = stain_angles(density, np.asarray(stain.basis, dtype=np.float32))
     low, high = stain.in_plane_degrees
     return (
         (off_plane <= stain.max_off_plane_degrees)
         & (in_plane >= low)
         & (in_plane <= high)
-        & (np.linalg.norm(density, axis=1) <= stain.max_optical_density)
+        & (np.linalg.norm(density, axis=-1) <= stain.max_optical_density)
     )
 
 
@@ -151,49 +155,52 @@ def mean_stain_direction(density: np.ndarray) -> np.ndarray:
     return total / max(float(np.linalg.norm(total)), 1e-6)
 
 
-def stain_distance(density: np.ndarray, stain: StainModel) -> float:
-    """Mahalanobis distance of the tile's mean stain colour from the training tiles' mean."""
-    offset = mean_stain_direction(density) - np.asarray(stain.mean_direction, dtype=np.float32)
-    return float(np.sqrt(max(offset @ np.asarray(stain.direction_precision, dtype=np.float32) @ offset, 0.0)))
-
-
-def saturation(pixels: np.ndarray) -> float:
-    """Mean HSV saturation, (max - min) / max, of uint8 pixels (M, 3)."""
-    top = pixels.max(axis=1).astype(np.float32)
-    spread = top - pixels.min(axis=1)
-    return float((spread / np.maximum(top, 1.0)).mean())
-
-
-def focus_measure(image: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian of the grey image (0-255 scale)."""
-    grey = image.astype(np.float32).mean(axis=2)
-    laplacian = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
-    return float(laplacian.var())
+def focus_measure(images: np.ndarray) -> np.ndarray:
+    """Variance of the 4-neighbour Laplacian of the grey image (0-255 scale) of tiles (B, S, S, 3),
+    on an at most FOCUS_GRID x FOCUS_GRID grid."""
+    step = max(1, min(images.shape[1], images.shape[2]) // FOCUS_GRID)
+    grey = images[:, ::step, ::step].sum(axis=3, dtype=np.int16)  # 3x the grey level; integers are faster
+    centre = grey[:, 1:-1, 1:-1]
+    laplacian = grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] + grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] - 4 * centre
+    return laplacian.reshape(len(images), -1).astype(np.float32).var(axis=1) / 9.0
 
 
 MEASURES = ("background_fraction", "stain_fraction", "stain_distance", "saturation", "focus")
 
 
-def measure(image: np.ndarray, stain: StainModel) -> dict[str, float]:
-    """Every gate measure of an RGB uint8 tile (see :data:`MEASURES`).
+def measure_batch(images: np.ndarray, stain: StainModel) -> dict[str, np.ndarray]:
+    """Every gate measure (see :data:`MEASURES`) of RGB uint8 tiles (B, S, S, 3), one value per tile.
 
-    A tile without tissue pixels explains no stain: stain_fraction 0, and the
-    other colour measures take values that fail their checks.
+    Vectorised over the batch: per tile, numpy's per-call overhead would cost more than the arithmetic.
+    A tile without tissue pixels explains no stain: stain_fraction 0, stain_distance infinite, saturation 0.
     """
-    pixels = stain_grid(image)
+    pixels = stain_grid(images)  # (B, N, 3)
     density = optical_density(pixels)
-    tissue = density.sum(axis=1) >= TISSUE_OD
-    tissue_density = density[tissue]
-    if not len(tissue_density):
-        return {"background_fraction": 1.0, "stain_fraction": 0.0, "stain_distance": float("inf"),
-                "saturation": 0.0, "focus": focus_measure(image)}
+    tissue = density.sum(axis=2) >= TISSUE_OD  # (B, N)
+    counts = tissue.sum(axis=1)
+    has_tissue = counts > 0
+    per_tissue = np.maximum(counts, 1)
+    stained = (stain_like(density, stain) & tissue).sum(axis=1) / per_tissue
+    total = (density * tissue[..., None]).sum(axis=1)  # (B, 3): summed OD of the tissue pixels
+    direction = total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-6)
+    offset = direction - np.asarray(stain.mean_direction, dtype=np.float32)
+    precision = np.asarray(stain.direction_precision, dtype=np.float32)
+    distance = np.sqrt(np.maximum(np.einsum("bi,ij,bj->b", offset, precision, offset), 0.0))
+    top = pixels.max(axis=2)
+    spread = top - pixels.min(axis=2)  # uint8: max >= min, no wrap-around
+    saturation = (spread / np.maximum(top, 1).astype(np.float32) * tissue).sum(axis=1) / per_tissue
     return {
-        "background_fraction": 1.0 - len(tissue_density) / len(pixels),
-        "stain_fraction": float(stain_like(tissue_density, stain).mean()),
-        "stain_distance": stain_distance(tissue_density, stain),
-        "saturation": saturation(pixels[tissue]),
-        "focus": focus_measure(image),
+        "background_fraction": 1.0 - counts / tissue.shape[1],
+        "stain_fraction": np.where(has_tissue, stained, 0.0),
+        "stain_distance": np.where(has_tissue, distance, np.inf),
+        "saturation": np.where(has_tissue, saturation, 0.0),
+        "focus": focus_measure(images),
     }
+
+
+def measure(image: np.ndarray, stain: StainModel) -> dict[str, float]:
+    """Every gate measure of one RGB uint8 tile (S, S, 3)."""
+    return {name: float(values[0]) for name, values in measure_batch(image[None], stain).items()}
 
 
 def failed_checks(measures: dict[str, float], gate: QualityGate) -> list[str]:
@@ -213,9 +220,18 @@ def failed_checks(measures: dict[str, float], gate: QualityGate) -> list[str]:
     return failed
 
 
+def assess_batch(images: np.ndarray, gate: QualityGate) -> list[QualityReport]:
+    """Measure decoded model inputs (B, S, S, 3) and check each against the gate's limits."""
+    columns = measure_batch(images, gate.stain)
+    reports = []
+    for index in range(len(images)):
+        measures = {name: float(values[index]) for name, values in columns.items()}
+        failed = failed_checks(measures, gate)
+        shown = {name: round(min(value, 1e9), 4) for name, value in measures.items()}  # JSON has no infinity
+        reports.append(QualityReport(passed=not failed, failed_checks=failed, **shown))
+    return reports
+
+
 def assess(image: np.ndarray, gate: QualityGate) -> QualityReport:
-    """Measure a decoded model input and check it against the gate's limits."""
-    measures = measure(image, gate.stain)
-    failed = failed_checks(measures, gate)
-    shown = {name: round(min(value, 1e9), 4) for name, value in measures.items()}  # JSON has no infinity
-    return QualityReport(passed=not failed, failed_checks=failed, **shown)
+    """Measure one decoded model input (S, S, 3) and check it against the gate's limits."""
+    return assess_batch(image[None], gate)[0]

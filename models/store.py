@@ -40,6 +40,7 @@ REPORT_FILES: dict[str, str] = {
     "confusion_matrix.png": "image/png",
     "roc_curves.png": "image/png",
     "reliability_diagram.png": "image/png",
+    "ood_detection.png": "image/png",
 }
 
 

@@ -134,3 +134,37 @@ def test_drag_and_drop_and_rejected_files(page, tmp_path):
     truncated.write_bytes(fresh_tile("lung_n", 52)[:700])
     page.set_input_files("#file", truncated)
     expect(error).to_contain_text("422")
+
+
+def test_a_tile_the_model_was_not_trained_for_gets_no_class_but_the_reasons(page, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from tests.conftest import encode
+
+    enter_token(page)
+    glass = tmp_path / "blank-slide.png"
+    glass.write_bytes(encode(Image.new("RGB", (512, 512), (243, 242, 245)), "PNG"))
+    page.set_input_files("#file", glass)
+    notice = page.locator("#out-of-scope")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("This does not look like an H&E tile this model was trained on")
+    expect(page.locator("#out-of-scope-reasons li").first).to_contain_text("mostly empty glass")
+    expect(page.locator("#verdict")).to_be_hidden()  # no class is presented
+    expect(page.locator("#bars")).to_be_hidden()
+    screenshot(page, "out_of_scope")
+
+    # The next tissue tile is shown as the service judged it: nothing of the refusal stays on the page.
+    tile = tmp_path / "tile.jpeg"
+    tile.write_bytes(fresh_tile("lung_n", 53))
+    with page.expect_response("**/explain") as answered:
+        page.set_input_files("#file", tile)
+    out_of_scope = any(reason != "low_confidence" for reason in answered.value.json()["reasons"])
+    expect(page.locator("#result")).to_be_visible()
+    verdict = page.locator("#verdict")
+    if out_of_scope:
+        expect(notice).to_be_visible()
+        expect(verdict).to_be_hidden()
+    else:
+        expect(notice).to_be_hidden()
+        expect(verdict).to_be_visible()

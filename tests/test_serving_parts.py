@@ -116,6 +116,9 @@ def test_settings_come_from_the_environment():
     assert settings.abstain_threshold == 0.7
     assert settings.model_tag == "lung_histopathology:latest"
     assert settings.log_format == "text" and settings.max_latency_ms == 10_000
+    assert settings.ood_gate is True and settings.ood_threshold is None  # the card's threshold
+    switched = load_settings({"HISTO_OOD_GATE": "off", "HISTO_OOD_THRESHOLD": "3.5"})
+    assert switched.ood_gate is False and switched.ood_threshold == 3.5
 
 
 def test_a_bento_pinned_model_tag_wins_over_the_environment():
@@ -127,7 +130,9 @@ def test_a_bento_pinned_model_tag_wins_over_the_environment():
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [("HISTO_MAX_BATCH_SIZE", "abc", "not an integer"), ("HISTO_MAX_BATCH_SIZE", "0", "at least 1"),
-     ("HISTO_ABSTAIN_THRESHOLD", "1.5", "between 0 and 1"), ("HISTO_LOG_FORMAT", "xml", "text, json")],
+     ("HISTO_ABSTAIN_THRESHOLD", "1.5", "between 0 and 1"), ("HISTO_LOG_FORMAT", "xml", "text, json"),
+     ("HISTO_OOD_GATE", "maybe", "on, off"), ("HISTO_OOD_THRESHOLD", "0", "positive"),
+     ("HISTO_OOD_THRESHOLD", "x", "not a number")],
 )
 def test_bad_settings_name_the_variable(name, value, message):
     with pytest.raises(SettingsError, match=message) as error:

@@ -1,8 +1,10 @@
 """The evaluation report stored with every model: Markdown, JSON, text and figures.
 
 ``report.md`` is written from the model card (so the two cannot disagree) and
-links three figures that sit beside it: the confusion matrix, one-vs-rest ROC
-curves and the reliability diagram before and after calibration. The service
+links four figures that sit beside it: the confusion matrix, one-vs-rest ROC
+curves, the reliability diagram before and after calibration, and how often
+the quality gate and the out-of-distribution score flag generated
+near-out-of-distribution sets. The service
 serves them under ``/model/report``.
 """
 
@@ -27,6 +29,7 @@ REPORT_TEXT = "report.txt"
 CONFUSION_PNG = "confusion_matrix.png"
 ROC_PNG = "roc_curves.png"
 RELIABILITY_PNG = "reliability_diagram.png"
+OOD_PNG = "ood_detection.png"
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ def markdown_report(card: ModelCard) -> str:
             + " |",
             "",
         ]
+    lines += _trust_section(card)
     t = card.training
     lines += [
         "## Training",
@@ -176,6 +180,62 @@ def markdown_report(card: ModelCard) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _limit(low: float | None, high: float | None, digits: int = 3) -> str:
+    parts = [f"{sign} {value:.{digits}f}" for sign, value in ((">=", low), ("<=", high)) if value is not None]
+    return " and ".join(parts) or "none"
+
+
+def _trust_section(card: ModelCard) -> list[str]:
+    """The quality gate and the out-of-distribution score: method, limits, acceptance, detection."""
+    gate, ood = card.quality_gate, card.out_of_distribution
+    lines = [
+        "## Out-of-distribution and quality gate",
+        "",
+        "A tile the model was not trained for gets `uncertain: true` with `reasons`, never a plain class. "
+        "Both checks are fitted on the training split only, without any outlier images.",
+        "",
+        f"**Quality gate** ({gate.method}), measured on the {gate.input_size}x{gate.input_size} model input:",
+        "",
+        "| measure | passes when | check |",
+        "|---|---|---|",
+        f"| background_fraction | {_limit(gate.background_fraction.low, gate.background_fraction.high)} | "
+        "background |",
+        f"| stain_fraction | {_limit(gate.stain_fraction.low, gate.stain_fraction.high)} | stain |",
+        f"| stain_distance | {_limit(gate.stain_distance.low, gate.stain_distance.high)} | stain |",
+        f"| saturation | {_limit(gate.saturation.low, gate.saturation.high)} | saturation |",
+        f"| focus (variance of the Laplacian) | {_limit(gate.focus.low, gate.focus.high, 1)} | blur / noise |",
+        "",
+        f"It passes {_percent(gate.train_pass_rate)} of training, {_percent(gate.validation_pass_rate)} of "
+        f"validation and {_percent(gate.test_pass_rate)} of test tiles.",
+        "",
+        f"**Out-of-distribution score**: {ood.method}. Layers: {', '.join(f'`{n}`' for n in ood.feature_layers)} "
+        f"({', '.join(map(str, ood.feature_dims))} features). Threshold **{ood.threshold:.3f}**, chosen on "
+        f"{ood.threshold_chosen_on} to keep {_percent(ood.target_acceptance)}; it keeps "
+        f"{_percent(ood.validation_acceptance)} of validation and {_percent(ood.test_acceptance)} of test tiles"
+        + (f" ({_percent(ood.test_acceptance_with_gate)} of test tiles pass both checks)."
+           if ood.test_acceptance_with_gate is not None else "."),
+        "",
+    ]
+    if ood.evaluation:
+        lines += [
+            "Detection on generated sets (made from test tiles or drawn; never used for fitting). Detected: "
+            "flagged by the gate or the score. AUROC and FPR at 95% TPR are of the score alone against the "
+            "in-distribution test tiles.",
+            "",
+            "| set | images | detected | by the gate | score AUROC | FPR at 95% TPR |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {r.name}: {r.description} | {r.n_images} | {_percent(r.detection_rate)} | "
+                f"{_percent(r.gate_rate)} | {r.score_auroc:.3f} | {_percent(r.fpr_at_95_tpr)} |"
+                for r in ood.evaluation
+            ),
+            "",
+            f"![Out-of-distribution detection]({OOD_PNG})",
+            "",
+        ]
+    return lines
 
 
 def _pyplot():
@@ -248,6 +308,26 @@ def plot_reliability(test: TestPredictions, card: ModelCard, path: Path) -> None
     _save(fig, path)
 
 
+def plot_ood_detection(card: ModelCard, path: Path) -> None:
+    """Share of each generated set flagged (gate alone, and gate or score), beside the test tiles' share."""
+    plt = _pyplot()
+    ood = card.out_of_distribution
+    results = ood.evaluation or []
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(results) + 1.6))
+    names = [r.name for r in results]
+    ax.barh(names, [100 * r.detection_rate for r in results], color="tab:red", label="gate or score")
+    ax.barh(names, [100 * r.gate_rate for r in results], color="tab:orange", label="gate alone")
+    if ood.test_acceptance_with_gate is not None:
+        ax.axvline(100 * (1 - ood.test_acceptance_with_gate), color="tab:blue", linestyle="--",
+                   label="in-distribution test tiles flagged")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("flagged (%)")
+    ax.set_title("Out-of-distribution detection, generated sets")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
+    _save(fig, path)
+
+
 def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[str, Path]:
     """Write every report file into `folder`; returns {file name: path}."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,6 +338,7 @@ def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[s
     plot_confusion_matrix(card.metrics, card.class_names, files[CONFUSION_PNG])
     plot_roc_curves(test, card.metrics, card.class_names, files[ROC_PNG])
     plot_reliability(test, card, files[RELIABILITY_PNG])
+    plot_ood_detection(card, files[OOD_PNG])
     return files
 
 

@@ -21,9 +21,9 @@ from models.quality import (
     QualityGate,
     Range,
     StainModel,
-    failed_checks,
+    assess_batch,
     mean_stain_direction,
-    measure,
+    measure_batch,
     optical_density,
     stain_angles,
     stain_grid,
@@ -63,8 +63,8 @@ def fit_stain_model(images: np.ndarray) -> StainModel:
     """The training stains in OD space: Macenko's plane, its angular range, the tiles' mean colours."""
     tissue = []
     tile_directions = []
-    for image in images:
-        density = optical_density(stain_grid(image))
+    for grid in stain_grid(images):
+        density = optical_density(grid)
         density = density[density.sum(axis=1) >= TISSUE_OD]
         if len(density):
             tissue.append(density)
@@ -96,7 +96,7 @@ def fit_stain_model(images: np.ndarray) -> StainModel:
 
 def gate_failures(images: np.ndarray, gate: QualityGate) -> list[list[str]]:
     """The failed checks of each image."""
-    return [failed_checks(measure(image, gate.stain), gate) for image in images]
+    return [report.failed_checks for report in assess_batch(images, gate)]
 
 
 def pass_rate(images: np.ndarray, gate: QualityGate) -> float:
@@ -106,8 +106,7 @@ def pass_rate(images: np.ndarray, gate: QualityGate) -> float:
 def fit_quality_gate(train: np.ndarray, validation: np.ndarray, test: np.ndarray | None = None) -> QualityGate:
     """Fit the gate's limits on training images (N, S, S, 3) and measure its pass rates."""
     stain = fit_stain_model(train)
-    measures = [measure(image, stain) for image in train]
-    column = {name: np.array([m[name] for m in measures]) for name in measures[0]}
+    column = measure_batch(train, stain)
     finite_distance = column["stain_distance"][np.isfinite(column["stain_distance"])]
     provisional = QualityGate(
         input_size=int(train.shape[1]),

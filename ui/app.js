@@ -27,10 +27,43 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+// Why a tile is out of scope, in words, from the prediction's `reasons` and the gate's measures.
+function reasonText(reason, result) {
+  const q = result.quality || {};
+  const texts = {
+    out_of_distribution: `Its features are far from every class the model learned (score ${result.ood_score} ` +
+      `above the threshold ${result.ood_threshold}).`,
+    background: `It is mostly empty glass (${percent(q.background_fraction)} background).`,
+    stain: `Its colours are not the stains the model was trained on (${percent(q.stain_fraction)} of the tissue ` +
+      `pixels match; colour distance ${q.stain_distance}).`,
+    saturation: `Its colour saturation (${q.saturation}) is outside the training tiles' range: grey-scale, or ` +
+      "more vivid than stained tissue.",
+    blur: `It has too little detail: out of focus or flat (focus ${q.focus}).`,
+    noise: `It has more fine detail than any training tile: noise or an artefact (focus ${q.focus}).`,
+  };
+  return texts[reason];
+}
+
+function showOutOfScope(result) {
+  const reasons = (result.reasons || []).map((reason) => reasonText(reason, result)).filter(Boolean);
+  const list = $("out-of-scope-reasons");
+  list.replaceChildren(...reasons.map((text) => {
+    const item = document.createElement("li");
+    item.textContent = text;
+    return item;
+  }));
+  const outOfScope = reasons.length > 0;
+  $("out-of-scope").hidden = !outOfScope;
+  $("verdict").hidden = outOfScope;
+  $("bars").hidden = outOfScope;
+  return outOfScope;
+}
+
 function showPrediction(result) {
   $("predicted-class").textContent = result.predicted_class;
   $("confidence").textContent = percent(result.confidence);
-  $("uncertain").hidden = !result.uncertain;
+  const outOfScope = showOutOfScope(result);
+  $("uncertain").hidden = outOfScope || !result.uncertain;
   $("model-tag").textContent = result.model;
   const bars = $("bars");
   bars.replaceChildren();
