@@ -16,6 +16,7 @@ import asyncio
 import base64
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
 from typing import NamedTuple
@@ -29,14 +30,27 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from models.preprocessing import ImageDecodeError, decode_image
+from models.preprocessing import (
+    DecodeAbandonedError,
+    DecodeCost,
+    ImageDecodeError,
+    ImageTooLargeError,
+    PreparedDecode,
+    decode_cost,
+    finish_decode,
+    prepare_decode,
+)
 from models.quality import QualityReport, assess_batch
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
+from serving import front_door
+from serving.admission import Admission
 from serving.batcher import BatchTimeoutError, MicroBatcher
+from serving.connections import bound_header_time
 from serving.error_tracking import init_error_tracking
-from serving.guard import GuardPolicy, RequestGuard
+from serving.guard import BOOLEAN, REQUEST_DEADLINE, TEXT, GuardPolicy, RequestGuard
 from serving.logs import configure_logging
+from serving.memory import release_heap
 from serving.metrics import ServiceMetrics, service_metrics
 from serving.model_check import check_model_can_serve
 from serving.predictions import ExplainedPrediction, Prediction, TrustEvidence, to_prediction
@@ -51,9 +65,20 @@ logger = logging.getLogger(__name__)
 SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 UPLOAD_ROUTES = {"/predict": 1, "/predict_batch": SETTINGS.max_files_per_request, "/explain": 1}
-EXPLAIN_FIELDS = frozenset({"target_class", "include_map"})
-KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/ui/", "/docs.json", "/"}
+EXPLAIN_FIELDS = {"target_class": TEXT, "include_map": BOOLEAN}
+KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/ui", "/ui/", "/docs.json", "/"}
+PROBES = {"/healthz", "/livez", "/readyz", "/metrics"}
+SERVED_PREFIXES = ("/ui/", "/model/report/", "/static_content/")  # everything under these is served
 UI_FOLDER = Path(__file__).resolve().parent / "ui"
+# A decode over either goes to the worker's single "heavy" decode thread, so cheap tiles never queue
+# behind it (a 768 px JPEG tile: ~4 MB and 6 M scan-pixels; these are ~50 ms of decoding and up).
+HEAVY_DECODE_BYTES = 32 * 1024 * 1024
+HEAVY_DECODE_SCAN_PIXELS = 20_000_000
+# Per worker process: what it has admitted, shared by the front door, the guard and the batcher.
+ADMISSION = Admission(SETTINGS.max_in_flight, SETTINGS.max_open_uploads, SETTINGS.max_queue_delay_ms / 1000)
+# Both take effect when BentoML builds the worker's app and server, after this module is imported.
+front_door.install(KNOWN_ROUTES | PROBES, SERVED_PREFIXES, UPLOAD_ROUTES, ADMISSION)
+bound_header_time(SETTINGS.header_timeout_ms / 1000)
 
 
 class ModelRow(NamedTuple):
@@ -97,7 +122,9 @@ http_routes = Starlette(
 @bentoml.service(
     name="histopathology",
     workers=SETTINGS.workers,
-    traffic={"timeout": max(30, SETTINGS.max_latency_ms // 1000 + 10)},
+    # The guard answers 504 itself at HISTO_REQUEST_TIMEOUT_MS (problem+json, request id, counted);
+    # BentoML's own timeout, which answers in its own shape, is only a backstop behind it.
+    traffic={"timeout": SETTINGS.request_timeout_ms // 1000 + 10},
     # serving/request_log.py writes one line per request (with request id and predicted class)
     # instead; BentoML's access log would double it and cost ~5-10% of throughput.
     logging={"access": {"enabled": False}},
@@ -156,7 +183,12 @@ class Histopathology:
             max_batch_size=SETTINGS.max_batch_size,
             max_wait_s=SETTINGS.max_latency_ms / 1000,
             observe_batch_size=self.metrics.batch_size.observe,
+            observe_queue_delay=ADMISSION.record_queue_delay,
         )
+        # A few decoding threads, not asyncio's default pool of cores + 4, plus one for expensive decodes:
+        # with HISTO_MAX_DECODE_BYTES they bound the memory and CPU decoding can take in this worker.
+        self._decoder = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
+        self._heavy_decoder = ThreadPoolExecutor(1, thread_name_prefix="decode-heavy")
         self._warm = asyncio.Event()
         logger.info(
             "loaded %s (%s, %d classes); quality gate and out-of-distribution score %s (threshold %.3f)",
@@ -181,6 +213,8 @@ class Histopathology:
     @bentoml.on_shutdown
     async def stop_batcher(self) -> None:
         await self.batcher.close()
+        for pool in (self._decoder, self._heavy_decoder):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __is_ready__(self) -> bool:
         return self._warm.is_set()
@@ -199,15 +233,38 @@ class Histopathology:
             ModelRow(p, float(s), q) for p, s, q in zip(outputs.probabilities, scores, qualities, strict=True)
         ]
 
-    def _timed_decode(self, path: Path) -> np.ndarray:
+    def _start_decode(self, path: Path, size: int | None, deadline: float | None) -> np.ndarray | PreparedDecode:
+        """On a decode thread: check the header; decode at once unless it is heavy (then hand it over)."""
         started = time.perf_counter()
         try:
-            return decode_image(path, self.input_size, SETTINGS.max_pixels)
+            prepared = prepare_decode(path, size, SETTINGS.decode_limits)
+            if _heavy(prepared.cost):
+                return prepared
+            return self._finish_decode(prepared, deadline)
         finally:  # refused uploads cost decode time too
             self.metrics.decode_seconds.observe(time.perf_counter() - started)
 
-    async def _decode(self, path: Path) -> np.ndarray:
-        return await asyncio.to_thread(self._timed_decode, path)
+    def _finish_decode(self, prepared: PreparedDecode, deadline: float | None) -> np.ndarray:
+        image = finish_decode(prepared, deadline)
+        release_heap(prepared.cost.estimated_bytes)
+        return image
+
+    def _timed_finish(self, prepared: PreparedDecode, deadline: float | None) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return self._finish_decode(prepared, deadline)
+        finally:
+            self.metrics.decode_seconds.observe(time.perf_counter() - started)
+
+    async def _decode(self, path: Path, full_size: bool = False) -> np.ndarray:
+        """Decode an upload on the decode threads: to the model's input size, or at its own size."""
+        loop = asyncio.get_running_loop()
+        size = None if full_size else self.input_size
+        deadline = REQUEST_DEADLINE.get()
+        started = await loop.run_in_executor(self._decoder, self._start_decode, path, size, deadline)
+        if isinstance(started, PreparedDecode):
+            return await loop.run_in_executor(self._heavy_decoder, self._timed_finish, started, deadline)
+        return started
 
     def _prediction(self, row: ModelRow) -> Prediction:
         evidence = None if row.quality is None else TrustEvidence(row.quality, row.ood_score, self.ood_threshold)
@@ -227,6 +284,8 @@ class Histopathology:
             image = await self._decode(file)
         except ImageDecodeError as exc:
             return decode_problem(exc)
+        except DecodeAbandonedError as exc:  # its deadline passed: the guard has answered 504 already
+            return _too_slow(exc)
         try:
             return image, self._prediction(await self.batcher.submit(image))
         except BatchTimeoutError as exc:
@@ -248,10 +307,14 @@ class Histopathology:
         """Classify several tiles sent as repeated `file` parts; results in the same order."""
         if not file:
             return problem(HTTPStatus.BAD_REQUEST, "send at least one `file` part")
+        if (refused := await self._check_batch_cost(file)) is not None:
+            return refused
         decoded = await asyncio.gather(*(self._decode(path) for path in file), return_exceptions=True)
         for index, result in enumerate(decoded):
             if isinstance(result, ImageDecodeError):
                 return decode_problem(result, part=f"file[{index}]")
+            if isinstance(result, DecodeAbandonedError):
+                return _too_slow(result)
             if isinstance(result, BaseException):
                 raise result
         images: list[np.ndarray] = decoded  # all arrays now
@@ -262,6 +325,23 @@ class Histopathology:
         predictions = [self._prediction(row) for row in rows]
         note(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
+
+    async def _check_batch_cost(self, files: list[Path]) -> JSONResponse | None:
+        """One request may not decode more pixels in all than one image may have (413 naming the part)."""
+        loop = asyncio.get_running_loop()
+        total = 0
+        for index, path in enumerate(files):
+            try:
+                cost = await loop.run_in_executor(
+                    self._decoder, decode_cost, path, self.input_size, SETTINGS.decode_limits
+                )
+            except ImageDecodeError as exc:
+                return decode_problem(exc, part=f"file[{index}]")
+            total += cost.pixels
+            if total > SETTINGS.max_pixels:
+                exc = ImageTooLargeError(f"the parts decode to over {SETTINGS.max_pixels} pixels in all")
+                return decode_problem(exc, part=f"file[{index}]")
+        return None
 
     @bentoml.api(route="/explain")
     async def explain(
@@ -281,9 +361,11 @@ class Histopathology:
             return classified
         image, prediction = classified
         try:  # the upload at its own size, for the overlay; it decoded once already
-            full_image = await asyncio.to_thread(decode_image, file, None, SETTINGS.max_pixels)
+            full_image = await self._decode(file, full_size=True)
         except ImageDecodeError as exc:
             return decode_problem(exc)
+        except DecodeAbandonedError as exc:
+            return _too_slow(exc)
         explained = target_class or prediction.predicted_class
         async with self._explaining:
             explanation = await asyncio.to_thread(
@@ -298,12 +380,16 @@ class Histopathology:
         )
 
 
+def _heavy(cost: DecodeCost) -> bool:
+    return cost.estimated_bytes > HEAVY_DECODE_BYTES or cost.scan_pixels > HEAVY_DECODE_SCAN_PIXELS
+
+
 def _reasons(prediction: Prediction) -> dict[str, str]:
     """The log line's `reasons` field, when the answer was flagged."""
     return {"reasons": ",".join(prediction.reasons)} if prediction.reasons else {}
 
 
-def _too_slow(error: BatchTimeoutError) -> JSONResponse:
+def _too_slow(error: BatchTimeoutError | DecodeAbandonedError) -> JSONResponse:
     return problem(HTTPStatus.GATEWAY_TIMEOUT, f"inference did not finish in time ({error}); retry later")
 
 
@@ -322,7 +408,10 @@ Histopathology.add_asgi_middleware(
         upload_routes=UPLOAD_ROUTES,
         token_routes=frozenset({*UPLOAD_ROUTES, "/model"}),
         max_body_bytes=SETTINGS.max_body_bytes,
-        max_in_flight=SETTINGS.max_in_flight,
+        admission=ADMISSION,
+        request_timeout_s=SETTINGS.request_timeout_ms / 1000,
+        body_timeout_s=SETTINGS.body_timeout_ms / 1000,
+        body_idle_timeout_s=SETTINGS.body_idle_timeout_ms / 1000,
         api_token=SETTINGS.api_token,
         text_fields={"/explain": EXPLAIN_FIELDS},
     ),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 Row = TypeVar("Row")
 BatchFunction = Callable[[np.ndarray], Sequence[Row]]  # stacked images -> one result per image, in order
 BatchObserver = Callable[[int], None]
+DelayObserver = Callable[[float], None]
 
 
 class BatchTimeoutError(TimeoutError):
@@ -43,12 +45,14 @@ class MicroBatcher(Generic[Row]):
         max_batch_size: int,
         max_wait_s: float | None = None,
         observe_batch_size: BatchObserver | None = None,
+        observe_queue_delay: DelayObserver | None = None,
     ) -> None:
         self._function = function
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._observe = observe_batch_size or (lambda size: None)
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Row]]] | None = None
+        self._observe_delay = observe_queue_delay or (lambda seconds: None)
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Row], float]] | None = None
         self._consumer: asyncio.Task[None] | None = None
 
     async def submit(self, image: np.ndarray) -> Row:
@@ -61,7 +65,7 @@ class MicroBatcher(Generic[Row]):
             self._queue = asyncio.Queue()
             self._consumer = asyncio.create_task(self._consume())
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, future))
+        await self._queue.put((image, future, time.monotonic()))
         try:
             # A timed-out future is cancelled, so the consumer skips it.
             return await asyncio.wait_for(future, self._max_wait_s)
@@ -71,10 +75,12 @@ class MicroBatcher(Generic[Row]):
     async def _consume(self) -> None:
         assert self._queue is not None
         while True:
-            items = [await self._queue.get()]
-            while len(items) < self._max_batch_size and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            items = [(image, future) for image, future in items if not future.cancelled()]
+            queued = [await self._queue.get()]
+            while len(queued) < self._max_batch_size and not self._queue.empty():
+                queued.append(self._queue.get_nowait())
+            # How long the oldest image waited: what admission control reacts to.
+            self._observe_delay(time.monotonic() - min(enqueued for _, _, enqueued in queued))
+            items = [(image, future) for image, future, _ in queued if not future.cancelled()]
             if not items:
                 continue
             self._observe(len(items))

@@ -11,23 +11,35 @@ its own JSON shape. The guard, for every request:
 
 and for uploads to the model routes:
 
-* refuses more requests in flight than the service can serve in time
-  (503 with `Retry-After`) so admitted requests keep their latency;
+* refuses (503 with `Retry-After`, connection closed, body never read) when
+  the worker's :class:`~serving.admission.Admission` says it is full: too
+  many admitted requests, too many bodies arriving, or images waiting too
+  long for the model;
 * caps the body: a declared `Content-Length` over the cap is refused before
   reading, a streamed body as soon as it crosses the cap (413);
+* bounds how slowly a body may arrive: all of it within `body_timeout_s`, and
+  no pause longer than `body_idle_timeout_s` (408, connection closed), so
+  stalled clients cannot hold what fast ones need;
 * parses the multipart body once and checks its shape: multipart only (415),
   well-formed (400), only `file` parts, each an uploaded file and not a
-  string (so BentoML never fetches URLs), as many as the route takes (400).
+  string (so BentoML never fetches URLs), as many as the route takes, file
+  names short and printable, text fields short, plain and of their kind (400);
+* counts the request as in flight only once its body is complete, and answers
+  504 (problem+json) itself when the request is not answered within
+  `request_timeout_s`, before BentoML's own timeout could answer in its shape.
 
 Then it replays the buffered body to BentoML.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -36,12 +48,21 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.admission import Admission
 from serving.problems import PROBLEM_MEDIA_TYPE, problem, problem_body
 
 logger = logging.getLogger(__name__)
 
 FILE_FIELD = "file"
 RETRY_AFTER_S = 1
+MAX_FILENAME_BYTES = 200  # BentoML keeps the name in a temporary file's name: 255 bytes in all on Linux
+MAX_TEXT_FIELD_CHARS = 128
+TEXT = "text"
+BOOLEAN = "boolean"
+BOOLEAN_VALUES = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})
+
+# When the request being served must be answered by (time.monotonic()); work can stop after it.
+REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)
 
 
 class _RejectedError(Exception):
@@ -53,14 +74,38 @@ def _bad_request(detail: str) -> _RejectedError:
     return _RejectedError(problem(HTTPStatus.BAD_REQUEST, detail))
 
 
+def _closing(response: JSONResponse) -> JSONResponse:
+    """The response, telling the client the connection ends: an unread body is never drained."""
+    response.headers["Connection"] = "close"
+    return response
+
+
 @dataclass(frozen=True)
 class GuardPolicy:
     upload_routes: Mapping[str, int]  # POST path -> most `file` parts it takes
     token_routes: frozenset[str]  # paths (and everything under them) that need the API token when one is set
     max_body_bytes: int
-    max_in_flight: int
+    admission: Admission
+    request_timeout_s: float
+    body_timeout_s: float
+    body_idle_timeout_s: float
     api_token: str | None = None
-    text_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)  # path -> optional string fields
+    # path -> {optional text field: TEXT or BOOLEAN}
+    text_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+def overloaded(admission: Admission) -> JSONResponse | None:
+    """The 503 for an upload the worker cannot take now, or None."""
+    reason = admission.refusal()
+    if reason is None:
+        return None
+    return _closing(
+        problem(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            f"{reason}; retry after {RETRY_AFTER_S} s",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    )
 
 
 class RequestGuard:
@@ -69,7 +114,6 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, policy: GuardPolicy) -> None:
         self.app = app
         self.policy = policy
-        self.in_flight = 0
 
     def _needs_token(self, path: str) -> bool:
         return any(path == route or path.startswith(f"{route}/") for route in self.policy.token_routes)
@@ -87,25 +131,53 @@ class RequestGuard:
         if max_files is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.policy.max_in_flight:
-            busy = problem(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"over capacity ({self.policy.max_in_flight} requests in flight); retry after {RETRY_AFTER_S} s",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+        admission = self.policy.admission
+        if (busy := overloaded(admission)) is not None:
             await busy(scope, receive, send)
             return
-        self.in_flight += 1
+        started = time.monotonic()
+        admission.open_uploads += 1
         try:
-            try:
-                text_fields = self.policy.text_fields.get(path, frozenset())
-                body = await self._checked_body(scope, receive, max_files, text_fields)
-            except _RejectedError as rejected:
-                await rejected.response(scope, receive, send)
-                return
-            await self.app(scope, _replay(body, receive), send)
+            text_fields = self.policy.text_fields.get(path, {})
+            body = await self._checked_body(scope, receive, max_files, text_fields)
+        except _RejectedError as rejected:
+            await rejected.response(scope, receive, send)
+            return
         finally:
-            self.in_flight -= 1
+            admission.open_uploads -= 1
+        # Again now that the body is here: requests whose bodies arrived together all passed the first check.
+        if (busy := overloaded(admission)) is not None:
+            await busy(scope, receive, send)
+            return
+        admission.in_flight += 1
+        try:
+            await self._answer_in_time(scope, _replay(body, receive), send, started)
+        finally:
+            admission.in_flight -= 1
+
+    async def _answer_in_time(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        """Run the app; if it has not started answering by the deadline, cancel it and answer 504."""
+        deadline = started + self.policy.request_timeout_s
+        answered = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal answered
+            answered = True
+            await send(message)
+
+        token = REQUEST_DEADLINE.set(deadline)
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            if answered:  # too late to change the status; the connection ends with the incomplete answer
+                raise
+            timeout = problem(
+                HTTPStatus.GATEWAY_TIMEOUT,
+                f"the request was not answered within {self.policy.request_timeout_s:g} s; retry later",
+            )
+            await timeout(scope, receive, send)
+        finally:
+            REQUEST_DEADLINE.reset(token)
 
     def _authorized(self, scope: Scope) -> bool:
         if not self.policy.api_token:
@@ -116,22 +188,25 @@ class RequestGuard:
         return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), expected)
 
     async def _checked_body(
-        self, scope: Scope, receive: Receive, max_files: int, text_fields: frozenset[str]
+        self, scope: Scope, receive: Receive, max_files: int, text_fields: Mapping[str, str]
     ) -> bytes:
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "multipart/form-data":
             raise _RejectedError(
-                problem(
-                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                    f"send multipart/form-data with the image in a `{FILE_FIELD}` field, not {media_type or 'no type'}",
+                _closing(
+                    problem(
+                        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                        f"send multipart/form-data with the image in a `{FILE_FIELD}` field, "
+                        f"not {media_type or 'no type'}",
+                    )
                 )
             )
         cap = self.policy.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             raise _RejectedError(_too_large(cap))
-        body = await _read_body(receive, cap)
+        body = await _read_body(receive, cap, self.policy.body_timeout_s, self.policy.body_idle_timeout_s)
         await _check_multipart(headers, body, max_files, text_fields)
         return body
 
@@ -145,15 +220,28 @@ def _unauthorized() -> JSONResponse:
 
 
 def _too_large(cap: int) -> JSONResponse:
-    return problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the {cap}-byte cap")
+    return _closing(problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the {cap}-byte cap"))
 
 
-async def _read_body(receive: Receive, cap: int) -> bytes:
-    """The whole body, or _RejectedError(413) as soon as it crosses `cap` (the rest is never read)."""
+def _too_slow(detail: str) -> _RejectedError:
+    return _RejectedError(_closing(problem(HTTPStatus.REQUEST_TIMEOUT, detail)))
+
+
+async def _read_body(receive: Receive, cap: int, total_s: float, idle_s: float) -> bytes:
+    """The whole body; _RejectedError 413 as soon as it crosses `cap`, 408 when it arrives too slowly."""
     chunks: list[bytes] = []
     size = 0
+    deadline = time.monotonic() + total_s
     while True:
-        message = await receive()
+        wait = min(idle_s, deadline - time.monotonic())
+        if wait <= 0:
+            raise _too_slow(f"the request body did not arrive within {total_s:g} s")
+        try:
+            message = await asyncio.wait_for(receive(), wait)
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise _too_slow(f"the request body did not arrive within {total_s:g} s") from None
+            raise _too_slow(f"the request body stalled for {idle_s:g} s") from None
         if message["type"] == "http.disconnect":
             raise _bad_request("client disconnected before the body was complete")
         chunk = message.get("body", b"")
@@ -165,7 +253,25 @@ async def _read_body(receive: Receive, cap: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _check_multipart(headers: Headers, body: bytes, max_files: int, text_fields: frozenset[str]) -> None:
+def _check_filename(name: str | None) -> None:
+    if name is None:
+        return
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
+        raise _bad_request(f"the file name is longer than {MAX_FILENAME_BYTES} bytes")
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        raise _bad_request("the file name contains control characters")
+
+
+def _check_text_field(name: str, value: str, kind: str) -> None:
+    if len(value) > MAX_TEXT_FIELD_CHARS:
+        raise _bad_request(f"`{name}` is longer than {MAX_TEXT_FIELD_CHARS} characters")
+    if kind == BOOLEAN and value.strip().lower() not in BOOLEAN_VALUES:
+        raise _bad_request(f"`{name}` must be true or false")
+    if kind == TEXT and value.lstrip()[:1] in ("[", "{", '"'):  # BentoML would parse JSON, to any depth
+        raise _bad_request(f"`{name}` must be plain text, not JSON")
+
+
+async def _check_multipart(headers: Headers, body: bytes, max_files: int, text_fields: Mapping[str, str]) -> None:
     async def stream() -> AsyncIterator[bytes]:
         yield body
 
@@ -178,11 +284,14 @@ async def _check_multipart(headers: Headers, body: bytes, max_files: int, text_f
         unexpected = sorted(set(names) - {FILE_FIELD, *text_fields})
         if unexpected:
             allowed = ", ".join(f"`{name}`" for name in [FILE_FIELD, *sorted(text_fields)])
-            raise _bad_request(f"unexpected field(s) {unexpected}; this route takes {allowed}")
-        for name in text_fields:
+            shown = [name[:40] for name in unexpected[:5]]
+            raise _bad_request(f"unexpected field(s) {shown}; this route takes {allowed}")
+        for name, kind in text_fields.items():
             values = form.getlist(name)
             if len(values) > 1 or any(isinstance(value, UploadFile) for value in values):
                 raise _bad_request(f"`{name}` must be a single text field")
+            for value in values:
+                _check_text_field(name, value, kind)
         values = form.getlist(FILE_FIELD)
         if not values:
             raise _bad_request(f"no `{FILE_FIELD}` part in the multipart body")
@@ -190,6 +299,8 @@ async def _check_multipart(headers: Headers, body: bytes, max_files: int, text_f
             raise _bad_request(f"`{FILE_FIELD}` must be an uploaded file (a part with a filename), not a string or URL")
         if len(values) > max_files:
             raise _bad_request(f"{len(values)} `{FILE_FIELD}` parts; the route takes at most {max_files}")
+        for value in values:
+            _check_filename(value.filename)
     finally:
         await form.close()
 

@@ -22,6 +22,7 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 REJECTION_REASONS: dict[int, str] = {
     HTTPStatus.BAD_REQUEST: "bad_request",
     HTTPStatus.UNAUTHORIZED: "unauthorized",
+    HTTPStatus.REQUEST_TIMEOUT: "slow_upload",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "too_large",
     HTTPStatus.UNSUPPORTED_MEDIA_TYPE: "format",
     HTTPStatus.UNPROCESSABLE_ENTITY: "corrupt",

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from models.preprocessing import DEFAULT_MAX_PIXELS
+from models.preprocessing import DEFAULT_MAX_PIXELS, DecodeLimits
 from models.store import DEFAULT_MODEL_NAME
 
 LOG_FORMATS = ("text", "json")
@@ -74,6 +74,16 @@ class Settings:
     model_tag: str
     max_body_bytes: int
     max_pixels: int
+    max_decode_bytes: int  # estimated peak memory of one decode (413 above it)
+    max_jpeg_scans: int  # scans a (progressive) JPEG may have (413 above it)
+    max_scan_pixels: int  # JPEG scans x pixels: the decoding work one upload may cost (413 above it)
+    decode_threads: int  # uploads decoded at once per worker: with max_decode_bytes, bounds decode memory
+    request_timeout_ms: int  # the guard answers 504 when a request has not been answered by then
+    body_timeout_ms: int  # an upload body must arrive within this (408)
+    body_idle_timeout_ms: int  # ... and never stall longer than this between two chunks (408)
+    header_timeout_ms: int  # a connection must send a request's headers within this, or it is closed
+    max_open_uploads: int  # upload bodies being received at once per worker; more get 503
+    max_queue_delay_ms: int  # refuse new uploads (503) while the model queue's oldest image waits longer
     abstain_threshold: float | None  # overrides the model card's when set
     ood_gate: bool  # quality gate + out-of-distribution score on every tile (off: for benchmarks only)
     ood_threshold: float | None  # overrides the model card's out-of-distribution threshold when set
@@ -89,6 +99,15 @@ class Settings:
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (default: none)
     sentry_dsn: str | None = field(default=None, repr=False)  # optional error tracking
 
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_pixels=self.max_pixels,
+            max_decoded_bytes=self.max_decode_bytes,
+            max_jpeg_scans=self.max_jpeg_scans,
+            max_scan_pixels=self.max_scan_pixels,
+        )
+
 
 def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping[str, str] | None = None) -> Settings:
     """Read the HISTO_* environment variables (defaults in `.env.example`).
@@ -103,6 +122,16 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         model_tag=pinned or env.get("HISTO_MODEL_TAG") or f"{DEFAULT_MODEL_NAME}:latest",
         max_body_bytes=_int(env, "HISTO_MAX_BODY_BYTES", 20 * 1024 * 1024, minimum=1024),
         max_pixels=_int(env, "HISTO_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
+        max_decode_bytes=_int(env, "HISTO_MAX_DECODE_BYTES", DecodeLimits.max_decoded_bytes, minimum=1024 * 1024),
+        max_jpeg_scans=_int(env, "HISTO_MAX_JPEG_SCANS", DecodeLimits.max_jpeg_scans, minimum=1),
+        max_scan_pixels=_int(env, "HISTO_MAX_SCAN_PIXELS", DecodeLimits.max_scan_pixels, minimum=1),
+        decode_threads=_int(env, "HISTO_DECODE_THREADS", 2, minimum=1),
+        request_timeout_ms=_int(env, "HISTO_REQUEST_TIMEOUT_MS", 20_000, minimum=100),
+        body_timeout_ms=_int(env, "HISTO_BODY_TIMEOUT_MS", 30_000, minimum=100),
+        body_idle_timeout_ms=_int(env, "HISTO_BODY_IDLE_TIMEOUT_MS", 5_000, minimum=100),
+        header_timeout_ms=_int(env, "HISTO_HEADER_TIMEOUT_MS", 10_000, minimum=100),
+        max_open_uploads=_int(env, "HISTO_MAX_OPEN_UPLOADS", 64, minimum=1),
+        max_queue_delay_ms=_int(env, "HISTO_MAX_QUEUE_DELAY_MS", 2_000, minimum=1),
         abstain_threshold=_probability_or_none(env, "HISTO_ABSTAIN_THRESHOLD"),
         ood_gate=_choice(env, "HISTO_OOD_GATE", SWITCH) == "on",
         ood_threshold=_positive_or_none(env, "HISTO_OOD_THRESHOLD"),
