@@ -24,7 +24,8 @@ def scan_bomb_jpeg(side: int = 2048, copies: int = 3000) -> bytes:
     budget every copy cost a pass over the whole image.
     """
     ramp = np.linspace(0, 255, side, dtype=np.float32)
-    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, -ramp) / 2 + 128, np.full((side, side), 128)], -1)
+    channels = [np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, -ramp) / 2 + 128, np.full((side, side), 128)]
+    pixels = np.stack(channels, -1)
     buffer = io.BytesIO()
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90, progressive=True)
     data = buffer.getvalue()
@@ -62,13 +63,15 @@ def large_flat_webp(side: int = 6000) -> bytes:
     return buffer.getvalue()
 
 
-def multipart(parts: list[tuple[str, str, bytes]], boundary: str = "hostile-boundary") -> tuple[bytes, str]:
-    """A multipart/form-data body of (field, filename, content) parts and its Content-Type."""
-    body = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n"
-        for field, filename, content in parts
-    )
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "hostile-boundary") -> tuple[bytes, str]:
+    """A multipart/form-data body of (field, filename or None for a text field, content) parts, and its
+    Content-Type. Nothing is escaped: file names go on the wire as given."""
+    def part(field: str, filename: str | None, content: bytes) -> bytes:
+        disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename is not None else "")
+        kind = "Content-Type: application/octet-stream\r\n" if filename is not None else ""
+        return f"--{boundary}\r\nContent-Disposition: {disposition}\r\n{kind}\r\n".encode() + content + b"\r\n"
+
+    body = b"".join(part(*p) for p in parts)
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
