@@ -46,7 +46,7 @@ from models.tf_environment import prefer_onednn
 from serving import front_door
 from serving.admission import Admission
 from serving.batcher import BatchTimeoutError, MicroBatcher
-from serving.connections import bound_header_time
+from serving.connections import bound_header_time, raise_open_file_limit
 from serving.error_tracking import init_error_tracking
 from serving.guard import BOOLEAN, REQUEST_DEADLINE, TEXT, GuardPolicy, RequestGuard
 from serving.logs import configure_logging
@@ -75,10 +75,13 @@ UI_FOLDER = Path(__file__).resolve().parent / "ui"
 HEAVY_DECODE_BYTES = 32 * 1024 * 1024
 HEAVY_DECODE_SCAN_PIXELS = 20_000_000
 # Per worker process: what it has admitted, shared by the front door, the guard and the batcher.
-ADMISSION = Admission(SETTINGS.max_in_flight, SETTINGS.max_open_uploads, SETTINGS.max_queue_delay_ms / 1000)
+ADMISSION = Admission(
+    SETTINGS.max_in_flight, SETTINGS.max_open_uploads, SETTINGS.max_queue_delay_ms / 1000, SETTINGS.max_buffered_bytes
+)
 # Both take effect when BentoML builds the worker's app and server, after this module is imported.
 front_door.install(KNOWN_ROUTES | PROBES, SERVED_PREFIXES, UPLOAD_ROUTES, ADMISSION)
 bound_header_time(SETTINGS.header_timeout_ms / 1000)
+raise_open_file_limit()  # thousands of half-open connections must not exhaust a 1,024-descriptor default
 
 
 class ModelRow(NamedTuple):

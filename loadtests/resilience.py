@@ -8,7 +8,12 @@ store, or --model), then in one run:
    growth in each (a leak keeps growing after the warm-up);
 3. overload: open-loop arrivals at --overload-factor x capacity; status counts,
    p99 of admitted requests, then recovery at 10 requests/s;
-4. worker killed (SIGKILL) under load: failed requests and the time from the
+4. what one refusal costs the workers, in core-ms (CPU time during the overload,
+   less the admitted requests at their cost during the capacity run, per refusal);
+5. resource exhaustion (loadtests/exhaustion.py): a normal client's latency while
+   200 stalled uploads are held and while 8 decode bombs are in flight, and each
+   worker's peak memory under the worst accepted inputs;
+6. worker killed (SIGKILL) under load: failed requests and the time from the
    kill to the next success.
 
     python -m loadtests.resilience [--model TAG] [--soak 10000]
@@ -34,6 +39,7 @@ import numpy as np
 import psutil
 
 from loadtests.client import Outcome, closed_loop, open_loop, post_file, session
+from loadtests.exhaustion import run_sections
 from loadtests.inprocess import sample_jpeg
 from loadtests.servers import RunningServer, start_server, stop_server
 
@@ -59,6 +65,10 @@ class Figures:
     overload_statuses: dict[str, int] = field(default_factory=dict)
     overload_admitted_p99_ms: float = 0.0
     overload_admitted_rps: float = 0.0
+    overload_goodput_share: float = 0.0  # admitted req/s under overload / capacity
+    capacity_core_ms_per_request: float = 0.0
+    refusal_core_ms: float = 0.0
+    exhaustion: dict[str, object] = field(default_factory=dict)
     recovery_statuses: dict[str, int] = field(default_factory=dict)
     recovery_p50_ms: float = 0.0
     kill_failed_requests: int = 0
@@ -73,6 +83,12 @@ def worker_pids(server: RunningServer) -> list[int]:
 
 def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes so far."""
+    times = [psutil.Process(pid).cpu_times() for pid in pids]
+    return sum(t.user + t.system for t in times)
 
 
 async def soak(url: str, payload: bytes, total: int, concurrency: int, sample: Callable[[], None]) -> Counter[str]:
@@ -125,7 +141,10 @@ def run(model_tag: str | None, soak_requests: int, overload_factor: float, workd
     env = {"HISTO_MODEL_TAG": model_tag} if model_tag else {}
     server = start_server("service:Histopathology", workdir / "serve.log", env=env)
     try:
+        workers = worker_pids(server)
+        cpu_before = cpu_seconds(workers)
         capacity = asyncio.run(closed_loop(f"{server.url}/predict", payload, 16, 10))
+        figures.capacity_core_ms_per_request = 1000 * (cpu_seconds(workers) - cpu_before) / max(capacity.requests, 1)
         figures.capacity_rps = capacity.requests_per_second
         logger.info("capacity: %.1f req/s at 16 clients", figures.capacity_rps)
 
@@ -150,13 +169,19 @@ def run(model_tag: str | None, soak_requests: int, overload_factor: float, workd
                     figures.soak_rss_after_mb)
 
         figures.overload_offered_rps = overload_factor * figures.capacity_rps
+        cpu_before = cpu_seconds(workers)
         results, figures.overload_sent_rps = asyncio.run(
             open_loop(f"{server.url}/predict", payload, figures.overload_offered_rps, OVERLOAD_SECONDS)
         )
+        overload_cpu_ms = 1000 * (cpu_seconds(workers) - cpu_before)
         figures.overload_statuses = dict(Counter(outcome for outcome, _, _ in results))
         admitted = [latency for outcome, latency, _ in results if outcome == "200"]
         figures.overload_admitted_p99_ms = float(np.percentile(admitted, 99) * 1000) if admitted else float("nan")
         figures.overload_admitted_rps = len(admitted) / OVERLOAD_SECONDS
+        figures.overload_goodput_share = figures.overload_admitted_rps / figures.capacity_rps
+        refused = sum(count for status, count in figures.overload_statuses.items() if status == "503")
+        admitted_cpu_ms = len(admitted) * figures.capacity_core_ms_per_request
+        figures.refusal_core_ms = max(0.0, overload_cpu_ms - admitted_cpu_ms) / max(refused, 1)
         logger.info("overload offered %.0f req/s (sent %.0f): %s, admitted p99 %.0f ms",
                     figures.overload_offered_rps, figures.overload_sent_rps, figures.overload_statuses,
                     figures.overload_admitted_p99_ms)
@@ -165,6 +190,13 @@ def run(model_tag: str | None, soak_requests: int, overload_factor: float, workd
         figures.recovery_statuses = dict(Counter(outcome for outcome, _, _ in recovery))
         figures.recovery_p50_ms = float(np.median([latency for _, latency, _ in recovery]) * 1000)
         logger.info("recovery at 10 req/s: %s, p50 %.1f ms", figures.recovery_statuses, figures.recovery_p50_ms)
+        logger.info("goodput under overload %.0f%% of capacity; %.2f core-ms per admitted request at capacity, "
+                    "about %.2f core-ms per refusal", 100 * figures.overload_goodput_share,
+                    figures.capacity_core_ms_per_request, figures.refusal_core_ms)
+
+        figures.exhaustion = run_sections(server.url, worker_pids(server), sample_jpeg(768))
+        for name, line in figures.exhaustion.items():
+            logger.info("normal client, %s: %s", name, line)
 
         failed, recovered_s, ok = asyncio.run(kill_worker_under_load(server, payload, 40))
         figures.kill_failed_requests, figures.kill_recovery_s, figures.kill_ok_requests = failed, recovered_s, ok

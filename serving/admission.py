@@ -20,8 +20,10 @@ class Admission:
     max_in_flight: int  # admitted uploads (body received) being served at once
     max_open_uploads: int  # upload bodies being received at once
     max_queue_delay_s: float  # refuse while images wait longer than this for the model
+    max_buffered_bytes: int = 256 * 1024 * 1024  # body bytes held for uploads still arriving
     in_flight: int = 0
     open_uploads: int = 0
+    buffered_bytes: int = 0
     _queue_delay_s: float = 0.0
     _queue_delay_at: float = float("-inf")
 
@@ -41,6 +43,8 @@ class Admission:
             return f"over capacity ({self.max_in_flight} requests in flight)"
         if self.open_uploads >= self.max_open_uploads:
             return f"over capacity ({self.max_open_uploads} uploads arriving)"
+        if self.buffered_bytes >= self.max_buffered_bytes:
+            return f"over capacity ({self.buffered_bytes >> 20} MiB of uploads arriving)"
         delay = self.queue_delay()
         if delay > self.max_queue_delay_s:
             return f"over capacity (images wait {delay:.1f} s for the model)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -58,3 +59,17 @@ def bound_header_time(timeout_s: float) -> None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         _patch(HttpToolsProtocol, timeout_s)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the new soft limit.
+
+    Each connection is a descriptor: at a 1,024 default, a few hundred slow clients plus the
+    server's own files stop `accept()`, and every new client waits.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft

@@ -206,7 +206,9 @@ class RequestGuard:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             raise _RejectedError(_too_large(cap))
-        body = await _read_body(receive, cap, self.policy.body_timeout_s, self.policy.body_idle_timeout_s)
+        body = await _read_body(
+            receive, cap, self.policy.body_timeout_s, self.policy.body_idle_timeout_s, self.policy.admission
+        )
         await _check_multipart(headers, body, max_files, text_fields)
         return body
 
@@ -227,30 +229,42 @@ def _too_slow(detail: str) -> _RejectedError:
     return _RejectedError(_closing(problem(HTTPStatus.REQUEST_TIMEOUT, detail)))
 
 
-async def _read_body(receive: Receive, cap: int, total_s: float, idle_s: float) -> bytes:
-    """The whole body; _RejectedError 413 as soon as it crosses `cap`, 408 when it arrives too slowly."""
+async def _read_body(receive: Receive, cap: int, total_s: float, idle_s: float, admission: Admission) -> bytes:
+    """The whole body; _RejectedError 413 as soon as it crosses `cap`, 408 when it arrives too slowly,
+    503 when the worker already holds as many bytes of arriving uploads as it may."""
     chunks: list[bytes] = []
     size = 0
     deadline = time.monotonic() + total_s
-    while True:
-        wait = min(idle_s, deadline - time.monotonic())
-        if wait <= 0:
-            raise _too_slow(f"the request body did not arrive within {total_s:g} s")
-        try:
-            message = await asyncio.wait_for(receive(), wait)
-        except TimeoutError:
-            if time.monotonic() >= deadline:
-                raise _too_slow(f"the request body did not arrive within {total_s:g} s") from None
-            raise _too_slow(f"the request body stalled for {idle_s:g} s") from None
-        if message["type"] == "http.disconnect":
-            raise _bad_request("client disconnected before the body was complete")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            raise _RejectedError(_too_large(cap))
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        while True:
+            message = await _next_chunk(receive, deadline, total_s, idle_s)
+            if message["type"] == "http.disconnect":
+                raise _bad_request("client disconnected before the body was complete")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            admission.buffered_bytes += len(chunk)
+            if size > cap:
+                raise _RejectedError(_too_large(cap))
+            if admission.buffered_bytes > admission.max_buffered_bytes and message.get("more_body", False):
+                raise _RejectedError(overloaded(admission) or _too_large(cap))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    finally:
+        admission.buffered_bytes -= size
+
+
+async def _next_chunk(receive: Receive, deadline: float, total_s: float, idle_s: float) -> Message:
+    """The next body message, or _RejectedError 408 past the body's deadline or its idle limit."""
+    wait = min(idle_s, deadline - time.monotonic())
+    if wait <= 0:
+        raise _too_slow(f"the request body did not arrive within {total_s:g} s")
+    try:
+        return await asyncio.wait_for(receive(), wait)
+    except TimeoutError:
+        if time.monotonic() >= deadline:
+            raise _too_slow(f"the request body did not arrive within {total_s:g} s") from None
+        raise _too_slow(f"the request body stalled for {idle_s:g} s") from None
 
 
 def _check_filename(name: str | None) -> None:

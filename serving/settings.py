@@ -83,6 +83,7 @@ class Settings:
     body_idle_timeout_ms: int  # ... and never stall longer than this between two chunks (408)
     header_timeout_ms: int  # a connection must send a request's headers within this, or it is closed
     max_open_uploads: int  # upload bodies being received at once per worker; more get 503
+    max_buffered_bytes: int  # bytes of upload bodies still arriving a worker may hold; more get 503
     max_queue_delay_ms: int  # refuse new uploads (503) while the model queue's oldest image waits longer
     abstain_threshold: float | None  # overrides the model card's when set
     ood_gate: bool  # quality gate + out-of-distribution score on every tile (off: for benchmarks only)
@@ -130,7 +131,10 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         body_timeout_ms=_int(env, "HISTO_BODY_TIMEOUT_MS", 30_000, minimum=100),
         body_idle_timeout_ms=_int(env, "HISTO_BODY_IDLE_TIMEOUT_MS", 5_000, minimum=100),
         header_timeout_ms=_int(env, "HISTO_HEADER_TIMEOUT_MS", 10_000, minimum=100),
-        max_open_uploads=_int(env, "HISTO_MAX_OPEN_UPLOADS", 64, minimum=1),
+        # Many: a stalled upload holds nothing but its bytes (bounded below) until its 408; a few hundred
+        # of them must not turn fast clients away.
+        max_open_uploads=_int(env, "HISTO_MAX_OPEN_UPLOADS", 1000, minimum=1),
+        max_buffered_bytes=_int(env, "HISTO_MAX_BUFFERED_BYTES", 256 * 1024 * 1024, minimum=1024 * 1024),
         max_queue_delay_ms=_int(env, "HISTO_MAX_QUEUE_DELAY_MS", 2_000, minimum=1),
         abstain_threshold=_probability_or_none(env, "HISTO_ABSTAIN_THRESHOLD"),
         ood_gate=_choice(env, "HISTO_OOD_GATE", SWITCH) == "on",
