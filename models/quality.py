@@ -107,8 +107,9 @@ class QualityReport(BaseModel):
     )
     background_fraction: float = Field(description="share of near-white (unstained) pixels")
     stain_fraction: float = Field(description="share of tissue pixels whose colour the training stains explain")
-    stain_distance: float = Field(
-        description="distance of the tile's mean stain colour from the training tiles' (Mahalanobis, in their spreads)"
+    stain_distance: float | None = Field(
+        description="distance of the tile's mean stain colour from the training tiles' (Mahalanobis, in their "
+        "spreads); null when the tile has no tissue pixels at all"
     )
     saturation: float = Field(description="mean colour saturation of the tissue pixels (0: grey)")
     focus: float = Field(description="variance of the Laplacian of the grey image (sharpness)")
@@ -227,7 +228,7 @@ def assess_batch(images: np.ndarray, gate: QualityGate) -> list[QualityReport]:
     for index in range(len(images)):
         measures = {name: float(values[index]) for name, values in columns.items()}
         failed = failed_checks(measures, gate)
-        shown = {name: round(min(value, 1e9), 4) for name, value in measures.items()}  # JSON has no infinity
+        shown = {name: round(value, 4) if np.isfinite(value) else None for name, value in measures.items()}
         reports.append(QualityReport(passed=not failed, failed_checks=failed, **shown))
     return reports
 

@@ -34,8 +34,10 @@ function reasonText(reason, result) {
     out_of_distribution: `Its features are far from every class the model learned (score ${result.ood_score} ` +
       `above the threshold ${result.ood_threshold}).`,
     background: `It is mostly empty glass (${percent(q.background_fraction)} background).`,
-    stain: `Its colours are not the stains the model was trained on (${percent(q.stain_fraction)} of the tissue ` +
-      `pixels match; colour distance ${q.stain_distance}).`,
+    stain: q.stain_distance === null
+      ? "It has no stained tissue at all."
+      : `Its colours are not the stains the model was trained on (${percent(q.stain_fraction)} of the tissue ` +
+        `pixels match; colour distance ${q.stain_distance}).`,
     saturation: `Its colour saturation (${q.saturation}) is outside the training tiles' range: grey-scale, or ` +
       "more vivid than stained tissue.",
     blur: `It has too little detail: out of focus or flat (focus ${q.focus}).`,
@@ -84,7 +86,8 @@ function showPrediction(result) {
     item.append(label, bar, value);
     bars.append(item);
   }
-  $("explained-class").textContent = result.explained_class;
+  // Out of scope, the heat map is still there to look at, but it names no class.
+  $("explained-class").textContent = outOfScope ? "no class" : result.explained_class;
   $("result").hidden = false;
   $("no-result").hidden = true;
 }
