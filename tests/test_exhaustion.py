@@ -242,7 +242,7 @@ def impatient_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFacto
 
 
 def test_a_request_past_its_deadline_gets_a_problem_504_with_its_id(impatient_server):
-    slow = progressive_jpeg(3000)  # ~0.2 s of decoding here, twice the deadline
+    slow = progressive_jpeg(3600)  # ~0.3 s of decoding here, three times the deadline
     response = httpx.post(f"{impatient_server.url}/predict", files={"file": ("big.jpeg", slow)},
                           headers={"X-Request-ID": "deadline-test-1"}, timeout=30)
     assert_problem(response, 504)
