@@ -67,21 +67,17 @@ async def normal_client(url: str, payload: bytes, seconds: float, clients: int =
 def stalled_uploads(url: str, payload: bytes, count: int = 200) -> Iterator[None]:
     """`count` uploads that sent half their body and then trickle a byte every 2 s."""
     connections = [stalled_upload(url, payload) for _ in range(count)]
-    stop = threading.Event()
 
-    def trickle() -> None:
+    def trickle(stop: threading.Event) -> None:
         while not stop.wait(2.0):
             for connection in connections:
                 with contextlib.suppress(OSError):
                     connection.send(b"x")
 
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
     try:
-        yield
+        with _thread_until_done(trickle):
+            yield
     finally:
-        stop.set()
-        thread.join()
         for connection in connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
@@ -97,11 +93,23 @@ def expensive_accepted_jpeg(side: int = 4000) -> bytes:
 
 
 @contextlib.contextmanager
+def _thread_until_done(work: Callable[[threading.Event], None]) -> Iterator[None]:
+    """Run `work(stop)` in a thread while the block runs; set `stop` and wait for it at the end."""
+    stop = threading.Event()
+    thread = threading.Thread(target=work, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
 def background(make: Callable[[], asyncio.Future]) -> Iterator[None]:
     """Run the coroutine `make()` builds in its own thread and event loop until the block ends."""
-    stop = threading.Event()
 
-    async def runner() -> None:
+    async def runner(stop: threading.Event) -> None:
         task = asyncio.ensure_future(make())
         while not stop.is_set():
             await asyncio.sleep(0.1)
@@ -109,13 +117,8 @@ def background(make: Callable[[], asyncio.Future]) -> Iterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    thread = threading.Thread(target=asyncio.run, args=(runner(),), daemon=True)
-    thread.start()
-    try:
+    with _thread_until_done(lambda stop: asyncio.run(runner(stop))):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 async def keep_posting(url: str, payloads: list[bytes], in_flight: int) -> None:

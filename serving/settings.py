@@ -8,7 +8,7 @@ variable, so a typo stops the service at start instead of misbehaving later.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from models.preprocessing import DEFAULT_MAX_PIXELS, DecodeLimits
@@ -36,7 +36,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _probability_or_none(env: Mapping[str, str], name: str) -> float | None:
+def _float_or_none(env: Mapping[str, str], name: str, valid: Callable[[float], bool], rule: str) -> float | None:
     raw = env.get(name, "")
     if raw == "":
         return None
@@ -44,22 +44,17 @@ def _probability_or_none(env: Mapping[str, str], name: str) -> float | None:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise SettingsError(f"{name}={value} must be between 0 and 1")
+    if not valid(value):
+        raise SettingsError(f"{name}={value} must be {rule}")
     return value
+
+
+def _probability_or_none(env: Mapping[str, str], name: str) -> float | None:
+    return _float_or_none(env, name, lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
 
 
 def _positive_or_none(env: Mapping[str, str], name: str) -> float | None:
-    raw = env.get(name, "")
-    if raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not value > 0.0:
-        raise SettingsError(f"{name}={value} must be positive")
-    return value
+    return _float_or_none(env, name, lambda value: value > 0.0, "positive")
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:

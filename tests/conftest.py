@@ -101,16 +101,23 @@ def reference(tiny_model_tag: str) -> Reference:
     return Reference(stored, predictor)
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A real `bentoml serve service:Histopathology` serving the tiny model."""
+def serve_tiny_model(
+    tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
+) -> Iterator[RunningServer]:
+    """For a fixture: a real `bentoml serve service:Histopathology` of the tiny model with these HISTO_* settings."""
     running = start_server(
         "service:Histopathology",
-        tmp_path_factory.mktemp("server") / "serve.log",
-        env={"HISTO_MODEL_TAG": tiny_model_tag},
+        tmp_path_factory.mktemp(name) / "serve.log",
+        env={"HISTO_MODEL_TAG": tiny_model_tag, **settings},
     )
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A real `bentoml serve service:Histopathology` serving the tiny model."""
+    yield from serve_tiny_model(tiny_model_tag, tmp_path_factory, "server")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from loadtests.hostile import (
     stalled_upload,
     thin_png,
 )
-from loadtests.servers import RunningServer, start_server, stop_server
+from loadtests.servers import RunningServer
 from models.preprocessing import (
     CorruptImageError,
     DecodeAbandonedError,
@@ -36,6 +36,7 @@ from models.preprocessing import (
     decode_upload,
 )
 from serving.memory import TRIM_AFTER_BYTES, release_heap
+from tests.conftest import serve_tiny_model
 from tests.test_service import assert_problem, fresh_tile
 
 PROBLEM = "application/problem+json"
@@ -103,20 +104,10 @@ def test_heap_is_trimmed_only_after_large_decodes():
 @pytest.fixture(scope="module")
 def budget_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One worker, 4 requests in flight, bodies within 4 s (no pause over 1.5 s), headers within 1.5 s."""
-    running = start_server(
-        "service:Histopathology",
-        tmp_path_factory.mktemp("budget") / "serve.log",
-        env={
-            "HISTO_MODEL_TAG": tiny_model_tag,
-            "HISTO_WORKERS": "1",
-            "HISTO_MAX_IN_FLIGHT": "4",
-            "HISTO_BODY_TIMEOUT_MS": "4000",
-            "HISTO_BODY_IDLE_TIMEOUT_MS": "1500",
-            "HISTO_HEADER_TIMEOUT_MS": "1500",
-        },
+    yield from serve_tiny_model(
+        tiny_model_tag, tmp_path_factory, "budget", HISTO_WORKERS="1", HISTO_MAX_IN_FLIGHT="4",
+        HISTO_BODY_TIMEOUT_MS="4000", HISTO_BODY_IDLE_TIMEOUT_MS="1500", HISTO_HEADER_TIMEOUT_MS="1500",
     )
-    yield running
-    stop_server(running)
 
 
 def post(url: str, data: bytes, route: str = "/predict", name: str = "tile.jpeg", **fields: str) -> httpx.Response:
@@ -232,13 +223,8 @@ def test_client_errors_are_one_line_without_traceback_or_upload_bytes(budget_ser
 @pytest.fixture(scope="module")
 def impatient_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """A service that must answer every request within 100 ms."""
-    running = start_server(
-        "service:Histopathology",
-        tmp_path_factory.mktemp("impatient") / "serve.log",
-        env={"HISTO_MODEL_TAG": tiny_model_tag, "HISTO_WORKERS": "1", "HISTO_REQUEST_TIMEOUT_MS": "100"},
-    )
-    yield running
-    stop_server(running)
+    yield from serve_tiny_model(tiny_model_tag, tmp_path_factory, "impatient", HISTO_WORKERS="1",
+                                HISTO_REQUEST_TIMEOUT_MS="100")
 
 
 def test_a_request_past_its_deadline_gets_a_problem_504_with_its_id(impatient_server):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests.servers import RunningServer, start_server, stop_server
-from tests.conftest import encode
+from loadtests.servers import RunningServer
+from tests.conftest import encode, serve_tiny_model
 from tests.test_observability import delta, samples
 from tests.test_service import fresh_tile
 from training.synthetic import render_tile
@@ -91,25 +91,14 @@ def test_flagged_answers_are_counted_by_reason(server):
 @pytest.fixture(scope="module")
 def lenient_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The tiny model with an operator's out-of-distribution threshold far above any score."""
-    running = start_server(
-        "service:Histopathology",
-        tmp_path_factory.mktemp("lenient") / "serve.log",
-        env={"HISTO_MODEL_TAG": tiny_model_tag, "HISTO_OOD_THRESHOLD": "1000000", "HISTO_WORKERS": "1"},
-    )
-    yield running
-    stop_server(running)
+    yield from serve_tiny_model(tiny_model_tag, tmp_path_factory, "lenient", HISTO_OOD_THRESHOLD="1000000",
+                                HISTO_WORKERS="1")
 
 
 @pytest.fixture(scope="module")
 def gate_off_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The tiny model with the gate and the score switched off (how the benchmark measures their cost)."""
-    running = start_server(
-        "service:Histopathology",
-        tmp_path_factory.mktemp("gate-off") / "serve.log",
-        env={"HISTO_MODEL_TAG": tiny_model_tag, "HISTO_OOD_GATE": "off", "HISTO_WORKERS": "1"},
-    )
-    yield running
-    stop_server(running)
+    yield from serve_tiny_model(tiny_model_tag, tmp_path_factory, "gate-off", HISTO_OOD_GATE="off", HISTO_WORKERS="1")
 
 
 def test_an_operator_threshold_replaces_the_cards(lenient_server, reference):
