@@ -1,4 +1,4 @@
-"""The BentoML service: the HTTP contract of DESIGN.md section 5. Thin glue.
+"""The BentoML service: the HTTP contract README.md documents (Serving). Thin glue.
 
 Each request is decoded and validated by `models.preprocessing.decode_image`
 in a worker thread first, so a bad upload is answered with its 4xx and never

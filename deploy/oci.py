@@ -5,8 +5,8 @@ With a working Docker daemon this is plain ``bentoml containerize`` on the stock
 daemon, no Docker Hub), the SAME Bento is containerized with buildah, and only
 the first ``FROM`` is swapped (``buildah build --from``) for a base made here
 from Debian packages (bookworm: Python 3.11, plus uv and the host's extra CA
-certificates, which the TLS-intercepting egress proxy needs). The recipe is
-../shared/CONTAINERS.md. Everything buildah writes stays under one work folder.
+certificates, which the TLS-intercepting egress proxy needs); README.md
+(The container) describes it. Everything buildah writes stays under one work folder.
 
     python -m deploy.oci build BENTO_TAG [--tag IMAGE]   # prints the image tag and size
     python -m deploy.oci run IMAGE [--port 3000]        # serves on 127.0.0.1 until Ctrl-C, then cleans up

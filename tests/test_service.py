@@ -191,7 +191,7 @@ def _corrupt_png(tile: Image.Image) -> bytes:
 
 
 ERROR_TABLE = [
-    # (case, payload factory, status) for the rows of DESIGN.md's table the decoder covers
+    # (case, payload factory, status) for the rows of README.md's error table the decoder covers
     ("zero-byte file", lambda tile: b"", 400),
     ("decompression bomb", lambda tile: _bomb_png(), 413),
     ("plain text", lambda tile: b"hello, this is not an image\n", 415),
