@@ -59,6 +59,7 @@ _UNSUPPORTED_JPEG_FRAMES = {0xC3: "lossless", 0xC5: "hierarchical", 0xC6: "hiera
                             0xC9: "arithmetic-coded", 0xCA: "arithmetic-coded", 0xCB: "lossless",
                             0xCD: "arithmetic-coded", 0xCE: "arithmetic-coded", 0xCF: "lossless"}
 _JPEG_FRAMES = {0xC0, 0xC1, 0xC2, *_UNSUPPORTED_JPEG_FRAMES}
+_BOMB = "the image has more pixels than the decoder's bomb guard allows"
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def _open(data: bytes, fmt: str) -> Image.Image:
         # Restricting `formats` stops PIL from trying every other parser.
         return Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError("the image has more pixels than the decoder's bomb guard allows") from exc
+        raise ImageTooLargeError(_BOMB) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         # PIL's messages can name internal objects (<_io.BytesIO object at 0x...>): say it plainly.
         raise CorruptImageError(f"cannot read the {fmt} header: the file is damaged or not really {fmt}") from exc
@@ -360,9 +361,10 @@ def finish_decode(prepared: PreparedDecode, deadline: float | None = None) -> np
         except ImageDecodeError:
             raise
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError("the image has more pixels than the decoder's bomb guard allows") from exc
+            raise ImageTooLargeError(_BOMB) from exc
         except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, ZeroDivisionError) as exc:
-            # PIL reports truncation and damaged streams through these; its messages stay in the log.
+            # PIL reports truncation and damaged streams through these; its own message (chained as the
+            # cause) can name internal objects, so the client gets a plain one.
             raise CorruptImageError(f"cannot decode the {fmt} image: it is truncated or damaged") from exc
     array = np.asarray(resized, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or (size is not None and array.shape[:2] != (size, size)):

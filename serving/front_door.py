@@ -20,7 +20,6 @@ and are logged as one summary line a second, not one line each.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -31,9 +30,8 @@ from http import HTTPStatus
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.admission import Admission
-from serving.guard import RETRY_AFTER_S
+from serving.guard import overload_response
 from serving.metrics import service_metrics
-from serving.problems import PROBLEM_MEDIA_TYPE, problem_body
 
 logger = logging.getLogger(__name__)
 
@@ -71,21 +69,6 @@ class _RefusalLog:
             self.count, self.since = 0, now
 
 
-async def _refuse(send: Send, reason: str) -> None:
-    """The 503 problem, written straight to the connection: no response object, body never read."""
-    body = json.dumps(problem_body(HTTPStatus.SERVICE_UNAVAILABLE, f"{reason}; retry after {RETRY_AFTER_S} s"))
-    encoded = body.encode()
-    headers = [
-        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-        (b"content-length", str(len(encoded)).encode()),
-        (b"retry-after", str(RETRY_AFTER_S).encode()),
-        (b"connection", b"close"),
-        (b"x-request-id", uuid.uuid4().hex.encode()),
-    ]
-    await send({"type": "http.response.start", "status": HTTPStatus.SERVICE_UNAVAILABLE, "headers": headers})
-    await send({"type": "http.response.body", "body": encoded})
-
-
 class _RestorePath:
     """Under BentoML's metrics middleware: give the app the real path back."""
 
@@ -120,7 +103,7 @@ def front_door_class(metrics_middleware: type) -> type:
             path = scope["path"]
             is_upload = path in config.upload_routes and scope["method"] == "POST"
             if is_upload and (reason := config.admission.refusal()) is not None:
-                await _refuse(send, reason)
+                await overload_response(reason, uuid.uuid4().hex)(scope, receive, send)
                 service_metrics().reject(HTTPStatus.SERVICE_UNAVAILABLE)
                 self._refusals.note(reason)
                 return

@@ -66,7 +66,7 @@ REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", defa
 
 
 class _RejectedError(Exception):
-    def __init__(self, response: JSONResponse) -> None:
+    def __init__(self, response: ASGIApp) -> None:
         self.response = response
 
 
@@ -94,18 +94,31 @@ class GuardPolicy:
     text_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
-def overloaded(admission: Admission) -> JSONResponse | None:
+def overload_response(reason: str, request_id: str | None = None) -> ASGIApp:
+    """The 503 problem for an upload a full worker will not take: `Retry-After`, connection closed (its
+    body is never read), written straight to the connection because under overload it is sent thousands
+    of times a second. `request_id` is for callers outside the request log, which adds it otherwise."""
+    body = json.dumps(problem_body(HTTPStatus.SERVICE_UNAVAILABLE, f"{reason}; retry after {RETRY_AFTER_S} s"))
+    encoded = body.encode()
+    headers = [
+        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+        (b"content-length", str(len(encoded)).encode()),
+        (b"retry-after", str(RETRY_AFTER_S).encode()),
+        (b"connection", b"close"),
+        *([(b"x-request-id", request_id.encode())] if request_id else []),
+    ]
+
+    async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": HTTPStatus.SERVICE_UNAVAILABLE, "headers": headers})
+        await send({"type": "http.response.body", "body": encoded})
+
+    return respond
+
+
+def overloaded(admission: Admission) -> ASGIApp | None:
     """The 503 for an upload the worker cannot take now, or None."""
     reason = admission.refusal()
-    if reason is None:
-        return None
-    return _closing(
-        problem(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            f"{reason}; retry after {RETRY_AFTER_S} s",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    )
+    return None if reason is None else overload_response(reason)
 
 
 class RequestGuard:
@@ -246,7 +259,8 @@ async def _read_body(receive: Receive, cap: int, total_s: float, idle_s: float, 
             if size > cap:
                 raise _RejectedError(_too_large(cap))
             if admission.buffered_bytes > admission.max_buffered_bytes and message.get("more_body", False):
-                raise _RejectedError(overloaded(admission) or _too_large(cap))
+                # The byte budget is spent, so the admission names it (or an earlier limit it hit first).
+                raise _RejectedError(overload_response(admission.refusal() or "over capacity"))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

@@ -27,7 +27,7 @@ import numpy as np
 
 from models.inference import Predictor
 from models.preprocessing import ImageDecodeError, decode_image
-from models.quality import assess
+from models.quality import assess_batch
 from models.store import StoredModel, load_model
 from training import data
 from training.synthetic import generate_dataset
@@ -36,14 +36,16 @@ logger = logging.getLogger(__name__)
 
 
 def flag_reasons(stored: StoredModel, images: np.ndarray) -> list[list[str]]:
-    """Per image: the reasons it would be flagged (failed checks, out_of_distribution); empty if not."""
+    """Per image (N, S, S, 3): the reasons it would be flagged (out_of_distribution, failed checks), in the
+    service's order; empty if not."""
     card = stored.card
     ood = card.out_of_distribution
     predictor = Predictor(stored.model, card.input_size, card.calibration_temperature, ood.feature_layers)
     scores = stored.ood_scorer(predictor.outputs_in_batches(images).features)
+    reports = assess_batch(images, card.quality_gate)
     return [
-        ["out_of_distribution"] * bool(score > ood.threshold) + assess(image, card.quality_gate).failed_checks
-        for image, score in zip(images, scores, strict=True)
+        ["out_of_distribution"] * bool(score > ood.threshold) + report.failed_checks
+        for score, report in zip(scores, reports, strict=True)
     ]
 
 
@@ -62,16 +64,18 @@ def fresh_tiles(stored: StoredModel, per_class: int, seed: int) -> str:
 def image_folder(stored: StoredModel, folder: Path) -> str:
     """A line per image and a summary: flagged, refused (the 4xx the service would give) or answered."""
     lines, outcomes = [], Counter()
+    decoded: dict[str, np.ndarray] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
         try:
-            image = decode_image(path, stored.card.input_size)
+            decoded[name] = decode_image(path, stored.card.input_size)
         except ImageDecodeError as exc:
             outcomes["refused"] += 1
-            lines.append(f"{path.name}: refused ({type(exc).__name__})")
-            continue
-        reasons = flag_reasons(stored, image[None])[0]
-        outcomes["flagged" if reasons else "ANSWERED"] += 1
-        lines.append(f"{path.name}: {', '.join(reasons) if reasons else 'ANSWERED as tissue'}")
+            lines.append(f"{name}: refused ({type(exc).__name__})")
+    if decoded:  # one traced graph and one batch for all of them
+        for name, reasons in zip(decoded, flag_reasons(stored, np.stack(list(decoded.values()))), strict=True):
+            outcomes["flagged" if reasons else "ANSWERED"] += 1
+            lines.append(f"{name}: {', '.join(reasons) if reasons else 'ANSWERED as tissue'}")
     total = sum(outcomes.values())
     caught = outcomes["flagged"] + outcomes["refused"]
     lines.append(f"{folder}: {caught} of {total} flagged or refused ({100 * caught / max(total, 1):.1f}%); "
