@@ -49,14 +49,15 @@ from serving.admission import Admission
 from serving.batcher import BatchTimeoutError, MicroBatcher
 from serving.connections import bound_header_time, raise_open_file_limit
 from serving.error_tracking import init_error_tracking
-from serving.guard import BOOLEAN, REQUEST_DEADLINE, TEXT, GuardPolicy, RequestGuard
+from serving.guard import REQUEST_DEADLINE, GuardPolicy, RequestGuard
 from serving.logs import configure_logging
 from serving.memory import release_heap
 from serving.metrics import ServiceMetrics, service_metrics
 from serving.model_check import check_model_can_serve
 from serving.predictions import ExplainedPrediction, Prediction, TrustEvidence, to_prediction
-from serving.problems import decode_problem, problem
+from serving.problems import Problem, answers_problems, problem
 from serving.request_log import RequestLog, note
+from serving.routes import route_facts
 from serving.settings import load_settings
 from serving.tracing import configured_exporter, service_tracing_config
 
@@ -66,11 +67,10 @@ T = TypeVar("T")
 # Read when BentoML imports this module: the decorators below need them.
 SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
-UPLOAD_ROUTES = {"/predict": 1, "/predict_batch": SETTINGS.max_files_per_request, "/explain": 1}
-EXPLAIN_FIELDS = {"target_class": TEXT, "include_map": BOOLEAN}
-KNOWN_ROUTES = {*UPLOAD_ROUTES, "/model", "/model/report", "/ui", "/ui/", "/docs.json", "/"}
+# BentoML's own routes; ours are read from the routes themselves (serving/routes.py).
+BENTOML_ROUTES = {"/docs.json", "/"}
 PROBES = {"/healthz", "/livez", "/readyz", "/metrics"}
-SERVED_PREFIXES = ("/ui/", "/model/report/", "/static_content/")  # everything under these is served
+BENTOML_PREFIXES = ("/static_content/",)
 UI_FOLDER = Path(__file__).resolve().parent / "ui"
 # A decode over either goes to the worker's single "heavy" decode thread, so cheap tiles never queue
 # behind it (a 768 px JPEG tile: ~4 MB and 6 M scan-pixels; these are ~50 ms of decoding and up).
@@ -80,8 +80,7 @@ HEAVY_DECODE_SCAN_PIXELS = 20_000_000
 ADMISSION = Admission(
     SETTINGS.max_in_flight, SETTINGS.max_open_uploads, SETTINGS.max_queue_delay_ms / 1000, SETTINGS.max_buffered_bytes
 )
-# Both take effect when BentoML builds the worker's app and server, after this module is imported.
-front_door.install(KNOWN_ROUTES | PROBES, SERVED_PREFIXES, UPLOAD_ROUTES, ADMISSION)
+# Takes effect when BentoML builds the worker's server, after this module is imported.
 bound_header_time(SETTINGS.header_timeout_ms / 1000)
 raise_open_file_limit()  # thousands of half-open connections must not exhaust a 1,024-descriptor default
 
@@ -310,55 +309,58 @@ class Histopathology:
             self.metrics.flagged.labels(reason=reason).inc()
         return prediction
 
-    async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction] | JSONResponse:
-        """Decode one upload and classify it through the batcher; a problem response if either fails."""
+    async def _decode_or_problem(
+        self, path: Path, full_size: bool = False, budget: _PixelBudget | None = None, part: str = "file"
+    ) -> np.ndarray:
+        """:meth:`_decode`, its failures raised as the problem they answer with."""
         try:
-            image = await self._decode(file)
+            return await self._decode(path, full_size, budget)
         except ImageDecodeError as exc:
-            return decode_problem(exc)
+            raise Problem.from_decode_error(exc, part) from None
         except DecodeAbandonedError as exc:  # its deadline passed: the guard has answered 504 already
-            return _too_slow(exc)
+            raise _too_slow(exc) from None
+
+    async def _model_rows(self, images: list[np.ndarray]) -> list[ModelRow]:
         try:
-            return image, self._prediction(await self.batcher.submit(image))
+            return await asyncio.gather(*(self.batcher.submit(image) for image in images))
         except BatchTimeoutError as exc:
-            return _too_slow(exc)
+            raise _too_slow(exc) from None
+
+    async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction]:
+        """Decode one upload and classify it through the batcher (the decoded image too)."""
+        image = await self._decode_or_problem(file)
+        [row] = await self._model_rows([image])
+        return image, self._prediction(row)
 
     @bentoml.api(route="/predict")
+    @answers_problems
     async def predict(self, file: Path) -> Prediction:
         """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF)."""
-        # Errors are returned as problem+json responses, which BentoML passes through.
-        classified = await self._classify(file)
-        if isinstance(classified, JSONResponse):
-            return classified
-        _, prediction = classified
+        _, prediction = await self._classify(file)
         note(predicted_class=prediction.predicted_class, uncertain=prediction.uncertain, **_reasons(prediction))
         return prediction
 
     @bentoml.api(route="/predict_batch")
+    @answers_problems
     async def predict_batch(self, file: list[Path]) -> list[Prediction]:
         """Classify several tiles sent as repeated `file` parts; results in the same order."""
         if not file:
-            return problem(HTTPStatus.BAD_REQUEST, "send at least one `file` part")
+            raise Problem(HTTPStatus.BAD_REQUEST, "send at least one `file` part")
         # All parts together may not decode more pixels than one image may have: spent as headers are read.
         budget = _PixelBudget(SETTINGS.max_pixels)
-        decoded = await asyncio.gather(*(self._decode(path, budget=budget) for path in file), return_exceptions=True)
-        for index, result in enumerate(decoded):
-            if isinstance(result, ImageDecodeError):
-                return decode_problem(result, part=f"file[{index}]")
-            if isinstance(result, DecodeAbandonedError):
-                return _too_slow(result)
+        decoded = await asyncio.gather(
+            *(self._decode_or_problem(path, budget=budget, part=f"file[{i}]") for i, path in enumerate(file)),
+            return_exceptions=True,
+        )
+        for result in decoded:  # the first bad part, in the order sent, names the problem
             if isinstance(result, BaseException):
                 raise result
-        images: list[np.ndarray] = decoded  # all arrays now
-        try:
-            rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
-        except BatchTimeoutError as exc:
-            return _too_slow(exc)
-        predictions = [self._prediction(row) for row in rows]
+        predictions = [self._prediction(row) for row in await self._model_rows(decoded)]
         note(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 
     @bentoml.api(route="/explain")
+    @answers_problems
     async def explain(
         self, file: Path, target_class: str | None = None, include_map: bool = False
     ) -> ExplainedPrediction:
@@ -370,17 +372,10 @@ class Histopathology:
 
         class_names = self.stored.card.class_names
         if target_class is not None and target_class not in class_names:
-            return problem(HTTPStatus.BAD_REQUEST, f"target_class {target_class!r} is not one of {class_names}")
-        classified = await self._classify(file)
-        if isinstance(classified, JSONResponse):
-            return classified
-        image, prediction = classified
-        try:  # the upload at its own size, for the overlay; it decoded once already
-            full_image = await self._decode(file, full_size=True)
-        except ImageDecodeError as exc:
-            return decode_problem(exc)
-        except DecodeAbandonedError as exc:
-            return _too_slow(exc)
+            raise Problem(HTTPStatus.BAD_REQUEST, f"target_class {target_class!r} is not one of {class_names}")
+        image, prediction = await self._classify(file)
+        # The upload at its own size, for the overlay; it decoded once already.
+        full_image = await self._decode_or_problem(file, full_size=True)
         explained = target_class or prediction.predicted_class
         async with self._explaining:
             explanation = await asyncio.to_thread(
@@ -404,8 +399,8 @@ def _reasons(prediction: Prediction) -> dict[str, str]:
     return {"reasons": ",".join(prediction.reasons)} if prediction.reasons else {}
 
 
-def _too_slow(error: BatchTimeoutError | DecodeAbandonedError) -> JSONResponse:
-    return problem(HTTPStatus.GATEWAY_TIMEOUT, f"the image was not classified in time ({error}); retry later")
+def _too_slow(error: BatchTimeoutError | DecodeAbandonedError) -> Problem:
+    return Problem(HTTPStatus.GATEWAY_TIMEOUT, f"the image was not classified in time ({error}); retry later")
 
 
 if SETTINGS.cors_origins:  # outermost, so preflight requests never need the token
@@ -416,18 +411,22 @@ if SETTINGS.cors_origins:  # outermost, so preflight requests never need the tok
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         expose_headers=["X-Request-ID"],
     )
-Histopathology.add_asgi_middleware(RequestLog, known_routes=KNOWN_ROUTES, upload_routes=UPLOAD_ROUTES)
+ROUTES = route_facts(Histopathology.apis.values(), http_routes.routes, SETTINGS.max_files_per_request)
+KNOWN_ROUTES = ROUTES.known_routes | BENTOML_ROUTES
+# Takes effect when BentoML builds the worker's app, after this module is imported.
+front_door.install(KNOWN_ROUTES | PROBES, ROUTES.served_prefixes + BENTOML_PREFIXES, ROUTES.upload_routes, ADMISSION)
+Histopathology.add_asgi_middleware(RequestLog, known_routes=KNOWN_ROUTES, upload_routes=ROUTES.upload_routes)
 Histopathology.add_asgi_middleware(
     RequestGuard,
     policy=GuardPolicy(
-        upload_routes=UPLOAD_ROUTES,
-        token_routes=frozenset({*UPLOAD_ROUTES, "/model"}),
+        upload_routes=ROUTES.upload_routes,
+        token_routes=frozenset({*ROUTES.upload_routes, "/model"}),
         max_body_bytes=SETTINGS.max_body_bytes,
         admission=ADMISSION,
         request_timeout_s=SETTINGS.request_timeout_ms / 1000,
         body_timeout_s=SETTINGS.body_timeout_ms / 1000,
         body_idle_timeout_s=SETTINGS.body_idle_timeout_ms / 1000,
         api_token=SETTINGS.api_token,
-        text_fields={"/explain": EXPLAIN_FIELDS},
+        text_fields=ROUTES.form_fields,
     ),
 )

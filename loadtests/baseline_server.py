@@ -19,7 +19,7 @@ from fastapi import FastAPI, File, UploadFile
 from fastapi.responses import JSONResponse
 
 from models.preprocessing import ImageDecodeError, decode_image
-from models.store import load_model
+from models.store import DEFAULT_MODEL_TAG, load_model
 from models.tf_environment import prefer_onednn
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def create_app(model_tag: str) -> FastAPI:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lung_histopathology:latest", help="model tag (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--port", type=int, default=3100, help="port on 127.0.0.1 (default: %(default)s)")
     args = parser.parse_args(argv)
     prefer_onednn()  # the same TensorFlow kernels as the service: the comparison is about serving

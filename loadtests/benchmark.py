@@ -34,17 +34,15 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import measure, sample_jpeg
 from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
-from loadtests.servers import REPO_ROOT, free_port, start_server, stop_server
+from loadtests.servers import REPO_ROOT, free_port, start_server, stop_server, wait_ready
+from models.store import DEFAULT_MODEL_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +76,7 @@ def _baseline_rows(model_tag: str, payload: bytes, seconds: float, workdir: Path
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_ready(url, process, 120, (workdir / "baseline.log").read_text)
         name = "baseline (FastAPI + model.predict)"
         return [Row(name, asyncio.run(closed_loop(f"{url}/predict", payload, n, seconds))) for n in LEVELS]
     finally:
@@ -217,7 +209,7 @@ def _write(rows: list[Row], limit: object, model_tag: str, table: list[str], che
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lung_histopathology:latest", help="model tag (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=10, help="duration of each level (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -42,6 +42,7 @@ from loadtests.client import Outcome, closed_loop, open_loop, post_file, session
 from loadtests.exhaustion import run_sections
 from loadtests.inprocess import sample_jpeg
 from loadtests.servers import RunningServer, start_server, stop_server
+from models.store import DEFAULT_MODEL_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def run(model_tag: str | None, soak_requests: int, overload_factor: float, workd
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model tag (default: HISTO_MODEL_TAG or lung_histopathology:latest)")
+    parser.add_argument("--model", help=f"model tag (default: HISTO_MODEL_TAG or {DEFAULT_MODEL_TAG})")
     parser.add_argument("--soak", type=int, default=10_000, help="requests in the soak (default: %(default)s)")
     parser.add_argument("--overload-factor", type=float, default=4.0, help="offered load / capacity (default: 4)")
     args = parser.parse_args(argv)

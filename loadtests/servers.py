@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,18 +66,37 @@ def start_server(
             start_new_session=True,  # its own process group: stop_server ends the workers too
         )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + ready_timeout
+    try:
+        wait_ready(server.url, process, ready_timeout, server.log)
+    except (RuntimeError, TimeoutError):
+        stop_server(server)
+        raise
+    return server
+
+
+def wait_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float,
+    log: Callable[[], str] = lambda: "",
+    interval: float = 0.5,
+) -> None:
+    """Poll `url/readyz` until it answers 200.
+
+    Raises RuntimeError (with the log's tail) if the process exits first, and
+    TimeoutError at the deadline: a caller never goes on with a server that is not ready.
+    """
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log()[-4000:]}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise TimeoutError(f"server not ready within {ready_timeout} s:\n{server.log()[-4000:]}")
+        time.sleep(interval)
+    raise TimeoutError(f"server not ready within {timeout} s:\n{log()[-4000:]}")
 
 
 def stop_server(server: RunningServer, grace: float = 30) -> None:

@@ -15,7 +15,10 @@ from models.ood import OutOfDistribution
 from models.quality import QualityGate
 
 # 2: the quality gate and the out-of-distribution detector became part of every card.
-CARD_SCHEMA_VERSION = 2
+# 3: the temperature and the abstain threshold live once, in `calibration` and `abstention`
+#    (version 2 kept a copy of each at the top level); version-2 cards are migrated on load.
+CARD_SCHEMA_VERSION = 3
+MIGRATABLE_SCHEMA_VERSIONS = (2,)
 CARD_FILE = "card.json"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -144,21 +147,31 @@ class ModelCard(_Strict):
     training: TrainingConfig
     dataset: DatasetInfo
     metrics: TestMetrics
-    calibration_temperature: float = Field(default=1.0, gt=0.0)  # the service divides logits by it
-    abstain_threshold: Probability = 0.5  # confidence below this is flagged `uncertain`
-    calibration: Calibration | None = None
-    abstention: Abstention | None = None
+    calibration: Calibration  # its temperature divides the logits, in training's evaluation and in the service
+    abstention: Abstention  # its threshold: confidence below it is flagged `uncertain`
     quality_gate: QualityGate  # tissue/stain/focus limits, fitted on the training split
     out_of_distribution: OutOfDistribution  # feature-space score and its threshold
     framework_versions: dict[str, str]
     created_at: datetime
     intended_use: str = "Research use only. Not for diagnosis."
 
+    @property
+    def calibration_temperature(self) -> float:
+        return self.calibration.temperature
+
+    @property
+    def abstain_threshold(self) -> float:
+        return self.abstention.threshold
+
     @model_validator(mode="before")
     @classmethod
     def _known_schema(cls, data: object) -> object:
-        # Before field validation: an old card should say "retrain", not list missing fields.
-        version = data.get("schema_version", CARD_SCHEMA_VERSION) if isinstance(data, dict) else CARD_SCHEMA_VERSION
+        # Before field validation: an old card should say "retrain" (or be migrated), not list missing fields.
+        if not isinstance(data, dict):
+            return data
+        version = data.get("schema_version", CARD_SCHEMA_VERSION)
+        if version in MIGRATABLE_SCHEMA_VERSIONS:
+            return _from_version_2(data)
         if version != CARD_SCHEMA_VERSION:
             raise ValueError(
                 f"unsupported card schema_version {version} (this service reads {CARD_SCHEMA_VERSION}; "
@@ -183,11 +196,23 @@ class ModelCard(_Strict):
             raise ValueError(f"confusion_matrix must be {n}x{n}")
         if sum(map(sum, matrix)) != self.metrics.n_images:
             raise ValueError("confusion_matrix does not add up to metrics.n_images")
-        if self.calibration and abs(self.calibration.temperature - self.calibration_temperature) > 1e-9:
-            raise ValueError("calibration.temperature differs from calibration_temperature")
-        if self.abstention:
-            if abs(self.abstention.threshold - self.abstain_threshold) > 1e-9:
-                raise ValueError("abstention.threshold differs from abstain_threshold")
-            if not set(self.abstention.cancer_classes) <= names:
-                raise ValueError("abstention.cancer_classes must be among class_names")
+        if not set(self.abstention.cancer_classes) <= names:
+            raise ValueError("abstention.cancer_classes must be among class_names")
         return self
+
+
+def _from_version_2(card: dict) -> dict:
+    """A version-2 card as version 3: its top-level copies of the temperature and threshold dropped.
+
+    A version-2 card always carried `calibration` and `abstention` with the same values (its
+    validator enforced it); a card where they differ was tampered with and is refused.
+    """
+    copies = {
+        "calibration_temperature": ("calibration", "temperature"),
+        "abstain_threshold": ("abstention", "threshold"),
+    }
+    for copy, (section, key) in copies.items():
+        if copy in card and card.get(section) and card[section].get(key) != card[copy]:
+            raise ValueError(f"{section}.{key} differs from {copy}")
+    migrated = {key: value for key, value in card.items() if key not in copies}
+    return {**migrated, "schema_version": CARD_SCHEMA_VERSION}

@@ -30,17 +30,21 @@ if TYPE_CHECKING:  # keras (and TensorFlow) load only when a model does: `python
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "lung_histopathology"
+DEFAULT_MODEL_TAG = f"{DEFAULT_MODEL_NAME}:latest"
 MODEL_FILE = "model.keras"
 # The evaluation report stored beside the model (written by training.report), with media types.
 REPORT_MARKDOWN = "report.md"
+REPORT_JSON = "report.json"
+REPORT_TEXT = "report.txt"
+CONFUSION_PNG = "confusion_matrix.png"
+ROC_PNG = "roc_curves.png"
+RELIABILITY_PNG = "reliability_diagram.png"
+OOD_PNG = "ood_detection.png"
 REPORT_FILES: dict[str, str] = {
     REPORT_MARKDOWN: "text/markdown; charset=utf-8",
-    "report.json": "application/json",
-    "report.txt": "text/plain; charset=utf-8",
-    "confusion_matrix.png": "image/png",
-    "roc_curves.png": "image/png",
-    "reliability_diagram.png": "image/png",
-    "ood_detection.png": "image/png",
+    REPORT_JSON: "application/json",
+    REPORT_TEXT: "text/plain; charset=utf-8",
+    **{figure: "image/png" for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG, OOD_PNG)},
 }
 
 
@@ -103,7 +107,7 @@ def read_card(folder: Path) -> ModelCard:
         raise ModelLoadError(f"model card is invalid: {' '.join(first)}") from exc
 
 
-def load_model(tag: str = f"{DEFAULT_MODEL_NAME}:latest") -> StoredModel:
+def load_model(tag: str = DEFAULT_MODEL_TAG) -> StoredModel:
     """Load a model from the store and validate its card.
 
     Raises:
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m models.store", description=main.__doc__)
-    parser.add_argument("tag", help="model reference, e.g. lung_histopathology:latest")
+    parser.add_argument("tag", help=f"model reference, e.g. {DEFAULT_MODEL_TAG}")
     parser.add_argument("--check", action="store_true", help="load the model and validate its card")
     parser.add_argument("--path", type=Path, help="with --check: the store entry folder (default: looked up)")
     args = parser.parse_args(argv)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from models.preprocessing import DEFAULT_MAX_PIXELS, DecodeLimits
-from models.store import DEFAULT_MODEL_NAME
+from models.store import DEFAULT_MODEL_TAG
 
 LOG_FORMATS = ("text", "json")
-SWITCH = ("on", "off")
+T = TypeVar("T")
+MEGABYTE = 1024 * 1024
 MODEL_TAG_ARGUMENT = "model_tag"  # `bentoml build --arg model_tag=NAME:VERSION` pins a Bento's model
 
 
@@ -23,44 +25,40 @@ class SettingsError(ValueError):
     """An environment variable holds an unusable value."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+@dataclass(frozen=True)
+class Rule:
+    """What a parsed value must satisfy, and how the error message says it."""
+
+    valid: Callable[[Any], bool]
+    says: str
+
+
+def at_least(minimum: int) -> Rule:
+    return Rule(lambda value: value >= minimum, f"at least {minimum}")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda value: value in choices, f"one of {', '.join(choices)}")
+
+
+PROBABILITY = Rule(lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
+POSITIVE = Rule(lambda value: value > 0.0, "positive")
+_TYPE_NAMES = {int: "an integer", float: "a number"}
+
+
+def _read(
+    env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T] = int, rule: Rule | None = None
+) -> T:
+    """The variable parsed and checked, or `default` when it is unset or empty."""
     raw = env.get(name, "")
     if raw == "":
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={value} must be at least {minimum}")
-    return value
-
-
-def _float_or_none(env: Mapping[str, str], name: str, valid: Callable[[float], bool], rule: str) -> float | None:
-    raw = env.get(name, "")
-    if raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not valid(value):
-        raise SettingsError(f"{name}={value} must be {rule}")
-    return value
-
-
-def _probability_or_none(env: Mapping[str, str], name: str) -> float | None:
-    return _float_or_none(env, name, lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
-
-
-def _positive_or_none(env: Mapping[str, str], name: str) -> float | None:
-    return _float_or_none(env, name, lambda value: value > 0.0, "positive")
-
-
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
-    value = env.get(name, "") or choices[0]
-    if value not in choices:
-        raise SettingsError(f"{name}={value!r} must be one of {', '.join(choices)}")
+        raise SettingsError(f"{name}={raw!r} is not {_TYPE_NAMES.get(parse, 'valid')}") from None
+    if rule is not None and not rule.valid(value):
+        raise SettingsError(f"{name}={value!r} must be {rule.says}")
     return value
 
 
@@ -115,35 +113,35 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
     env = os.environ if env is None else env
     pinned = (bento_arguments or {}).get(MODEL_TAG_ARGUMENT)
     return Settings(
-        model_tag=pinned or env.get("HISTO_MODEL_TAG") or f"{DEFAULT_MODEL_NAME}:latest",
-        max_body_bytes=_int(env, "HISTO_MAX_BODY_BYTES", 20 * 1024 * 1024, minimum=1024),
-        max_pixels=_int(env, "HISTO_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
-        max_decode_bytes=_int(env, "HISTO_MAX_DECODE_BYTES", DecodeLimits.max_decoded_bytes, minimum=1024 * 1024),
-        max_jpeg_scans=_int(env, "HISTO_MAX_JPEG_SCANS", DecodeLimits.max_jpeg_scans, minimum=1),
-        max_scan_pixels=_int(env, "HISTO_MAX_SCAN_PIXELS", DecodeLimits.max_scan_pixels, minimum=1),
-        decode_threads=_int(env, "HISTO_DECODE_THREADS", 2, minimum=1),
-        request_timeout_ms=_int(env, "HISTO_REQUEST_TIMEOUT_MS", 20_000, minimum=100),
-        body_timeout_ms=_int(env, "HISTO_BODY_TIMEOUT_MS", 30_000, minimum=100),
-        body_idle_timeout_ms=_int(env, "HISTO_BODY_IDLE_TIMEOUT_MS", 5_000, minimum=100),
-        header_timeout_ms=_int(env, "HISTO_HEADER_TIMEOUT_MS", 10_000, minimum=100),
+        model_tag=pinned or env.get("HISTO_MODEL_TAG") or DEFAULT_MODEL_TAG,
+        max_body_bytes=_read(env, "HISTO_MAX_BODY_BYTES", 20 * 1024 * 1024, rule=at_least(1024)),
+        max_pixels=_read(env, "HISTO_MAX_PIXELS", DEFAULT_MAX_PIXELS, rule=at_least(1)),
+        max_decode_bytes=_read(env, "HISTO_MAX_DECODE_BYTES", DecodeLimits.max_decoded_bytes, rule=at_least(MEGABYTE)),
+        max_jpeg_scans=_read(env, "HISTO_MAX_JPEG_SCANS", DecodeLimits.max_jpeg_scans, rule=at_least(1)),
+        max_scan_pixels=_read(env, "HISTO_MAX_SCAN_PIXELS", DecodeLimits.max_scan_pixels, rule=at_least(1)),
+        decode_threads=_read(env, "HISTO_DECODE_THREADS", 2, rule=at_least(1)),
+        request_timeout_ms=_read(env, "HISTO_REQUEST_TIMEOUT_MS", 20_000, rule=at_least(100)),
+        body_timeout_ms=_read(env, "HISTO_BODY_TIMEOUT_MS", 30_000, rule=at_least(100)),
+        body_idle_timeout_ms=_read(env, "HISTO_BODY_IDLE_TIMEOUT_MS", 5_000, rule=at_least(100)),
+        header_timeout_ms=_read(env, "HISTO_HEADER_TIMEOUT_MS", 10_000, rule=at_least(100)),
         # Many: a stalled upload holds nothing but its bytes (bounded below) until its 408; a few hundred
         # of them must not turn fast clients away.
-        max_open_uploads=_int(env, "HISTO_MAX_OPEN_UPLOADS", 1000, minimum=1),
-        max_buffered_bytes=_int(env, "HISTO_MAX_BUFFERED_BYTES", 256 * 1024 * 1024, minimum=1024 * 1024),
-        max_queue_delay_ms=_int(env, "HISTO_MAX_QUEUE_DELAY_MS", 2_000, minimum=1),
-        abstain_threshold=_probability_or_none(env, "HISTO_ABSTAIN_THRESHOLD"),
-        ood_gate=_choice(env, "HISTO_OOD_GATE", SWITCH) == "on",
-        ood_threshold=_positive_or_none(env, "HISTO_OOD_THRESHOLD"),
-        max_batch_size=_int(env, "HISTO_MAX_BATCH_SIZE", 32, minimum=1),
-        max_latency_ms=_int(env, "HISTO_MAX_LATENCY_MS", 10_000, minimum=1),
+        max_open_uploads=_read(env, "HISTO_MAX_OPEN_UPLOADS", 1000, rule=at_least(1)),
+        max_buffered_bytes=_read(env, "HISTO_MAX_BUFFERED_BYTES", 256 * 1024 * 1024, rule=at_least(MEGABYTE)),
+        max_queue_delay_ms=_read(env, "HISTO_MAX_QUEUE_DELAY_MS", 2_000, rule=at_least(1)),
+        abstain_threshold=_read(env, "HISTO_ABSTAIN_THRESHOLD", None, float, PROBABILITY),
+        ood_gate=_read(env, "HISTO_OOD_GATE", "on", str, one_of("on", "off")) == "on",
+        ood_threshold=_read(env, "HISTO_OOD_THRESHOLD", None, float, POSITIVE),
+        max_batch_size=_read(env, "HISTO_MAX_BATCH_SIZE", 32, rule=at_least(1)),
+        max_latency_ms=_read(env, "HISTO_MAX_LATENCY_MS", 10_000, rule=at_least(1)),
         # Two single-threaded workers beat one worker with two threads on 2 cores (BENCHMARKS.md):
         # scale HISTO_WORKERS with the cores, and keep one thread of each kind per worker.
-        workers=_int(env, "HISTO_WORKERS", 2, minimum=1),
-        tf_intra_op_threads=_int(env, "HISTO_TF_INTRA_OP_THREADS", 1, minimum=0),
-        tf_inter_op_threads=_int(env, "HISTO_TF_INTER_OP_THREADS", 1, minimum=0),
-        log_format=_choice(env, "HISTO_LOG_FORMAT", LOG_FORMATS),
-        max_in_flight=_int(env, "HISTO_MAX_IN_FLIGHT", 64, minimum=1),
-        max_files_per_request=_int(env, "HISTO_MAX_FILES_PER_REQUEST", 32, minimum=1),
+        workers=_read(env, "HISTO_WORKERS", 2, rule=at_least(1)),
+        tf_intra_op_threads=_read(env, "HISTO_TF_INTRA_OP_THREADS", 1, rule=at_least(0)),
+        tf_inter_op_threads=_read(env, "HISTO_TF_INTER_OP_THREADS", 1, rule=at_least(0)),
+        log_format=_read(env, "HISTO_LOG_FORMAT", LOG_FORMATS[0], str, one_of(*LOG_FORMATS)),
+        max_in_flight=_read(env, "HISTO_MAX_IN_FLIGHT", 64, rule=at_least(1)),
+        max_files_per_request=_read(env, "HISTO_MAX_FILES_PER_REQUEST", 32, rule=at_least(1)),
         api_token=env.get("HISTO_API_TOKEN") or None,
         cors_origins=tuple(o.strip() for o in env.get("HISTO_CORS_ORIGINS", "").split(",") if o.strip()),
         sentry_dsn=env.get("SENTRY_DSN") or None,

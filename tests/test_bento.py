@@ -11,8 +11,7 @@ import yaml
 
 from loadtests.servers import start_server, stop_server
 from models.store import load_model, save_model
-from tests.conftest import TINY_MODEL_NAME, TINY_TILE, encode
-from training.synthetic import render_tile
+from tests.helpers import TINY_MODEL_NAME, fresh_tile
 
 pytestmark = [pytest.mark.bento, pytest.mark.service]
 
@@ -37,17 +36,21 @@ def test_bento_pins_the_model_version_and_ships_serving_code_only(bento_tag, tin
     assert envs["CUDA_VISIBLE_DEVICES"] == ""
 
 
-def test_built_bento_serves_its_pinned_model_even_when_a_newer_one_exists(bento_tag, tiny_model_tag, tmp_path):
+def test_built_bento_serves_its_pinned_model_even_when_a_newer_one_exists(
+    bento_tag, tiny_model_tag, reference, tmp_path
+):
     stored = load_model(tiny_model_tag)
     newer = save_model(stored.model, stored.card, name=TINY_MODEL_NAME)  # now `tiny_lung:latest`
     assert newer != tiny_model_tag
     server = start_server(bento_tag, tmp_path / "bento.log")
     try:
-        tile = encode(render_tile("lung_scc", TINY_TILE, seed=4242), "JPEG", quality=90)
+        tile = fresh_tile("lung_scc", 80)
         response = httpx.post(f"{server.url}/predict", files={"file": ("t.jpeg", tile, "image/jpeg")}, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["model"] == tiny_model_tag
-        assert response.json()["predicted_class"] == "lung_scc"
+        assert response.json()["probabilities"] == pytest.approx(
+            dict(zip(stored.card.class_names, reference.expect(tile)["probabilities"].tolist(), strict=True)), abs=1e-5
+        )
         assert httpx.get(f"{server.url}/model", timeout=10).json()["class_names"] == stored.card.class_names
     finally:
         stop_server(server)

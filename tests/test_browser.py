@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.servers import REPO_ROOT
-from tests.conftest import STRICT_TOKEN
-from tests.test_service import fresh_tile
+from tests.helpers import STRICT_TOKEN, encode, fresh_tile
 
 pytestmark = [pytest.mark.browser, pytest.mark.service]
 
@@ -67,7 +66,7 @@ def test_the_page_is_served_by_the_service(strict_server):
         assert httpx.get(f"{strict_server.url}/ui/{asset}", timeout=10).status_code == 200, asset
 
 
-def test_upload_shows_class_bars_heat_map_and_model_card(page, tmp_path):
+def test_upload_shows_class_bars_heat_map_and_model_card(page, reference, tmp_path):
     from playwright.sync_api import expect
 
     expect(page.locator("#disclaimer")).to_contain_text("Research use only. Not for diagnosis.")
@@ -81,11 +80,12 @@ def test_upload_shows_class_bars_heat_map_and_model_card(page, tmp_path):
 
     tile = tmp_path / "adenocarcinoma.jpeg"
     tile.write_bytes(fresh_tile("lung_aca", 50))
+    expected = reference.predicted_class(tile.read_bytes())
     page.set_input_files("#file", tile)
-    expect(page.locator("#predicted-class")).to_have_text("lung_aca")
+    expect(page.locator("#predicted-class")).to_have_text(expected)
     bars = page.locator("#bars li")
     expect(bars).to_have_count(3)
-    assert bars.first.get_attribute("data-class") == "lung_aca"  # sorted, most probable first
+    assert bars.first.get_attribute("data-class") == expected  # sorted, most probable first
     values = [float(text.rstrip("%")) for text in page.locator("#bars .value").all_inner_texts()]
     assert values == sorted(values, reverse=True) and sum(values) == pytest.approx(100, abs=0.5)
     expect(page.locator("#model-tag")).to_contain_text("tiny_lung:")
@@ -96,17 +96,18 @@ def test_upload_shows_class_bars_heat_map_and_model_card(page, tmp_path):
     page.check("#heatmap-toggle")
     overlay_src = page.get_attribute("#preview", "src")
     assert overlay_src.startswith("data:image/png;base64,") and len(overlay_src) > 1000
-    expect(page.locator("#explained-class")).to_have_text("lung_aca")
+    expect(page.locator("#explained-class")).to_have_text(expected)
     screenshot(page, "heat_map")
     page.uncheck("#heatmap-toggle")
     assert page.get_attribute("#preview", "src") == plain_src
 
 
-def test_drag_and_drop_and_rejected_files(page, tmp_path):
+def test_drag_and_drop_and_rejected_files(page, reference, tmp_path):
     from playwright.sync_api import expect
 
     enter_token(page)
-    encoded = base64.b64encode(fresh_tile("lung_scc", 51)).decode()
+    dropped = fresh_tile("lung_scc", 51)
+    encoded = base64.b64encode(dropped).decode()
     transfer = page.evaluate_handle(
         """(b64) => {
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -117,7 +118,7 @@ def test_drag_and_drop_and_rejected_files(page, tmp_path):
         encoded,
     )
     page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
-    expect(page.locator("#predicted-class")).to_have_text("lung_scc")
+    expect(page.locator("#predicted-class")).to_have_text(reference.predicted_class(dropped))
 
     not_an_image = tmp_path / "notes.jpeg"
     not_an_image.write_text("these are notes, not a tile")
@@ -139,8 +140,6 @@ def test_drag_and_drop_and_rejected_files(page, tmp_path):
 def test_a_tile_the_model_was_not_trained_for_gets_no_class_but_the_reasons(page, tmp_path):
     from PIL import Image
     from playwright.sync_api import expect
-
-    from tests.conftest import encode
 
     enter_token(page)
     glass = tmp_path / "blank-slide.png"

@@ -36,10 +36,7 @@ from models.preprocessing import (
     decode_upload,
 )
 from serving.memory import TRIM_AFTER_BYTES, release_heap
-from tests.conftest import serve_tiny_model
-from tests.test_service import assert_problem, fresh_tile
-
-PROBLEM = "application/problem+json"
+from tests.helpers import PROBLEM, STRICT_TOKEN, assert_problem, fresh_tile, serve_tiny_model, wait_until
 
 
 def progressive_jpeg(side: int = 768) -> bytes:
@@ -212,11 +209,9 @@ def test_client_errors_are_one_line_without_traceback_or_upload_bytes(budget_ser
     body, content_type = multipart([("file", None, marker.encode())])  # a string, not a file
     httpx.post(f"{budget_server.url}/predict", content=body, headers={"Content-Type": content_type}, timeout=10)
     expected = ("POST /predict 415", "POST /predict 422", "POST /predict 400")
-    deadline = time.monotonic() + 10
-    while not all(line in budget_server.log() for line in expected) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the log file is written by another process
-    log = budget_server.log()
-    assert all(line in log for line in expected)
+    # The log file is written by another process.
+    log = wait_until(lambda: all(line in budget_server.log() for line in expected) and budget_server.log(),
+                     f"log lines {expected}")
     assert marker not in log and "Traceback" not in log
 
 
@@ -233,10 +228,10 @@ def test_a_request_past_its_deadline_gets_a_problem_504_with_its_id(impatient_se
                           headers={"X-Request-ID": "deadline-test-1"}, timeout=30)
     assert_problem(response, 504)
     assert response.headers["x-request-id"] == "deadline-test-1"
-    deadline = time.monotonic() + 10
-    while "504" not in impatient_server.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    line = next(line for line in impatient_server.log().splitlines() if "POST /predict 504" in line)
+    line = wait_until(
+        lambda: next((line for line in impatient_server.log().splitlines() if "POST /predict 504" in line), None),
+        "the 504's log line",
+    )
     assert "id=deadline-test-1" in line
     metrics = httpx.get(f"{impatient_server.url}/metrics", timeout=10).text
     assert 'histopathology_rejected_total{reason="timeout"} 1.0' in metrics
@@ -244,7 +239,6 @@ def test_a_request_past_its_deadline_gets_a_problem_504_with_its_id(impatient_se
 
 
 def test_overload_refusals_are_cheap_and_closed(strict_server):
-    from tests.conftest import STRICT_TOKEN
 
     payload = fresh_tile("lung_scc", 401)
     headers = {"Authorization": f"Bearer {STRICT_TOKEN}"}

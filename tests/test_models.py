@@ -85,6 +85,15 @@ def make_card(classes: list[str] = CLASSES, **overrides: object) -> ModelCard:
             split_sizes={"train": 4, "validation": 4, "test": 4},
         ),
         metrics=compute_metrics(y, probs, classes),
+        calibration=dict(
+            temperature=1.3, validation_errors=2, test_ece_before=0.1, test_ece_after=0.05,
+            test_nll_before=0.5, test_nll_after=0.4,
+        ),
+        abstention=dict(
+            threshold=0.6, fnr_target=0.05, cancer_classes=classes[:1], target_met_on_validation=True,
+            validation_coverage=0.9, validation_false_negative_rate={classes[0]: 0.0}, test_coverage=0.8,
+            test_false_negative_rate={classes[0]: 0.1},
+        ),
         framework_versions={"keras": keras.__version__},
         created_at=datetime.now(UTC),
     )
@@ -147,14 +156,29 @@ def test_card_validation_rejects_inconsistent_cards():
     good["metrics"]["confusion_matrix"] = [[1, 2], [3, 4]]
     with pytest.raises(ValidationError, match="confusion_matrix"):
         ModelCard.model_validate(good)
-    with pytest.raises(ValidationError):
-        make_card(abstain_threshold=1.5)
+    with pytest.raises(ValidationError, match="threshold"):
+        make_card(abstention={**good["abstention"], "threshold": 1.5})
+    with pytest.raises(ValidationError, match="cancer_classes"):
+        make_card(abstention={**good["abstention"], "cancer_classes": ["colon_aca"]})
     with pytest.raises(ValidationError):
         ModelCard.model_validate({**make_card().model_dump(), "surprise": 1})
     # A card from before the gate existed asks for retraining, rather than listing missing fields.
     old = {k: v for k, v in make_card().model_dump().items() if k not in ("quality_gate", "out_of_distribution")}
     with pytest.raises(ValidationError, match="must be retrained"):
         ModelCard.model_validate({**old, "schema_version": 1})
+
+
+def test_a_version_2_card_is_migrated_and_its_copies_must_agree():
+    card = make_card()
+    assert card.calibration_temperature == 1.3 and card.abstain_threshold == 0.6  # one value each, read through
+    stored = card.model_dump(mode="json")
+    assert "calibration_temperature" not in stored and "abstain_threshold" not in stored
+    version_2 = {**stored, "schema_version": 2, "calibration_temperature": 1.3, "abstain_threshold": 0.6}
+    assert ModelCard.model_validate(version_2) == card
+    with pytest.raises(ValidationError, match="differs from calibration_temperature"):
+        ModelCard.model_validate({**version_2, "calibration_temperature": 1.0})
+    with pytest.raises(ValidationError, match="differs from abstain_threshold"):
+        ModelCard.model_validate({**version_2, "abstain_threshold": 0.9})
 
 
 def test_store_round_trip_gives_identical_predictions(cnn):

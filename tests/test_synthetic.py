@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from training.synthetic import LUNG_CLASSES, generate_dataset, render_tile
+from training.synthetic import LUNG_CLASSES, generate_dataset
 
 
 def _digest(root):
@@ -34,8 +34,17 @@ def test_lc25000_layout(synthetic_root):
         assert image.format == "JPEG" and image.mode == "RGB" and image.size == (256, 256)
 
 
-def test_default_tiles_are_768_jpeg_sized():
-    assert render_tile("lung_n", 768, seed=0).size == (768, 768)
+def test_default_dataset_is_768_px_rgb_jpeg_files_like_lc25000(tmp_path):
+    root = generate_dataset(tmp_path, per_class=1, seed=0)  # every default but the count
+    files = sorted(root.rglob("*"))
+    assert [p.relative_to(root).as_posix() for p in files if p.is_file()] == [
+        "lung_aca/lungaca1.jpeg", "lung_n/lungn1.jpeg", "lung_scc/lungscc1.jpeg"
+    ]
+    for path in files:
+        if path.is_file():
+            with Image.open(path) as image:
+                assert image.format == "JPEG" and image.mode == "RGB" and image.size == (768, 768)
+                assert not image.info.get("progressive")  # baseline, as LC25000's are
 
 
 def test_colour_statistics_alone_do_not_reveal_the_class(synthetic_root):

@@ -10,11 +10,13 @@ import pytest
 from PIL import Image
 
 from models.architectures import build_model
+from models.inference import logits_model
 from models.preprocessing import decode_image
-from models.store import load_model
-from tests.conftest import TINY_MODEL_EPOCHS
+from models.store import CONFUSION_PNG, RELIABILITY_PNG, REPORT_FILES, REPORT_MARKDOWN, ROC_PNG, load_model
+from tests.helpers import TINY_MODEL_EPOCHS
 from training import data
-from training.report import CONFUSION_PNG, RELIABILITY_PNG, REPORT_FILES, REPORT_MARKDOWN, ROC_PNG
+from training.abstention import selective_metrics
+from training.calibration import calibrated_probabilities, negative_log_likelihood
 from training.train import TrainSettings, train
 
 # The tiny end-to-end run must reach this on held-out synthetic tiles.
@@ -87,7 +89,7 @@ def test_tiny_end_to_end_run_lands_in_the_store(tiny_model_tag):
 
 
 @pytest.mark.training
-def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag):
+def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag, synthetic_root):
     stored = load_model(tiny_model_tag)
     card = stored.card
     # Split by near-duplicate group: the synthetic tiles are all distinct originals.
@@ -95,13 +97,32 @@ def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag):
     assert card.dataset.groups_across_splits == 0 and "group" in card.dataset.split_policy
     # Calibration from the validation split travels in the card and is what the service applies.
     assert card.calibration is not None and card.calibration.temperature == card.calibration_temperature
-    assert card.calibration.test_nll_after <= card.calibration.test_nll_before + 0.05
-    # Abstention from the validation split; its threshold is the card's.
+    # The temperature minimises the validation NLL: no other temperature (1.0, i.e. none, included) does better.
+    manifest = data.SplitManifest.load(stored.path / "split_manifest.json", synthetic_root)
+    logits = logits_model(stored.model).predict(
+        data.load_images(manifest.paths("validation"), card.input_size), verbose=0
+    )
+    labels = manifest.labels("validation")
+    assert card.calibration.validation_errors == int((logits.argmax(1) != labels).sum())
+    if card.calibration.validation_errors == 0:  # no optimum exists (T -> 0): the network's own T = 1 is kept
+        assert card.calibration_temperature == 1.0
+    else:
+        fitted = negative_log_likelihood(logits, labels, card.calibration_temperature)
+        for other in (1.0, card.calibration_temperature * 1.25, card.calibration_temperature / 1.25):
+            assert fitted <= negative_log_likelihood(logits, labels, other) + 1e-6, other
+    # Abstention from the validation split; its threshold is the card's, and the record says whether the
+    # target was met, truthfully.
     abstention = card.abstention
     assert abstention is not None and abstention.threshold == card.abstain_threshold >= 0.5
     assert abstention.cancer_classes == ["lung_aca", "lung_scc"]
-    if abstention.target_met_on_validation:
-        assert max(abstention.validation_false_negative_rate.values()) <= abstention.fnr_target
+    worst_fnr = max(abstention.validation_false_negative_rate.values())
+    assert abstention.target_met_on_validation == (worst_fnr <= abstention.fnr_target)
+    on_validation = selective_metrics(
+        labels, calibrated_probabilities(logits, card.calibration_temperature), abstention.threshold,
+        card.class_names, abstention.cancer_classes,
+    )
+    assert on_validation.coverage == pytest.approx(abstention.validation_coverage, abs=1e-6)
+    assert on_validation.worst_fnr() == pytest.approx(worst_fnr, abs=1e-6)
     # Bootstrap intervals around the test metrics.
     intervals = card.metrics.confidence_intervals
     assert intervals is not None and intervals.accuracy.estimate == pytest.approx(card.metrics.accuracy)

@@ -10,9 +10,7 @@ import pytest
 from PIL import Image
 
 from loadtests.servers import RunningServer
-from tests.conftest import encode, serve_tiny_model
-from tests.test_observability import delta, samples
-from tests.test_service import fresh_tile
+from tests.helpers import encode, fresh_tile, metric_delta, metric_samples, serve_tiny_model
 from training.synthetic import render_tile
 
 pytestmark = pytest.mark.service
@@ -80,12 +78,12 @@ def test_every_route_flags_inputs_the_model_was_not_trained_for(server, referenc
 
 def test_flagged_answers_are_counted_by_reason(server):
     glass = out_of_scope_images()["blank glass"]
-    before = samples(server.url)
+    before = metric_samples(server.url)
     for _ in range(3):
         assert "background" in post(server.url, "/predict", one(glass)).json()["reasons"]
-    after = samples(server.url)
-    assert delta(before, after, "histopathology_flagged_total", reason="background") == 3
-    assert delta(before, after, "histopathology_uncertain_total") == 3
+    after = metric_samples(server.url)
+    assert metric_delta(before, after, "histopathology_flagged_total", reason="background") == 3
+    assert metric_delta(before, after, "histopathology_uncertain_total") == 3
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import numpy as np
 from models.inference import Predictor
 from models.preprocessing import ImageDecodeError, decode_image
 from models.quality import assess_batch
-from models.store import StoredModel, load_model
+from models.store import DEFAULT_MODEL_TAG, StoredModel, load_model
 from training import data
 from training.synthetic import generate_dataset
 
@@ -86,7 +86,7 @@ def image_folder(stored: StoredModel, folder: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.ood_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lung_histopathology:latest", help="model tag (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--fresh-per-class", type=int, default=0,
                         help="fresh synthetic tiles to draw per class (0: none; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=101, help="seed of the fresh tiles (default: %(default)s)")

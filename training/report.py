@@ -20,16 +20,20 @@ from pathlib import Path
 import numpy as np
 
 from models.card import ModelCard, TestMetrics
-from models.store import REPORT_FILES, REPORT_MARKDOWN, store_entry
+from models.store import (
+    CONFUSION_PNG,
+    DEFAULT_MODEL_TAG,
+    OOD_PNG,
+    RELIABILITY_PNG,
+    REPORT_FILES,
+    REPORT_JSON,
+    REPORT_MARKDOWN,
+    REPORT_TEXT,
+    ROC_PNG,
+    store_entry,
+)
 from training.calibration import reliability_bins
 from training.evaluate import roc_curve
-
-REPORT_JSON = "report.json"
-REPORT_TEXT = "report.txt"
-CONFUSION_PNG = "confusion_matrix.png"
-ROC_PNG = "roc_curves.png"
-RELIABILITY_PNG = "reliability_diagram.png"
-OOD_PNG = "ood_detection.png"
 
 
 @dataclass(frozen=True)
@@ -125,49 +129,7 @@ def markdown_report(card: ModelCard) -> str:
             f"{_percent(c.precision)} | {_percent(c.f1)} | {auc} | {c.support} |"
         )
     lines += ["", f"![Confusion matrix]({CONFUSION_PNG})", "", f"![ROC curves]({ROC_PNG})", ""]
-    if card.calibration:
-        cal = card.calibration
-        lines += [
-            "## Calibration",
-            "",
-            f"{cal.method.capitalize()} fitted on the {cal.fitted_on} split: T = {cal.temperature:.3f} "
-            "(the service divides the logits by T)."
-            + (
-                f" The {cal.fitted_on} split had no errors, so no temperature can be fitted (the likelihood keeps "
-                "rising as T falls to 0) and the network's own probabilities are kept."
-                if cal.validation_errors == 0
-                else ""
-            ),
-            "",
-            "| test split | before | after |",
-            "|---|---|---|",
-            f"| expected calibration error (15 bins) | {cal.test_ece_before:.4f} | {cal.test_ece_after:.4f} |",
-            f"| negative log-likelihood | {cal.test_nll_before:.4f} | {cal.test_nll_after:.4f} |",
-            "",
-            f"![Reliability diagram]({RELIABILITY_PNG})",
-            "",
-        ]
-    if card.abstention:
-        ab = card.abstention
-        lines += [
-            "## Abstention",
-            "",
-            f"Answers with confidence below **{ab.threshold:.3f}** are flagged `uncertain` (refer to a "
-            f"pathologist). The threshold is the lowest at which each cancer class "
-            f"({', '.join(ab.cancer_classes)}) has a false-negative rate of at most {_percent(ab.fnr_target)} "
-            f"among answered {ab.chosen_on} images"
-            + ("." if ab.target_met_on_validation else "; **no threshold met that target on validation**."),
-            "",
-            "| split | coverage (answered) | " + " | ".join(f"FNR {name}" for name in ab.cancer_classes) + " |",
-            "|---|---|" + "---|" * len(ab.cancer_classes),
-            f"| validation | {_percent(ab.validation_coverage)} | "
-            + " | ".join(_percent(ab.validation_false_negative_rate[n]) for n in ab.cancer_classes)
-            + " |",
-            f"| test | {_percent(ab.test_coverage)} | "
-            + " | ".join(_percent(ab.test_false_negative_rate[n]) for n in ab.cancer_classes)
-            + " |",
-            "",
-        ]
+    lines += _calibration_section(card) + _abstention_section(card)
     lines += _trust_section(card)
     t = card.training
     lines += [
@@ -180,6 +142,55 @@ def markdown_report(card: ModelCard) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_section(card: ModelCard) -> list[str]:
+    """Temperature scaling: T, and ECE and NLL before and after on test."""
+    cal = card.calibration
+    return [
+        "## Calibration",
+        "",
+        f"{cal.method.capitalize()} fitted on the {cal.fitted_on} split: T = {cal.temperature:.3f} "
+        "(the service divides the logits by T)."
+        + (
+            f" The {cal.fitted_on} split had no errors, so no temperature can be fitted (the likelihood keeps "
+            "rising as T falls to 0) and the network's own probabilities are kept."
+            if cal.validation_errors == 0
+            else ""
+        ),
+        "",
+        "| test split | before | after |",
+        "|---|---|---|",
+        f"| expected calibration error (15 bins) | {cal.test_ece_before:.4f} | {cal.test_ece_after:.4f} |",
+        f"| negative log-likelihood | {cal.test_nll_before:.4f} | {cal.test_nll_after:.4f} |",
+        "",
+        f"![Reliability diagram]({RELIABILITY_PNG})",
+        "",
+    ]
+
+
+def _abstention_section(card: ModelCard) -> list[str]:
+    """The abstain threshold: how it was chosen, its coverage and FNRs."""
+    ab = card.abstention
+    return [
+        "## Abstention",
+        "",
+        f"Answers with confidence below **{ab.threshold:.3f}** are flagged `uncertain` (refer to a "
+        f"pathologist). The threshold is the lowest at which each cancer class "
+        f"({', '.join(ab.cancer_classes)}) has a false-negative rate of at most {_percent(ab.fnr_target)} "
+        f"among answered {ab.chosen_on} images"
+        + ("." if ab.target_met_on_validation else "; **no threshold met that target on validation**."),
+        "",
+        "| split | coverage (answered) | " + " | ".join(f"FNR {name}" for name in ab.cancer_classes) + " |",
+        "|---|---|" + "---|" * len(ab.cancer_classes),
+        f"| validation | {_percent(ab.validation_coverage)} | "
+        + " | ".join(_percent(ab.validation_false_negative_rate[n]) for n in ab.cancer_classes)
+        + " |",
+        f"| test | {_percent(ab.test_coverage)} | "
+        + " | ".join(_percent(ab.test_false_negative_rate[n]) for n in ab.cancer_classes)
+        + " |",
+        "",
+    ]
 
 
 def _limit(low: float | None, high: float | None, digits: int = 3) -> str:
@@ -359,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m training.report", description="Copy a stored model's evaluation report into a folder."
     )
-    parser.add_argument("--model", default="lung_histopathology:latest", help="model tag (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("docs/model-report"), help="folder (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -36,13 +36,15 @@ from models.card import Abstention, Calibration, DatasetInfo, ModelCard, TestMet
 from models.inference import Predictor, logits_model
 from models.ood import OOD_FILE, OutOfDistribution
 from models.quality import QualityGate
-from models.store import DEFAULT_MODEL_NAME, save_model
+from models.store import DEFAULT_MODEL_NAME, REPORT_MARKDOWN, save_model
 from training import data
 from training.abstention import cancer_classes, choose_threshold, selective_metrics
 from training.bootstrap import bootstrap_intervals
 from training.calibration import calibrated_probabilities, fit_temperature, negative_log_likelihood
+from training.data import SPLIT_BY
 from training.evaluate import compute_metrics, expected_calibration_error
 from training.ood_sets import OodSet, evaluate_set, near_ood_sets
+from training.options import add_options, option, settings_from_args
 from training.report import TestPredictions, text_report, write_report
 from training.trust import DEFAULT_OOD_ACCEPTANCE, fit_ood, fit_quality_gate, flagged
 
@@ -53,31 +55,54 @@ WARM_UP_EPOCHS = 5  # epochs before early stopping watches the validation loss
 DEFAULT_TASK = "lung histopathology tile classification (LC25000 layout)"
 
 
+def _weights(text: str) -> str | None:
+    return None if text == "none" else text
+
+
 @dataclass
 class TrainSettings:
-    """Everything a training run needs; the CLI fills it from its options."""
+    """Everything a training run needs; the CLI's options are these fields (training.options)."""
 
-    data: Path
-    arch: str = "cnn"
-    input_size: int | None = None
-    epochs: int = 15
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    patience: int = 4
-    seed: int = 0
-    validation_fraction: float = 0.15
-    test_fraction: float = 0.15
-    weights: str | None = None
-    name: str = DEFAULT_MODEL_NAME
-    task: str = DEFAULT_TASK
-    split_by: str = "group"
-    fnr_target: float = 0.05
-    min_confidence: float = 0.5
-    negative_classes: list[str] | None = None  # None: recognised by name (lung_n, notumor, ...)
-    ood_acceptance: float = DEFAULT_OOD_ACCEPTANCE
-    holdout_class: str | None = None  # left out of training; its images test the OOD detector
-    bootstrap_resamples: int = 2000
-    out: Path = Path("artifacts")
+    data: Path = option(help="folder of class sub-folders (or the LC25000 top folder)")
+    arch: str = option("cnn", "architecture; cnn is the compact CPU model", choices=ARCHITECTURES)
+    input_size: int | None = option(
+        None, "model input size in pixels", shown="128 for cnn, 224 for efficientnetb0"
+    )
+    epochs: int = option(15, "maximum epochs; early stopping usually ends sooner")
+    batch_size: int = option(32, "training batch size")
+    learning_rate: float = option(2e-3, "initial Adam learning rate")
+    patience: int = option(4, "early-stopping patience on validation loss, in epochs")
+    seed: int = option(0, "seed for the split, initialisation and augmentation")
+    validation_fraction: float = option(0.15, "share of each class held out for validation")
+    test_fraction: float = option(0.15, "share of each class held out for the test report")
+    weights: str | None = option(
+        None, "initial backbone weights for efficientnetb0; imagenet needs internet",
+        choices=("none", "imagenet"), parse=_weights, shown="none",
+    )
+    name: str = option(DEFAULT_MODEL_NAME, "model name in the BentoML store")
+    task: str = option(DEFAULT_TASK, "task description written into the model card")
+    split_by: str = option(
+        "group", "split whole near-duplicate groups, or single images (leaks; for comparison only)",
+        choices=SPLIT_BY,
+    )
+    fnr_target: float = option(
+        0.05, "highest false-negative rate allowed for each cancer class among answered validation images; "
+        "sets the abstain threshold",
+    )
+    min_confidence: float = option(0.5, "the abstain threshold is never below this")
+    negative_classes: list[str] | None = option(
+        None, "a class that means no disease (repeatable)", flag="--negative-class", metavar="CLASS",
+        shown="recognised by name, e.g. lung_n, notumor",
+    )
+    ood_acceptance: float = option(
+        DEFAULT_OOD_ACCEPTANCE, "share of in-distribution tiles the out-of-distribution threshold is to keep"
+    )
+    holdout_class: str | None = option(
+        None, "leave this class out of training and report how often the OOD detector flags it (an experiment)",
+        metavar="CLASS",
+    )
+    bootstrap_resamples: int = option(2000, "bootstrap resamples for the test metrics' confidence intervals")
+    out: Path = option(Path("artifacts"), "folder for run artefacts: split manifest, checkpoint, report")
     verbose: int = field(default_factory=lambda: 1 if sys.stderr.isatty() else 2)
 
     @property
@@ -362,8 +387,6 @@ def train(settings: TrainSettings) -> str:
             groups_across_splits=manifest.groups_across_splits(),
         ),
         metrics=evaluation.metrics,
-        calibration_temperature=evaluation.calibration.temperature,
-        abstain_threshold=evaluation.abstention.threshold,
         calibration=evaluation.calibration,
         abstention=evaluation.abstention,
         quality_gate=run.trust.quality_gate,
@@ -372,7 +395,7 @@ def train(settings: TrainSettings) -> str:
         created_at=datetime.now(UTC),
     )
     report = write_report(card, evaluation.test, run_dir)
-    logger.info("report written to %s", run_dir / "report.md")
+    logger.info("report written to %s", run_dir / REPORT_MARKDOWN)
     extra_files = {**report, manifest_path.name: manifest_path, OOD_FILE: run.trust.parameters_path}
     return save_model(model, card, settings.name, extra_files=extra_files)
 
@@ -382,123 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.train",
         description="Train a tissue classifier and save it into the BentoML model store.",
     )
-    parser.add_argument(
-        "--data", type=Path, required=True, help="folder of class sub-folders (or the LC25000 top folder)"
-    )
-    parser.add_argument(
-        "--arch", choices=ARCHITECTURES, default="cnn", help="architecture (default: cnn, the compact CPU model)"
-    )
-    parser.add_argument(
-        "--input-size",
-        type=int,
-        default=None,
-        help="model input size in pixels (default: 128 for cnn, 224 for efficientnetb0)",
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=15, help="maximum epochs; early stopping usually ends sooner (default: 15)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
-    parser.add_argument("--learning-rate", type=float, default=2e-3, help="initial Adam learning rate (default: 2e-3)")
-    parser.add_argument(
-        "--patience", type=int, default=4, help="early-stopping patience on validation loss, in epochs (default: 4)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed for the split, initialisation and augmentation (default: 0)"
-    )
-    parser.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.15,
-        help="share of each class held out for validation (default: 0.15)",
-    )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.15,
-        help="share of each class held out for the test report (default: 0.15)",
-    )
-    parser.add_argument(
-        "--weights",
-        choices=["none", "imagenet"],
-        default="none",
-        help="initial backbone weights for efficientnetb0; imagenet needs internet (default: none)",
-    )
-    parser.add_argument(
-        "--name", default=DEFAULT_MODEL_NAME, help=f"model name in the BentoML store (default: {DEFAULT_MODEL_NAME})"
-    )
-    parser.add_argument("--task", default=DEFAULT_TASK, help="task description written into the model card")
-    parser.add_argument(
-        "--split-by",
-        choices=data.SPLIT_BY,
-        default="group",
-        help="split whole near-duplicate groups (default) or single images (leaks; for comparison only)",
-    )
-    parser.add_argument(
-        "--fnr-target",
-        type=float,
-        default=0.05,
-        help="highest false-negative rate allowed for each cancer class among answered validation images; "
-        "sets the abstain threshold (default: 0.05)",
-    )
-    parser.add_argument(
-        "--min-confidence",
-        type=float,
-        default=0.5,
-        help="the abstain threshold is never below this (default: 0.5)",
-    )
-    parser.add_argument(
-        "--negative-class",
-        action="append",
-        dest="negative_classes",
-        metavar="CLASS",
-        help="a class that means no disease (repeatable; default: recognised by name, e.g. lung_n, notumor)",
-    )
-    parser.add_argument(
-        "--ood-acceptance",
-        type=float,
-        default=DEFAULT_OOD_ACCEPTANCE,
-        help="share of in-distribution tiles the out-of-distribution threshold is to keep (default: 0.995)",
-    )
-    parser.add_argument(
-        "--holdout-class",
-        metavar="CLASS",
-        help="leave this class out of training and report how often the OOD detector flags it (an experiment)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("artifacts"),
-        help="folder for run artefacts: split manifest, checkpoint, report (default: artifacts)",
-    )
+    add_options(parser, TrainSettings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = TrainSettings(
-        data=args.data,
-        arch=args.arch,
-        input_size=args.input_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        patience=args.patience,
-        seed=args.seed,
-        validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction,
-        weights=None if args.weights == "none" else args.weights,
-        name=args.name,
-        task=args.task,
-        split_by=args.split_by,
-        fnr_target=args.fnr_target,
-        min_confidence=args.min_confidence,
-        negative_classes=args.negative_classes,
-        ood_acceptance=args.ood_acceptance,
-        holdout_class=args.holdout_class,
-        out=args.out,
-    )
-    tag = train(settings)
+    tag = train(settings_from_args(TrainSettings, args))
     # The tag is the command's result: stdout, so scripts can capture it.
     sys.stdout.write(f"{tag}\n")
 

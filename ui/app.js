@@ -166,13 +166,11 @@ function showCard(card) {
   const ci = m.confidence_intervals;
   $("card-accuracy").textContent = `${percent(m.accuracy)} on ${m.n_images} test images` +
     (ci ? ` (${Math.round(ci.level * 100)}% CI ${percent(ci.accuracy.low)} to ${percent(ci.accuracy.high)})` : "");
-  $("card-calibration").textContent = card.calibration
-    ? `temperature ${card.calibration.temperature.toFixed(3)}; test ECE ${card.calibration.test_ece_before.toFixed(3)} → ${card.calibration.test_ece_after.toFixed(3)}`
-    : "none";
-  $("card-abstention").textContent = card.abstention
-    ? `${card.abstain_threshold.toFixed(3)} (answers ${percent(card.abstention.test_coverage)} of test tiles)`
-    : card.abstain_threshold.toFixed(3);
-  $("threshold").textContent = card.abstain_threshold.toFixed(3);
+  $("card-calibration").textContent =
+    `temperature ${card.calibration.temperature.toFixed(3)}; test ECE ${card.calibration.test_ece_before.toFixed(3)} → ${card.calibration.test_ece_after.toFixed(3)}`;
+  $("card-abstention").textContent =
+    `${card.abstention.threshold.toFixed(3)} (answers ${percent(card.abstention.test_coverage)} of test tiles)`;
+  $("threshold").textContent = card.abstention.threshold.toFixed(3);
   $("card-created").textContent = new Date(card.created_at).toLocaleString();
   fillTable($("card-classes"), ["class", "recall", "false-negative rate", "precision", "AUC", "test images"],
     card.class_names.map((name) => {

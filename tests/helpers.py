@@ -1,0 +1,120 @@
+"""What several test modules share: constants, tiles, HTTP helpers, metrics, waiting, Locust.
+
+Tests import from here, never from each other; fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server
+
+T = TypeVar("T")
+
+TINY_TILE = 256  # px: small tiles keep generation and decoding fast in tests
+TINY_MODEL_NAME = "tiny_lung"
+TINY_MODEL_EPOCHS = 30
+FRESH_SEED = 999  # tiles no model saw (the test dataset uses seed 7)
+PROBLEM = "application/problem+json"
+STRICT_TOKEN = "test-token-5f2c"  # noqa: S105 - a throwaway credential for the strict test server
+STRICT_ORIGIN = "https://viewer.example"
+LOCUST = str(Path(sys.executable).with_name("locust"))
+
+
+def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def fresh_tile(class_name: str, index: int) -> bytes:
+    """A JPEG tile of this class that no test model was trained on."""
+    from training.synthetic import render_tile, tile_seed
+
+    return encode(render_tile(class_name, TINY_TILE, tile_seed(FRESH_SEED, class_name, index)), "JPEG", quality=90)
+
+
+def post_file(url: str, data: bytes, filename: str = "tile.jpeg", content_type: str = "image/jpeg") -> httpx.Response:
+    return httpx.post(f"{url}/predict", files={"file": (filename, data, content_type)}, timeout=60)
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict:
+    """The response is an RFC 9457 problem with this status and no stack trace; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"] == "about:blank"
+    assert body["detail"] and "Traceback" not in body["detail"]
+    return body
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 10, interval: float = 0.05) -> T:
+    """Poll until `condition()` is truthy and return it; fail the test, naming `what`, at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the service's own metrics: (name, sorted labels) -> value."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("histopathology_"):
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def metric_delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def run_locust(url: str, out: Path, seconds: int, **slo: str) -> subprocess.CompletedProcess[str]:
+    """A headless Locust run of loadtests/locustfile.py (8 users, 256 px tiles), CSV under `out`."""
+    command = [
+        LOCUST, "-f", "loadtests/locustfile.py", "--headless", "--host", url, "-u", "8", "-r", "8",
+        "-t", f"{seconds}s", "--stop-timeout", "5", "--csv", str(out / "run"), "--only-summary",
+    ]
+    env = {**os.environ, "LOADTEST_TILE_SIZE": str(TINY_TILE), **slo}
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=seconds + 120, check=False
+    )
+
+
+def locust_stats(out: Path) -> dict[str, dict[str, str]]:
+    """The run's per-route statistics (Locust's CSV), by route name."""
+    with (out / "run_stats.csv").open() as handle:
+        return {row["Name"]: row for row in csv.DictReader(handle)}
+
+
+def serve_tiny_model(
+    tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
+) -> Iterator[RunningServer]:
+    """For a fixture: a real `bentoml serve service:Histopathology` of the tiny model with these HISTO_* settings."""
+    running = start_server(
+        "service:Histopathology",
+        tmp_path_factory.mktemp(name) / "serve.log",
+        env={"HISTO_MODEL_TAG": tiny_model_tag, **settings},
+    )
+    yield running
+    stop_server(running)
