@@ -13,7 +13,7 @@ export BENTOML_DO_NOT_TRACK ?= true
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 SYNTHETIC_DIR ?= data/synthetic
-PER_CLASS ?= 200
+PER_CLASS ?= 400
 SEED ?= 0
 DATA ?= $(SYNTHETIC_DIR)/lung_image_sets
 ARCH ?= cnn

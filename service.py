@@ -1,4 +1,4 @@
-"""The BentoML service: the HTTP contract README.md documents (Serving). Thin glue.
+"""The BentoML service: the HTTP contract of docs/http-contract.md (routes in README.md). Thin glue.
 
 Each request is decoded and validated by `models.preprocessing.decode_image`
 in a worker thread first, so a bad upload is answered with its 4xx and never
@@ -54,6 +54,7 @@ from serving.logs import configure_logging
 from serving.memory import release_heap
 from serving.metrics import ServiceMetrics, service_metrics
 from serving.model_check import check_model_can_serve
+from serving.openapi import OpenAPIDocument, corrected_document
 from serving.predictions import ExplainedPrediction, Prediction, TrustEvidence, to_prediction
 from serving.problems import Problem, answers_problems, problem
 from serving.request_log import RequestLog, note
@@ -413,14 +414,19 @@ if SETTINGS.cors_origins:  # outermost, so preflight requests never need the tok
     )
 ROUTES = route_facts(Histopathology.apis.values(), http_routes.routes, SETTINGS.max_files_per_request)
 KNOWN_ROUTES = ROUTES.known_routes | BENTOML_ROUTES
+TOKEN_ROUTES = frozenset({*ROUTES.upload_routes, "/model"})  # and everything under them, when a token is set
 # Takes effect when BentoML builds the worker's app, after this module is imported.
 front_door.install(KNOWN_ROUTES | PROBES, ROUTES.served_prefixes + BENTOML_PREFIXES, ROUTES.upload_routes, ADMISSION)
 Histopathology.add_asgi_middleware(RequestLog, known_routes=KNOWN_ROUTES, upload_routes=ROUTES.upload_routes)
 Histopathology.add_asgi_middleware(
+    OpenAPIDocument,
+    build=lambda: corrected_document(Histopathology.openapi_spec.asdict(), ROUTES.upload_routes, TOKEN_ROUTES),
+)
+Histopathology.add_asgi_middleware(
     RequestGuard,
     policy=GuardPolicy(
         upload_routes=ROUTES.upload_routes,
-        token_routes=frozenset({*ROUTES.upload_routes, "/model"}),
+        token_routes=TOKEN_ROUTES,
         max_body_bytes=SETTINGS.max_body_bytes,
         admission=ADMISSION,
         request_timeout_s=SETTINGS.request_timeout_ms / 1000,

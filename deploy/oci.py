@@ -183,8 +183,6 @@ def containerize(bento_tag: str, image_tag: str, bentoml: str = BENTOML) -> Buil
             "isolation=chroot",
             "--opt",
             f"from={BASE_IMAGE}",  # replaces the first FROM (python:3.11-slim) and nothing else
-            "--opt",
-            "format=docker",  # keeps the HEALTHCHECK (the OCI format has no such field)
             "-t",
             image_tag,
         ],
@@ -202,13 +200,55 @@ class RunningContainer:
     log_path: Path
 
 
+@dataclass(frozen=True)
+class PodConstraints:
+    """What a locked-down pod imposes (deploy/kubernetes/deployment.yaml): a user, a read-only root
+    filesystem, and empty writable folders (emptyDirs) at given paths."""
+
+    user: str  # uid[:gid]
+    writable: tuple[str, ...]  # absolute paths inside the container
+
+
+# Kernel file systems the runtime provides; never bound read-only over.
+_RUNTIME_PATHS = frozenset({"proc", "sys", "dev"})
+
+
+def _constraint_options(name: str, constraints: PodConstraints, env: dict[str, str], scratch: Path) -> list[str]:
+    """`buildah run` options that make the root read-only except for fresh writable folders.
+
+    buildah has no --read-only: every top-level folder of the container's root is bound read-only
+    over itself instead, and each writable path gets an empty host folder (mode 1777, as an emptyDir
+    is writable by the pod's user). Mount points are made in the container first, as a runtime does.
+    """
+    root = Path(_run(["buildah", "mount", name], env=env, what="buildah mount").strip())
+    options = ["--user", constraints.user]
+    writable_tops = {Path(path).parts[1] for path in constraints.writable if len(Path(path).parts) == 2}
+    for entry in sorted(root.iterdir()):
+        if entry.name not in _RUNTIME_PATHS | writable_tops and (entry.is_dir() and not entry.is_symlink()):
+            options += ["--volume", f"{entry}:/{entry.name}:ro"]
+    for index, path in enumerate(constraints.writable):
+        (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        folder = scratch / f"writable-{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o1777)
+        options += ["--volume", f"{folder}:{path}:rw"]
+    return options
+
+
 def run_container(
-    image_tag: str, port: int, log_path: Path, environment: dict[str, str] | None = None
+    image_tag: str,
+    port: int,
+    log_path: Path,
+    environment: dict[str, str] | None = None,
+    constraints: PodConstraints | None = None,
 ) -> RunningContainer:
-    """Start the image's entrypoint bound to 127.0.0.1:`port` (buildah run: no daemon, no cgroups)."""
+    """Start the image's entrypoint bound to 127.0.0.1:`port` (buildah run: no daemon, no cgroups),
+    optionally under a pod's constraints (its writable folders go next to `log_path`)."""
     env = buildah_env()
     name = _run(["buildah", "from", image_tag], env=env, what="buildah from").strip().splitlines()[-1]
     command = ["buildah", "run", "--isolation", "chroot", "--network", "host"]
+    if constraints is not None:
+        command += _constraint_options(name, constraints, env, log_path.parent / f"{name}-volumes")
     for key, value in (environment or {}).items():
         command += ["--env", f"{key}={value}"]
     command += [name, "--", ENTRYPOINT, "--host", "127.0.0.1", "--port", str(port)]

@@ -80,12 +80,27 @@ class Calibration(_Strict):
 
     method: str = "temperature scaling"
     fitted_on: str = "validation"
-    temperature: float = Field(gt=0.0)
+    temperature: float = Field(gt=0.0)  # applied: the service divides the logits by it
     validation_errors: int | None = Field(default=None, ge=0)  # 0: T cannot be fitted and stays 1
+    fitted_temperature: float | None = Field(default=None, gt=0.0)  # on the whole validation split
+    cross_validated_nll: float | None = Field(default=None, ge=0.0)  # 5-fold, T fitted without each fold
+    uncalibrated_nll: float | None = Field(default=None, ge=0.0)  # the same images at T = 1
+    gain_standard_error: float | None = Field(default=None, ge=0.0)  # T applied if the gain is >= 2 of these
+    test_ece_fitted: Probability | None = None  # what the fitted T gives on test, applied or not
+    test_nll_fitted: float | None = Field(default=None, ge=0.0)
     test_ece_before: Probability
     test_ece_after: Probability
     test_nll_before: float = Field(ge=0.0)
     test_nll_after: float = Field(ge=0.0)
+
+
+class CoveragePoint(_Strict):
+    """One point of the risk-coverage curve on the test split."""
+
+    threshold: float
+    coverage: Probability
+    error_rate: Probability  # among answered images
+    worst_cancer_fnr: Probability  # among answered images of each cancer class, the worst
 
 
 class Abstention(_Strict):
@@ -104,6 +119,28 @@ class Abstention(_Strict):
     validation_false_negative_rate: dict[str, Probability]
     test_coverage: Probability
     test_false_negative_rate: dict[str, Probability]
+    risk_coverage: list[CoveragePoint] = []  # test split, coverage 100% down to 0%
+
+
+class SiteMetrics(_Strict):
+    """Test metrics on the images of one site (or of the held-out sites together)."""
+
+    site: str
+    n_images: int = Field(gt=0)
+    accuracy: Probability
+    macro_f1: Probability
+    worst_cancer_fnr: Probability
+    expected_calibration_error: Probability
+    accuracy_interval: Interval | None = None  # percentile bootstrap over near-duplicate groups
+
+
+class SiteShift(_Strict):
+    """How the model does on sites it never saw, beside the sites it was trained on."""
+
+    held_out_sites: list[str] = Field(min_length=1)
+    in_site_test: list[SiteMetrics]  # the test split, per training site
+    held_out: SiteMetrics  # every image of the held-out sites
+    accuracy_drop: float  # in-site test accuracy minus held-out accuracy
 
 
 class DatasetInfo(_Strict):
@@ -151,6 +188,7 @@ class ModelCard(_Strict):
     abstention: Abstention  # its threshold: confidence below it is flagged `uncertain`
     quality_gate: QualityGate  # tissue/stain/focus limits, fitted on the training split
     out_of_distribution: OutOfDistribution  # feature-space score and its threshold
+    site_shift: SiteShift | None = None  # when the data declares sites and some were held out
     framework_versions: dict[str, str]
     created_at: datetime
     intended_use: str = "Research use only. Not for diagnosis."

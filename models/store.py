@@ -40,11 +40,12 @@ CONFUSION_PNG = "confusion_matrix.png"
 ROC_PNG = "roc_curves.png"
 RELIABILITY_PNG = "reliability_diagram.png"
 OOD_PNG = "ood_detection.png"
+RISK_COVERAGE_PNG = "risk_coverage.png"
 REPORT_FILES: dict[str, str] = {
     REPORT_MARKDOWN: "text/markdown; charset=utf-8",
     REPORT_JSON: "application/json",
     REPORT_TEXT: "text/plain; charset=utf-8",
-    **{figure: "image/png" for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG, OOD_PNG)},
+    **{figure: "image/png" for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG, RISK_COVERAGE_PNG, OOD_PNG)},
 }
 
 

@@ -32,6 +32,7 @@ PROBLEM = "application/problem+json"
 STRICT_TOKEN = "test-token-5f2c"  # noqa: S105 - a throwaway credential for the strict test server
 STRICT_ORIGIN = "https://viewer.example"
 LOCUST = str(Path(sys.executable).with_name("locust"))
+KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
 
 
 def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
@@ -118,3 +119,19 @@ def serve_tiny_model(
     )
     yield running
     stop_server(running)
+
+
+def kubernetes_objects() -> dict[str, dict]:
+    """deploy/kubernetes/: kind -> the one object of that kind (kustomization.yaml included)."""
+    import yaml
+
+    objects = [yaml.safe_load(path.read_text()) for path in sorted(KUBERNETES.glob("*.yaml"))]
+    kinds = {item["kind"]: item for item in objects}
+    assert len(kinds) == len(objects), "one object of each kind"
+    return kinds
+
+
+def pod_container(kinds: dict[str, dict]) -> dict:
+    """The Deployment's one container."""
+    [only] = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return only

@@ -8,7 +8,12 @@ from scipy.special import softmax
 
 from training.abstention import cancer_classes, choose_threshold, selective_metrics
 from training.bootstrap import bootstrap_intervals
-from training.calibration import calibrated_probabilities, fit_temperature, negative_log_likelihood
+from training.calibration import (
+    calibrated_probabilities,
+    choose_temperature,
+    fit_temperature,
+    negative_log_likelihood,
+)
 from training.evaluate import compute_metrics, expected_calibration_error
 
 CLASSES = ["lung_aca", "lung_n", "lung_scc"]
@@ -40,6 +45,27 @@ def test_temperature_scaling_undoes_known_over_confidence():
 def test_under_confident_logits_get_a_temperature_below_one():
     logits, labels = well_calibrated(4000, seed=1)
     assert fit_temperature(logits / 2.0, labels) == pytest.approx(0.5, rel=0.1)
+
+
+def test_a_temperature_is_applied_only_when_it_helps_held_out_folds():
+    logits, labels = well_calibrated(600, seed=2)
+    over = choose_temperature(logits * 3.0, labels)  # clearly over-confident: the gain survives cross-validation
+    assert over.applied == over.fitted == pytest.approx(3.0, rel=0.2)
+    assert over.cross_validated_nll < over.uncalibrated_nll
+    # A few confidently wrong labels in an otherwise well-separated set: the fitted T chases them.
+    separable = np.zeros((200, 3))
+    truth = np.arange(200) % 3
+    separable[np.arange(200), truth] = 6.0
+    flipped = truth.copy()
+    flipped[:3] = (truth[:3] + 1) % 3
+    choice = choose_temperature(separable, flipped)
+    assert choice.fitted > 1.0  # softening is all the whole split asks for ...
+    # Three flipped labels among 200 are no evidence of miscalibration: the gain is within its noise.
+    assert choice.gain < 2 * choice.gain_standard_error and choice.applied == 1.0
+    for seed in range(3):  # the rule, whatever the fold assignment
+        again = choose_temperature(separable, flipped, seed=seed)
+        clear = again.gain > 2 * again.gain_standard_error
+        assert again.applied == (again.fitted if clear else 1.0)
 
 
 def test_separable_validation_keeps_the_networks_own_probabilities():

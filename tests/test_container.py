@@ -1,10 +1,12 @@
 """The Bento's OCI image, built and run for real (buildah without a Docker daemon).
 
 Builds the tiny model's Bento into an image (deploy/oci.py), runs it bound to
-127.0.0.1, waits for /readyz, classifies a tile of every class, checks a bad
-upload's 4xx, runs a 15-second Locust smoke test with an SLO gate, then stops
-the container and removes it and the image. The Debian base image is kept in
-build/oci/ between runs (`make clean` removes it).
+127.0.0.1 under the Kubernetes pod's constraints (its user, a read-only root
+filesystem with only its emptyDirs writable, its environment), waits for
+/readyz, classifies a tile of every class, checks a bad upload's 4xx, runs a
+15-second Locust smoke test with an SLO gate, then stops the container and
+removes it and the image. The Debian base image is kept in build/oci/ between
+runs (`make clean` removes it).
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from deploy.oci import RunningContainer, alive, containerize, remove_image, run_container, stop_container
+from deploy.oci import (
+    PodConstraints,
+    RunningContainer,
+    alive,
+    containerize,
+    remove_image,
+    run_container,
+    stop_container,
+)
 from loadtests.servers import free_port, wait_ready
-from tests.helpers import assert_problem, fresh_tile, locust_stats, run_locust
+from tests.helpers import assert_problem, fresh_tile, kubernetes_objects, locust_stats, pod_container, run_locust
 from training.synthetic import LUNG_CLASSES
 
 pytestmark = [pytest.mark.container, pytest.mark.bento, pytest.mark.service]
@@ -30,7 +40,18 @@ def container(bento_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     image_tag = f"localhost/{bento_tag}-test"
     image = containerize(bento_tag, image_tag)
     print(f"\nimage {image.tag}: {image.size_bytes / 1e9:.2f} GB, built with {image.backend} in {image.seconds:.0f} s")
-    running = run_container(image_tag, free_port(), tmp_path_factory.mktemp("container") / "container.log")
+    # As the Kubernetes pod runs it (deploy/kubernetes/deployment.yaml): its user, a read-only root with
+    # only its emptyDirs writable, and its plain environment variables.
+    kinds = kubernetes_objects()
+    pod_security = kinds["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    main = pod_container(kinds)
+    constraints = PodConstraints(
+        user=f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}",
+        writable=tuple(mount["mountPath"] for mount in main["volumeMounts"]),
+    )
+    environment = {item["name"]: item["value"] for item in main["env"] if "value" in item}
+    running = run_container(image_tag, free_port(), tmp_path_factory.mktemp("container") / "container.log",
+                            environment, constraints)
     try:
         started = time.perf_counter()
         try:

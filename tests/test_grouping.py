@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_TILE
+from tests.helpers import TINY_TILE
 from training import data
 from training.grouping import group_files, hash_distance, hash_files, orientations, summarise
 from training.synthetic import LUNG_CLASSES, generate_dataset

@@ -21,7 +21,7 @@ from models.preprocessing import (
     decode_image,
     sniff_format,
 )
-from tests.conftest import encode
+from tests.helpers import encode
 
 SIZE = 32
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.servers import run_server_until_exit
 from models.store import load_model
-from tests.helpers import assert_problem, encode, fresh_tile, post_file
+from tests.helpers import PROBLEM, assert_problem, encode, fresh_tile, post_file
 from training.synthetic import LUNG_CLASSES
 
 pytestmark = pytest.mark.service
@@ -112,7 +112,15 @@ def test_model_card_and_builtin_endpoints_answer(server, tiny_model_tag):
         assert httpx.get(server.url + probe, timeout=10).status_code == 200, probe
     assert "histopathology_batch_size" in httpx.get(f"{server.url}/metrics", timeout=10).text
     docs = httpx.get(f"{server.url}/docs.json", timeout=10).json()
-    assert {"/predict", "/predict_batch"} <= set(docs["paths"])
+    assert {"/predict", "/predict_batch", "/explain", "/model", "/model/report", "/model/report/{name}"} <= set(
+        docs["paths"]
+    )
+    # Errors are documented as the service sends them: problem+json, with the statuses it really returns.
+    predict_errors = docs["paths"]["/predict"]["post"]["responses"]
+    assert {"400", "413", "415", "422", "503", "504"} <= set(predict_errors)
+    assert all(list(r["content"]) == [PROBLEM] for status, r in predict_errors.items() if status != "200")
+    assert "InvalidArgument" not in docs["components"]["schemas"]
+    assert set(docs["components"]["schemas"]["ModelCard"]["properties"]) == set(card)
 
 
 def test_model_report_is_served_from_the_store_entry(server, tiny_model_tag):
@@ -174,7 +182,7 @@ def _corrupt_png(tile: Image.Image) -> bytes:
 
 
 ERROR_TABLE = [
-    # (case, payload factory, status) for the rows of README.md's error table the decoder covers
+    # (case, payload factory, status) for the rows of the error table (README.md) the decoder covers
     ("zero-byte file", lambda tile: b"", 400),
     ("decompression bomb", lambda tile: _bomb_png(), 413),
     ("plain text", lambda tile: b"hello, this is not an image\n", 415),

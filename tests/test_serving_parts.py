@@ -14,7 +14,7 @@ from models.preprocessing import CorruptImageError, EmptyImageError, ImageTooLar
 from serving.batcher import BatchTimeoutError, MicroBatcher
 from serving.logs import JsonFormatter
 from serving.predictions import to_prediction
-from serving.problems import PROBLEM_MEDIA_TYPE, decode_problem
+from serving.problems import PROBLEM_MEDIA_TYPE, Problem, answers_problems
 from serving.settings import SettingsError, load_settings
 
 
@@ -79,12 +79,28 @@ def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working():
      (CorruptImageError("c"), 422)],
 )
 def test_decode_errors_map_to_problem_details(error, status):
-    response = decode_problem(error)
+    @answers_problems
+    async def route(part: str) -> str:
+        raise Problem.from_decode_error(error, part)
+
+    response = asyncio.run(route("file[3]"))
     assert response.status_code == status
     assert response.media_type == PROBLEM_MEDIA_TYPE
     body = json.loads(response.body)
     assert body["status"] == status and body["title"] and body["type"] == "about:blank"
-    assert "Traceback" not in body["detail"]
+    assert body["detail"] == f"file[3]: {error}" and "Traceback" not in body["detail"]
+
+
+def test_answers_problems_passes_answers_and_other_errors_through():
+    @answers_problems
+    async def route(fail: bool) -> str:
+        if fail:
+            raise RuntimeError("a bug, not a problem")
+        return "answer"
+
+    assert asyncio.run(route(False)) == "answer"
+    with pytest.raises(RuntimeError, match="a bug"):
+        asyncio.run(route(True))
 
 
 def test_a_request_waiting_too_long_times_out_and_leaves_the_queue():

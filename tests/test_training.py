@@ -12,7 +12,15 @@ from PIL import Image
 from models.architectures import build_model
 from models.inference import logits_model
 from models.preprocessing import decode_image
-from models.store import CONFUSION_PNG, RELIABILITY_PNG, REPORT_FILES, REPORT_MARKDOWN, ROC_PNG, load_model
+from models.store import (
+    CONFUSION_PNG,
+    RELIABILITY_PNG,
+    REPORT_FILES,
+    REPORT_MARKDOWN,
+    RISK_COVERAGE_PNG,
+    ROC_PNG,
+    load_model,
+)
 from tests.helpers import TINY_MODEL_EPOCHS
 from training import data
 from training.abstention import selective_metrics
@@ -26,11 +34,15 @@ TINY_RUN_MIN_ACCURACY = 0.90
 def test_split_is_stratified_disjoint_and_reproducible(synthetic_root, tmp_path):
     manifest = data.split_dataset(synthetic_root, seed=3)
     assert manifest.class_names == ["lung_aca", "lung_n", "lung_scc"]
-    assert manifest.sizes() == {"train": 126, "validation": 27, "test": 27}
-    for split in data.SPLITS:  # every class in every split, equally
-        assert np.bincount(manifest.labels(split)).tolist() == [manifest.sizes()[split] // 3] * 3
+    assert sum(manifest.sizes().values()) == 180
+    for label, name in enumerate(manifest.class_names):  # every class in every split, in its share
+        in_class = len(list((synthetic_root / name).glob("*.jpeg")))
+        for split, share in (("test", 0.15), ("validation", 0.15), ("early_stopping", 0.1)):
+            assert (manifest.labels(split) == label).sum() == round(in_class * share), (name, split)
     splits = {s: set(manifest.paths(s)) for s in data.SPLITS}
-    assert not splits["train"] & splits["test"] and not splits["validation"] & splits["test"]
+    for i, one in enumerate(data.SPLITS):  # disjoint
+        for other in data.SPLITS[i + 1 :]:
+            assert not splits[one] & splits[other], (one, other)
     assert data.split_dataset(synthetic_root, seed=3).examples == manifest.examples
     assert data.split_dataset(synthetic_root, seed=4).examples != manifest.examples
     manifest.save(tmp_path / "m.json")
@@ -80,7 +92,9 @@ def test_tiny_end_to_end_run_lands_in_the_store(tiny_model_tag):
     assert card.input_size == 64 and card.architecture == "cnn"
     assert card.parameter_count == stored.model.count_params()
     assert card.metrics.accuracy >= TINY_RUN_MIN_ACCURACY, card.metrics
-    assert card.dataset.split_sizes == {"train": 126, "validation": 27, "test": 27}
+    # One site of four is held out whole by default (--holdout-site auto); the rest is split 60/10/15/15.
+    assert sum(card.dataset.split_sizes.values()) == 180
+    assert card.dataset.split_sizes["site_holdout"] == 45 and card.dataset.split_sizes["test"] in range(18, 24)
     assert 0 < card.training.epochs_trained <= TINY_MODEL_EPOCHS
     for name in (*REPORT_FILES, "split_manifest.json", "card.json"):
         assert (stored.path / name).is_file(), name
@@ -94,6 +108,13 @@ def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag, synthetic_r
     card = stored.card
     # Split by near-duplicate group: the synthetic tiles are all distinct originals.
     assert card.dataset.n_groups == 180 and card.dataset.largest_group == 1
+    # The held-out site is reported beside the sites trained on, from its own images only.
+    shift = card.site_shift
+    assert shift is not None and shift.held_out_sites == ["site3"] and shift.held_out.n_images == 45
+    assert {m.site for m in shift.in_site_test} == {"site0", "site1", "site2"}
+    assert sum(m.n_images for m in shift.in_site_test) == card.metrics.n_images
+    assert shift.accuracy_drop == pytest.approx(card.metrics.accuracy - shift.held_out.accuracy)
+    assert shift.held_out.accuracy_interval.low <= shift.held_out.accuracy <= shift.held_out.accuracy_interval.high
     assert card.dataset.groups_across_splits == 0 and "group" in card.dataset.split_policy
     # Calibration from the validation split travels in the card and is what the service applies.
     assert card.calibration is not None and card.calibration.temperature == card.calibration_temperature
@@ -104,12 +125,17 @@ def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag, synthetic_r
     )
     labels = manifest.labels("validation")
     assert card.calibration.validation_errors == int((logits.argmax(1) != labels).sum())
-    if card.calibration.validation_errors == 0:  # no optimum exists (T -> 0): the network's own T = 1 is kept
+    cal = card.calibration
+    if cal.validation_errors == 0:  # no optimum exists (T -> 0): the network's own T = 1 is kept
         assert card.calibration_temperature == 1.0
     else:
-        fitted = negative_log_likelihood(logits, labels, card.calibration_temperature)
-        for other in (1.0, card.calibration_temperature * 1.25, card.calibration_temperature / 1.25):
+        fitted = negative_log_likelihood(logits, labels, cal.fitted_temperature)
+        for other in (1.0, cal.fitted_temperature * 1.25, cal.fitted_temperature / 1.25):
             assert fitted <= negative_log_likelihood(logits, labels, other) + 1e-6, other
+        # Applied only when cross-validation on the split shows a clear gain (two standard errors).
+        clear = cal.uncalibrated_nll - cal.cross_validated_nll > 2 * cal.gain_standard_error
+        assert card.calibration_temperature == (cal.fitted_temperature if clear else 1.0)
+        assert cal.uncalibrated_nll == pytest.approx(negative_log_likelihood(logits, labels, 1.0), abs=1e-6)
     # Abstention from the validation split; its threshold is the card's, and the record says whether the
     # target was met, truthfully.
     abstention = card.abstention
@@ -123,6 +149,11 @@ def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag, synthetic_r
     )
     assert on_validation.coverage == pytest.approx(abstention.validation_coverage, abs=1e-6)
     assert on_validation.worst_fnr() == pytest.approx(worst_fnr, abs=1e-6)
+    # The risk-coverage curve falls from every tile answered to none, on the test split.
+    curve = abstention.risk_coverage
+    assert curve[0].coverage == 1.0 and curve[-1].coverage <= 1 / card.metrics.n_images
+    assert curve[0].error_rate == pytest.approx(1 - card.metrics.accuracy)
+    assert [p.coverage for p in curve] == sorted((p.coverage for p in curve), reverse=True)
     # Bootstrap intervals around the test metrics.
     intervals = card.metrics.confidence_intervals
     assert intervals is not None and intervals.accuracy.estimate == pytest.approx(card.metrics.accuracy)
@@ -132,7 +163,8 @@ def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag, synthetic_r
     markdown = (stored.path / REPORT_MARKDOWN).read_text()
     assert f"T = {card.calibration_temperature:.3f}" in markdown
     assert f"{card.abstain_threshold:.3f}" in markdown and "Not for diagnosis" in markdown
-    for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG):
+    assert "## Site shift" in markdown and "## Calibration" in markdown
+    for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG, RISK_COVERAGE_PNG):
         assert f"({figure})" in markdown
         assert (stored.path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

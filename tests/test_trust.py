@@ -13,7 +13,7 @@ from models.ood import FeatureScorer
 from models.quality import QualityGate, assess, measure
 from models.store import load_model
 from serving.predictions import TrustEvidence, to_prediction
-from tests.conftest import TINY_TILE
+from tests.helpers import TINY_TILE
 from training import data
 from training.ood_sets import near_ood_sets
 from training.synthetic import LUNG_CLASSES, render_tile, tile_seed

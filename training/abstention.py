@@ -100,3 +100,29 @@ def choose_threshold(
         best.worst_fnr(),
     )
     return ThresholdChoice(best, target_met=False)
+
+
+def risk_coverage(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    cancer: Sequence[str],
+    points: int = 21,
+) -> list[dict[str, float]]:
+    """Error rate and worst cancer-class FNR among answered images as coverage falls.
+
+    One point per confidence quantile (coverage 100%, 95%, ... 0% when `points` is 21),
+    each at the threshold that answers that share: the curve a reader uses to pick
+    an operating point, and to see the chosen one on.
+    """
+    confidence = probabilities.max(axis=1)
+    predicted = probabilities.argmax(axis=1)
+    curve = []
+    for share in np.linspace(1.0, 0.0, points):
+        threshold = float(np.quantile(confidence, 1.0 - share)) if share < 1 else 0.0
+        answered = confidence >= threshold
+        result = selective_metrics(labels, probabilities, threshold, class_names, cancer)
+        error = float((predicted[answered] != labels[answered]).mean()) if answered.any() else 0.0
+        curve.append({"threshold": threshold, "coverage": result.coverage, "error_rate": error,
+                      "worst_cancer_fnr": result.worst_fnr()})
+    return curve

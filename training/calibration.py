@@ -54,6 +54,61 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
+class TemperatureChoice:
+    """The temperature fitted on the whole validation split, and whether it earned its place."""
+
+    fitted: float  # minimises the validation NLL
+    applied: float  # what the service uses: `fitted`, or 1.0 when cross-validation shows no clear gain
+    cross_validated_nll: float  # validation NLL, each fold scored by a temperature fitted without it
+    uncalibrated_nll: float  # the same images at T = 1
+    gain_standard_error: float  # of the per-image NLL gain (uncalibrated - cross-validated)
+
+    @property
+    def gain(self) -> float:
+        return self.uncalibrated_nll - self.cross_validated_nll
+
+
+# T is applied when its cross-validated gain is at least this many standard errors (one-sided, ~97.7%).
+MIN_GAIN_STANDARD_ERRORS = 2.0
+
+
+def _per_image_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
+    log_probabilities = log_softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+    return -log_probabilities[np.arange(len(labels)), labels]
+
+
+def choose_temperature(logits: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> TemperatureChoice:
+    """Fit T on validation, and apply it only if it clearly helps images it was not fitted on.
+
+    A well-calibrated network gains nothing from T, and on a few hundred images
+    a fitted T follows the few confidently wrong (e.g. mislabelled) ones: on
+    the synthetic data it ranged 0.38-1.47 and made held-out NLL worse. So the
+    gain is measured first, by K-fold cross-validation over the validation
+    split (each image scored by a T fitted without it, against T = 1), and T is
+    applied only when that gain is at least two standard errors of the
+    per-image gains: evidence the network is miscalibrated, not noise.
+    """
+    labels = np.asarray(labels, np.int64)
+    fitted = fit_temperature(logits, labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    gains = np.zeros(len(labels))
+    held_out = np.zeros(len(labels))
+    for fold in np.array_split(order, min(folds, len(labels))):
+        rest = np.setdiff1d(order, fold)
+        fold_t = fit_temperature(logits[rest], labels[rest]) if len(rest) else 1.0
+        held_out[fold] = _per_image_nll(logits[fold], labels[fold], fold_t)
+        gains[fold] = _per_image_nll(logits[fold], labels[fold], 1.0) - held_out[fold]
+    standard_error = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("inf")
+    clear = gains.mean() > MIN_GAIN_STANDARD_ERRORS * standard_error
+    applied = fitted if clear else 1.0
+    if not clear:
+        logger.info("temperature %.3f not applied: cross-validated NLL gain %.4f is under %.0f standard errors (%.4f)",
+                    fitted, gains.mean(), MIN_GAIN_STANDARD_ERRORS, standard_error)
+    return TemperatureChoice(fitted, applied, float(held_out.mean()), float(held_out.mean() + gains.mean()),
+                             standard_error)
+
+
+@dataclass(frozen=True)
 class ReliabilityBins:
     """Per-bin mean confidence, accuracy and count (the reliability diagram)."""
 

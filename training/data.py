@@ -12,6 +12,7 @@ that published LC25000 scores use, for comparison only.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -28,7 +29,14 @@ from training.grouping import DEFAULT_MAX_DISTANCE, group_files, summarise
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
-SPLITS = ("train", "validation", "test")
+# train: fitting; early_stopping: model selection (early stopping, learning-rate schedule, best
+# checkpoint); validation: the temperature and the abstain threshold, on images model selection never
+# looked at (selecting on them as well made them look easier than the test split); test: the report.
+SPLITS = ("train", "early_stopping", "validation", "test")
+HELD_OUT_SPLITS = ("test", "validation", "early_stopping")  # dealt in this order, the rest is train
+SITE_HOLDOUT = "site_holdout"  # the split of images from held-out sites: never trained, validated or tested on
+SITES_FILE = "tiles.csv"  # optional, beside the class folders: `path` (relative) and `site` columns
+AUTO = "auto"  # hold out the last of three or more declared sites
 SPLIT_BY = ("group", "image")
 SPLIT_POLICIES = {
     "group": "stratified by near-duplicate group (rotation/flip-invariant 256-bit pHash, Hamming <= {distance})",
@@ -45,6 +53,7 @@ class Example:
     label: int
     split: str
     group: int = -1  # near-duplicate group; -1 in manifests written before grouping existed
+    site: str = ""  # where the image was acquired, when the dataset says (tiles.csv)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,12 @@ class SplitManifest:
 
     def paths(self, split: str) -> list[Path]:
         return [self.root / e.path for e in self.examples if e.split == split]
+
+    def sites(self, split: str) -> np.ndarray:
+        return np.array([e.site for e in self.examples if e.split == split])
+
+    def held_out_sites(self) -> list[str]:
+        return sorted({e.site for e in self.examples if e.split == SITE_HOLDOUT})
 
     def labels(self, split: str) -> np.ndarray:
         return np.array([e.label for e in self.examples if e.split == split], dtype=np.int32)
@@ -81,7 +96,8 @@ class SplitManifest:
         return sum(len(splits) > 1 for splits in splits_of.values())
 
     def sizes(self) -> dict[str, int]:
-        return {s: sum(e.split == s for e in self.examples) for s in SPLITS}
+        splits = SPLITS + ((SITE_HOLDOUT,) if self.held_out_sites() else ())
+        return {s: sum(e.split == s for e in self.examples) for s in splits}
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount([e.label for e in self.examples], minlength=len(self.class_names))
@@ -125,6 +141,30 @@ def resolve_dataset_root(path: Path) -> Path:
     return nested if nested.is_dir() else path
 
 
+def read_sites(root: Path) -> dict[str, str]:
+    """Relative path -> site, from the dataset's tiles.csv; empty when it has none."""
+    table = root / SITES_FILE
+    if not table.is_file():
+        return {}
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"path", "site"} <= set(rows[0]):
+        raise ValueError(f"{table} needs `path` and `site` columns")
+    return {row["path"]: row["site"] for row in rows}
+
+
+def choose_held_out_sites(sites: list[str], requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The sites to hold out: those named, or with `auto` the last (sorted) of three or more."""
+    if requested == (AUTO,):
+        return (sites[-1],) if len(sites) >= 3 else ()
+    unknown = set(requested) - set(sites)
+    if unknown:
+        raise ValueError(f"cannot hold out {sorted(unknown)}: the dataset's sites are {sites or 'not declared'}")
+    if len(set(requested)) >= len(sites) > 0:
+        raise ValueError("at least one site must remain for training")
+    return requested
+
+
 def discover_classes(root: Path) -> dict[str, list[Path]]:
     """Map each class (sorted sub-folder name) to its sorted image files."""
     if not root.is_dir():
@@ -145,8 +185,10 @@ def split_dataset(
     validation_fraction: float = 0.15,
     test_fraction: float = 0.15,
     split_by: str = "group",
+    early_stopping_fraction: float = 0.1,
     max_distance: int = DEFAULT_MAX_DISTANCE,
     exclude: tuple[str, ...] = (),
+    holdout_sites: tuple[str, ...] = (),
 ) -> SplitManifest:
     """Stratified train/validation/test split of a class-folder dataset.
 
@@ -154,9 +196,13 @@ def split_dataset(
     whole groups are dealt to test, then validation, then train, in a seeded
     random order, until each split holds its share of the class's images.
     Classes named in ``exclude`` are left out (a held-out-class experiment).
+    Images from ``holdout_sites`` (sites come from the dataset's tiles.csv;
+    ``("auto",)`` picks the last of three or more) go to the ``site_holdout``
+    split whole: no site is ever on both sides.
     """
-    if not 0 < validation_fraction < 1 or not 0 < test_fraction < 1 or validation_fraction + test_fraction >= 1:
-        raise ValueError("validation and test fractions must be in (0, 1) and sum below 1")
+    shares = {"test": test_fraction, "validation": validation_fraction, "early_stopping": early_stopping_fraction}
+    if not all(0 < share < 1 for share in shares.values()) or sum(shares.values()) >= 1:
+        raise ValueError("test, validation and early-stopping fractions must be in (0, 1) and sum below 1")
     if split_by not in SPLIT_BY:
         raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
     classes = discover_classes(root)
@@ -166,41 +212,46 @@ def split_dataset(
     classes = {name: files for name, files in classes.items() if name not in exclude}
     if len(classes) < 2:
         raise ValueError("at least two classes must remain for training")
+    site_of = read_sites(root)
+    held_out = set(choose_held_out_sites(sorted(set(site_of.values())), holdout_sites))
     rng = np.random.default_rng(seed)
     examples: list[Example] = []
     next_group = 0
     for label, (name, files) in enumerate(classes.items()):
         groups = group_files(files, max_distance) + next_group
         next_group = int(groups.max()) + 1
+        paths = [path.relative_to(root).as_posix() for path in files]
+        sites = [site_of.get(path, "") for path in paths]
+        kept = np.array([site not in held_out for site in sites])
         units = groups if split_by == "group" else np.arange(len(files))
-        assignment = _deal_units(units, rng, test_fraction, validation_fraction)
+        assignment = _deal_units(units[kept], rng, shares)
         if assignment is None:
-            raise ValueError(f"class {name!r} has too few {split_by}s ({len(np.unique(units))}) to split")
+            raise ValueError(f"class {name!r} has too few {split_by}s ({len(np.unique(units[kept]))}) to split")
+        splits = iter(assignment)
         examples += [
-            Example(path.relative_to(root).as_posix(), label, assignment[index], int(groups[index]))
-            for index, path in enumerate(files)
+            Example(path, label, next(splits) if keep else SITE_HOLDOUT, int(group), site)
+            for path, keep, group, site in zip(paths, kept, groups, sites, strict=True)
         ]
     return SplitManifest(
         root=root,
         class_names=list(classes),
         seed=seed,
-        fractions={"validation": validation_fraction, "test": test_fraction},
+        fractions=shares,
         examples=examples,
-        policy=SPLIT_POLICIES[split_by].format(distance=max_distance),
+        policy=SPLIT_POLICIES[split_by].format(distance=max_distance)
+        + (f"; site(s) {', '.join(sorted(held_out))} held out whole" if held_out else ""),
     )
 
 
-def _deal_units(
-    units: np.ndarray, rng: np.random.Generator, test_fraction: float, validation_fraction: float
-) -> list[str] | None:
+def _deal_units(units: np.ndarray, rng: np.random.Generator, shares: dict[str, float]) -> list[str] | None:
     """Split name per image, dealing whole units (groups or single images); None if a split would be empty."""
     unique, sizes = np.unique(units, return_counts=True)
     total = int(sizes.sum())
-    targets = {"test": max(1, round(total * test_fraction)), "validation": max(1, round(total * validation_fraction))}
+    targets = {split: max(1, round(total * shares[split])) for split in HELD_OUT_SPLITS}
     split_of_unit: dict[int, str] = {}
-    filled = {"test": 0, "validation": 0, "train": 0}
+    filled = dict.fromkeys(SPLITS, 0)
     for position in rng.permutation(len(unique)):
-        split = next((s for s in ("test", "validation") if filled[s] < targets[s]), "train")
+        split = next((s for s in HELD_OUT_SPLITS if filled[s] < targets[s]), "train")
         split_of_unit[int(unique[position])] = split
         filled[split] += int(sizes[position])
     if min(filled.values()) == 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.card import ModelCard, TestMetrics
+from models.card import Calibration, ModelCard, SiteMetrics, TestMetrics
 from models.store import (
     CONFUSION_PNG,
     DEFAULT_MODEL_TAG,
@@ -29,6 +29,7 @@ from models.store import (
     REPORT_JSON,
     REPORT_MARKDOWN,
     REPORT_TEXT,
+    RISK_COVERAGE_PNG,
     ROC_PNG,
     store_entry,
 )
@@ -129,7 +130,7 @@ def markdown_report(card: ModelCard) -> str:
             f"{_percent(c.precision)} | {_percent(c.f1)} | {auc} | {c.support} |"
         )
     lines += ["", f"![Confusion matrix]({CONFUSION_PNG})", "", f"![ROC curves]({ROC_PNG})", ""]
-    lines += _calibration_section(card) + _abstention_section(card)
+    lines += _calibration_section(card) + _abstention_section(card) + _site_section(card)
     lines += _trust_section(card)
     t = card.training
     lines += [
@@ -150,23 +151,63 @@ def _calibration_section(card: ModelCard) -> list[str]:
     return [
         "## Calibration",
         "",
-        f"{cal.method.capitalize()} fitted on the {cal.fitted_on} split: T = {cal.temperature:.3f} "
-        "(the service divides the logits by T)."
-        + (
-            f" The {cal.fitted_on} split had no errors, so no temperature can be fitted (the likelihood keeps "
-            "rising as T falls to 0) and the network's own probabilities are kept."
-            if cal.validation_errors == 0
-            else ""
-        ),
+        _temperature_sentence(cal),
         "",
         "| test split | before | after |",
         "|---|---|---|",
         f"| expected calibration error (15 bins) | {cal.test_ece_before:.4f} | {cal.test_ece_after:.4f} |",
         f"| negative log-likelihood | {cal.test_nll_before:.4f} | {cal.test_nll_after:.4f} |",
         "",
+        _calibration_effect(cal),
+        "",
         f"![Reliability diagram]({RELIABILITY_PNG})",
         "",
     ]
+
+
+def _temperature_sentence(cal: Calibration) -> str:
+    """How T was fitted, and whether it was applied (and why not)."""
+    if cal.validation_errors == 0:
+        return (f"The {cal.fitted_on} split had no errors, so no temperature can be fitted (the likelihood keeps "
+                "rising as T falls to 0): the network's own probabilities are kept (T = 1).")
+    fitted = cal.fitted_temperature if cal.fitted_temperature is not None else cal.temperature
+    sentence = f"{cal.method.capitalize()} fitted on the {cal.fitted_on} split: T = {fitted:.3f}."
+    if cal.cross_validated_nll is None or cal.uncalibrated_nll is None:
+        return sentence + " The service divides the logits by T."
+    verdict = (
+        f"applied: the service divides the logits by T = {cal.temperature:.3f}"
+        if cal.temperature != 1.0 or fitted == 1.0
+        else "**not applied** (T = 1): a gain under two standard errors is no evidence that the network "
+        "is miscalibrated, and a T fitted to noise makes held-out calibration worse"
+    )
+    spread = f" (standard error {cal.gain_standard_error:.4f})" if cal.gain_standard_error is not None else ""
+    return (f"{sentence} Five-fold cross-validation on that split gives an NLL of {cal.cross_validated_nll:.4f} "
+            f"with T fitted on the other folds against {cal.uncalibrated_nll:.4f} without it: a gain of "
+            f"{cal.uncalibrated_nll - cal.cross_validated_nll:.4f}{spread}, so it is {verdict}.")
+
+
+def _calibration_effect(cal: Calibration) -> str:
+    """One sentence: by how much temperature scaling helped on test, or what the unapplied T would have done."""
+
+    def change(before: float, after: float) -> str:
+        if before <= 0 or after == before:
+            return "unchanged"
+        relative = (before - after) / before
+        return f"{abs(relative):.0%} {'lower' if relative >= 0 else 'higher'}"
+
+    if cal.temperature != 1.0:
+        return (f"On the test split, temperature scaling made the expected calibration error "
+                f"{change(cal.test_ece_before, cal.test_ece_after)} ({cal.test_ece_before:.4f} to "
+                f"{cal.test_ece_after:.4f}) and the negative log-likelihood "
+                f"{change(cal.test_nll_before, cal.test_nll_after)} ({cal.test_nll_before:.4f} to "
+                f"{cal.test_nll_after:.4f}).")
+    if cal.test_ece_fitted is None or cal.test_nll_fitted is None or cal.fitted_temperature in (None, 1.0):
+        return "The test split is scored with the network's own probabilities."
+    return (f"Had the fitted T = {cal.fitted_temperature:.3f} been applied, the test split's expected calibration "
+            f"error would have been {change(cal.test_ece_before, cal.test_ece_fitted)} ({cal.test_ece_before:.4f} "
+            f"to {cal.test_ece_fitted:.4f}) and its negative log-likelihood "
+            f"{change(cal.test_nll_before, cal.test_nll_fitted)} ({cal.test_nll_before:.4f} to "
+            f"{cal.test_nll_fitted:.4f}).")
 
 
 def _abstention_section(card: ModelCard) -> list[str]:
@@ -189,6 +230,44 @@ def _abstention_section(card: ModelCard) -> list[str]:
         f"| test | {_percent(ab.test_coverage)} | "
         + " | ".join(_percent(ab.test_false_negative_rate[n]) for n in ab.cancer_classes)
         + " |",
+        "| test, every tile answered (no abstention) | 100.0% | "
+        + " | ".join(_percent(card.metrics.per_class[n].false_negative_rate) for n in ab.cancer_classes)
+        + " |",
+        "",
+        "The risk-coverage curve shows what each threshold would give on test: the error rate and the worst "
+        "cancer-class false-negative rate among the tiles answered, as fewer are answered; the dot is the "
+        "chosen operating point.",
+        "",
+        f"![Risk-coverage curve]({RISK_COVERAGE_PNG})",
+        "",
+    ]
+
+
+def _site_section(card: ModelCard) -> list[str]:
+    """The held-out sites beside the in-site test split (nothing when no site was held out)."""
+    shift = card.site_shift
+    if shift is None:
+        return []
+
+    def row(metrics: SiteMetrics, where: str) -> str:
+        interval = metrics.accuracy_interval
+        spread = f" ({_percent(interval.low)} to {_percent(interval.high)})" if interval else ""
+        return (f"| {metrics.site} | {where} | {metrics.n_images} | {_percent(metrics.accuracy)}{spread} | "
+                f"{_percent(metrics.macro_f1)} | {_percent(metrics.worst_cancer_fnr)} | "
+                f"{metrics.expected_calibration_error:.4f} |")
+
+    return [
+        "## Site shift",
+        "",
+        f"Every image of site(s) {', '.join(shift.held_out_sites)} was held out of training, validation and "
+        "test (`--holdout-site`), then classified as an unseen site. Accuracy on it is "
+        f"**{100 * shift.accuracy_drop:.1f} points** {'below' if shift.accuracy_drop >= 0 else 'above'} the "
+        "in-site test split.",
+        "",
+        "| site | seen in training | images | accuracy (95% CI) | macro-F1 | worst cancer FNR | ECE |",
+        "|---|---|---|---|---|---|---|",
+        *(row(metrics, "yes (test split)") for metrics in shift.in_site_test),
+        row(shift.held_out, "**no**"),
         "",
     ]
 
@@ -319,6 +398,26 @@ def plot_reliability(test: TestPredictions, card: ModelCard, path: Path) -> None
     _save(fig, path)
 
 
+def plot_risk_coverage(card: ModelCard, path: Path) -> None:
+    """Error and worst cancer-class FNR among answered test tiles against coverage; the operating point."""
+    plt = _pyplot()
+    ab = card.abstention
+    curve = ab.risk_coverage
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    coverage = [100 * point.coverage for point in curve]
+    ax.plot(coverage, [100 * point.error_rate for point in curve], marker=".", label="error rate")
+    ax.plot(coverage, [100 * point.worst_cancer_fnr for point in curve], marker=".", label="worst cancer-class FNR")
+    worst_fnr = max(ab.test_false_negative_rate.values(), default=0.0)
+    ax.scatter([100 * ab.test_coverage], [100 * worst_fnr], color="black", zorder=3,
+               label=f"operating point (threshold {ab.threshold:.3f})")
+    ax.set_xlim(0, 102)
+    ax.set_xlabel("coverage: test tiles answered (%)")
+    ax.set_ylabel("among answered tiles (%)")
+    ax.set_title("Risk-coverage, test split")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
 def plot_ood_detection(card: ModelCard, path: Path) -> None:
     """Share of each generated set flagged (gate alone, and gate or score), beside the test tiles' share."""
     plt = _pyplot()
@@ -349,6 +448,7 @@ def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[s
     plot_confusion_matrix(card.metrics, card.class_names, files[CONFUSION_PNG])
     plot_roc_curves(test, card.metrics, card.class_names, files[ROC_PNG])
     plot_reliability(test, card, files[RELIABILITY_PNG])
+    plot_risk_coverage(card, files[RISK_COVERAGE_PNG])
     plot_ood_detection(card, files[OOD_PNG])
     return files
 

@@ -18,6 +18,25 @@ stain variation). Stain, brightness, contrast, scale, blur and noise are drawn
 from the SAME ranges for every class, so colour statistics alone do not reveal
 the class: a model has to look at morphology.
 
+Real data is not clean, and an evaluation can only show its worth on data
+that is not either; :class:`Difficulty` sets how hard the tiles are:
+
+* **ambiguity**: poorly differentiated carcinomas whose architecture drifts
+  towards the other carcinoma (the two tissue maps blended), and border
+  tiles that mix tumour and normal tissue (a region of the other tissue;
+  the label is the majority, the area share is recorded);
+* **label noise**: a small share of tiles filed under a wrong class;
+* **acquisition**: focus, JPEG quality and uneven illumination per tile;
+* **sites**: every tile comes from one of several simulated sites, each with
+  its own stain-matrix family, scanner blur, magnification, sensor noise and
+  colour cast, balanced over the classes.
+
+What each tile got is written to ``tiles.csv`` beside the class folders
+(path, label, true class, site, kind, the other tissue and its share,
+whether the label is noisy, JPEG quality, blur, illumination), and the knobs
+with the realised rates to ``generation.json``. :data:`EASY` turns all of it
+off.
+
 With ``augmented_copies=K`` every drawn tile is also written K more times,
 rotated and/or mirrored and JPEG re-encoded, the way LC25000 grew 250
 originals per class into 5,000 images. Such a dataset leaks under an
@@ -32,11 +51,13 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import logging
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +79,77 @@ _EOSIN_OD = np.array([0.07, 0.99, 0.11])
 
 
 @dataclass(frozen=True)
+class Difficulty:
+    """How hard the generated tiles are. The defaults put the default model (`make model`) between
+    85% and 97% test accuracy, its errors mostly between the two carcinomas, as on real slides."""
+
+    poorly_differentiated: float = 0.8  # share of carcinoma tiles that drift towards the other carcinoma
+    drift: tuple[float, float] = (0.4, 0.495)  # how far: the other carcinoma's weight in the blend
+    border: float = 0.1  # share of tiles that mix tumour and normal tissue
+    border_share: tuple[float, float] = (0.15, 0.4)  # the minority tissue's share of the area
+    label_noise: float = 0.02  # share of tiles filed under a wrong class
+    sites: int = 4  # simulated sites (stain family, scanner blur, colour cast), balanced over classes
+    site_shift: float = 1.0  # how far sites differ (0: all alike)
+    blur: tuple[float, float] = (0.0, 1.6)  # per-tile focus blur radius, px at 768
+    jpeg_quality: tuple[int, int] = (70, 95)  # per-tile JPEG quality, inclusive
+    illumination: float = 0.12  # strongest uneven-illumination dimming at a tile's edge (0: even)
+
+    def __post_init__(self) -> None:
+        for name in ("poorly_differentiated", "border", "label_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")
+        if not 0.0 <= self.border_share[0] <= self.border_share[1] < 0.5:
+            raise ValueError("border_share must lie in [0, 0.5): the label is the majority tissue")
+        if not 0.0 <= self.drift[0] <= self.drift[1] < 0.5:
+            raise ValueError("drift must lie in [0, 0.5): the label is the tissue that dominates")
+        if self.sites < 1:
+            raise ValueError("sites must be at least 1")
+
+
+# The generator as it was before difficulty existed: every tile clean, one site.
+EASY = Difficulty(
+    poorly_differentiated=0.0, border=0.0, label_noise=0.0, sites=1, site_shift=0.0, blur=(0.0, 1.2),
+    jpeg_quality=(85, 95), illumination=0.0,
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One simulated lab: its stainer's stain family, its scanner's blur, its colour cast."""
+
+    name: str
+    hematoxylin_shift: np.ndarray
+    eosin_shift: np.ndarray
+    blur: float  # added to every tile's blur radius
+    colour_gain: np.ndarray  # per-channel multiplier after colour matching
+    magnification: float = 1.0  # its scanner's scale: multiplies every tissue length
+    noise: float = 0.0  # its sensor's noise, added to every tile's
+
+
+NO_SITE = Site("site0", np.zeros(3), np.zeros(3), 0.0, np.ones(3))
+
+
+def make_sites(seed: int, difficulty: Difficulty) -> list[Site]:
+    """The dataset's sites, drawn from its seed (the same seed, the same sites)."""
+    sites = []
+    for k in range(difficulty.sites):
+        rng = np.random.default_rng(zlib.crc32(f"{seed}:site:{k}".encode()))
+        shift = difficulty.site_shift
+        sites.append(
+            Site(
+                name=f"site{k}",
+                hematoxylin_shift=rng.normal(0.0, 0.08, 3) * shift,
+                eosin_shift=rng.normal(0.0, 0.08, 3) * shift,
+                blur=float(rng.uniform(0.0, 1.4)) * shift,
+                colour_gain=1.0 + rng.uniform(-0.1, 0.1, 3) * shift,
+                magnification=float(np.exp(rng.uniform(-0.25, 0.25) * shift)),
+                noise=float(rng.uniform(0.0, 5.0)) * shift,
+            )
+        )
+    return sites
+
+
+@dataclass(frozen=True)
 class Appearance:
     """Per-image imaging parameters, drawn from class-independent ranges."""
 
@@ -68,24 +160,24 @@ class Appearance:
     target_std: np.ndarray  # per-channel spread the tile is matched to
     blur_radius: float
     noise_sigma: float
-    jpeg_quality: int
+    illumination: float  # dimming at the darkest edge (0: even)
 
 
-def draw_appearance(rng: np.random.Generator) -> Appearance:
+def draw_appearance(rng: np.random.Generator, difficulty: Difficulty = EASY, site: Site = NO_SITE) -> Appearance:
     """Draw imaging parameters; identical distribution for every class."""
 
     def jitter(vector: np.ndarray) -> np.ndarray:
         return np.clip(vector + rng.normal(0.0, 0.05, size=3), 0.02, None)
 
     return Appearance(
-        scale=float(rng.uniform(0.8, 1.25)),
-        hematoxylin_od=jitter(_HEMATOXYLIN_OD),
-        eosin_od=jitter(_EOSIN_OD),
+        scale=float(rng.uniform(0.8, 1.25)) * site.magnification,
+        hematoxylin_od=jitter(_HEMATOXYLIN_OD + site.hematoxylin_shift),
+        eosin_od=jitter(_EOSIN_OD + site.eosin_shift),
         target_mean=rng.uniform([180.0, 125.0, 170.0], [230.0, 185.0, 225.0]),
         target_std=rng.uniform(20.0, 50.0, size=3),
-        blur_radius=float(rng.uniform(0.0, 1.2)),
-        noise_sigma=float(rng.uniform(1.0, 7.0)),
-        jpeg_quality=int(rng.integers(85, 96)),
+        blur_radius=float(rng.uniform(*difficulty.blur)) + site.blur,
+        noise_sigma=float(rng.uniform(1.0, 7.0)) + site.noise,
+        illumination=float(rng.uniform(0.0, difficulty.illumination)),
     )
 
 
@@ -280,20 +372,65 @@ def _match_colour_statistics(rgb: np.ndarray, look: Appearance) -> np.ndarray:
     return (rgb - mean) / std * look.target_std + look.target_mean
 
 
+CARCINOMAS = ("lung_aca", "lung_scc")
+NORMAL = "lung_n"
+CLEAN, POORLY_DIFFERENTIATED, BORDER = "clean", "poorly_differentiated", "border"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one tile shows: its (majority) tissue, what is mixed in, where it was captured."""
+
+    class_name: str  # the tissue that dominates: the tile's true class
+    kind: str = CLEAN  # clean, poorly_differentiated or border
+    other_class: str | None = None  # the tissue mixed in
+    other_share: float = 0.0  # its blend weight (poorly differentiated) or area share (border)
+    site: Site = NO_SITE
+
+
+def _mixed_maps(recipe: Recipe, rng: np.random.Generator, work: int, scale: float) -> StainMaps:
+    own = RENDERERS[recipe.class_name](rng, work, scale)
+    if recipe.kind == CLEAN or recipe.other_class is None:
+        return own
+    other = RENDERERS[recipe.other_class](rng, work, scale)
+    if recipe.kind == POORLY_DIFFERENTIATED:  # the architecture drifts: both patterns, one weaker
+        weight = recipe.other_share
+    else:  # a border: a region of the other tissue, with a soft edge, covering `other_share` of the area
+        field = _smooth_noise(rng, work, work / 2.5)
+        cut = float(np.quantile(field, 1.0 - recipe.other_share))
+        weight = np.clip((field - cut) / 0.02 + 0.5, 0.0, 1.0)
+    return tuple((1.0 - weight) * mine + weight * theirs for mine, theirs in zip(own, other, strict=True))
+
+
+def _illumination_field(rng: np.random.Generator, size: int, strength: float) -> np.ndarray:
+    """Uneven light: a linear fall-off in a random direction, dimming one edge by `strength`."""
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(1, size - 1)
+    along = (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle)  # in [-0.71, 0.71]
+    return (1.0 - strength * (along - along.min()) / (np.ptp(along) + 1e-6))[..., None]
+
+
 def render_tile(class_name: str, size: int, seed: int) -> Image.Image:
-    """Render one RGB tile of `class_name`, fully determined by `seed`."""
+    """Render one clean RGB tile of `class_name`, fully determined by `seed`."""
+    return _render(Recipe(class_name), size, seed, EASY)[0]
+
+
+def _render(recipe: Recipe, size: int, seed: int, difficulty: Difficulty) -> tuple[Image.Image, Appearance]:
+    """The tile a recipe describes, and the appearance it was drawn with."""
     rng = np.random.default_rng(seed)
-    look = draw_appearance(rng)
+    look = draw_appearance(rng, difficulty, recipe.site)
     work = max(16, size // _RENDER_DIVISOR)
-    maps = RENDERERS[class_name](rng, work, look.scale * work / 384)
-    rgb = _match_colour_statistics(_stains_to_rgb(maps, look), look)
+    maps = _mixed_maps(recipe, rng, work, look.scale * work / 384)
+    rgb = _match_colour_statistics(_stains_to_rgb(maps, look), look) * recipe.site.colour_gain
     image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     if look.blur_radius > 0.05:  # blur at render scale: same look, a quarter of the cost
         image = image.filter(ImageFilter.GaussianBlur(look.blur_radius * work / size))
     image = image.resize((size, size), Image.Resampling.BICUBIC)
-    noise = rng.standard_normal((size, size, 3), dtype=np.float32) * look.noise_sigma
-    noisy = np.asarray(image, np.float32) + noise
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    pixels = np.asarray(image, np.float32)
+    if look.illumination > 0:
+        pixels = pixels * _illumination_field(rng, size, look.illumination)
+    noisy = pixels + rng.standard_normal((size, size, 3), dtype=np.float32) * look.noise_sigma
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), look
 
 
 def tile_seed(seed: int, class_name: str, index: int) -> int:
@@ -313,33 +450,78 @@ ORIENTATIONS: tuple[Image.Transpose, ...] = (
 )
 
 
+TILES_FILE = "tiles.csv"  # one row per written file: what it shows, its label and its site
+GENERATION_FILE = "generation.json"  # the knobs and the realised rates
+TILE_COLUMNS = (
+    "path", "label", "true_class", "site", "kind", "other_class", "other_share", "noisy_label",
+    "jpeg_quality", "blur_radius", "illumination",
+)
+
+
 @dataclass(frozen=True)
 class TileJob:
-    class_name: str
-    index: int  # of the drawn (original) tile within its class
+    recipe: Recipe
+    label: str  # the folder it is filed under: the true class, unless its label is noisy
+    index: int  # of the drawn (original) tile within its true class: its seed
+    number: int  # its position within its folder (file names count on from it)
     size: int
     seed: int
     folder: Path
+    jpeg_quality: int
+    difficulty: Difficulty
     augmented_copies: int = 0
 
 
-def _write_tile(job: TileJob) -> list[Path]:
-    """Render one original tile and write it, plus its augmented copies."""
-    tile_rng_seed = tile_seed(job.seed, job.class_name, job.index)
-    image = render_tile(job.class_name, job.size, tile_rng_seed)
+def plan_tiles(
+    classes: tuple[str, ...], per_class: int, seed: int, difficulty: Difficulty
+) -> list[tuple[Recipe, str, int]]:
+    """(recipe, label, index) for every drawn tile, decided from the seed alone, class by class."""
+    sites = make_sites(seed, difficulty)
+    planned = []
+    for class_name in classes:
+        for index in range(per_class):
+            rng = np.random.default_rng([tile_seed(seed, class_name, index), 1])
+            site = sites[index % len(sites)]  # balanced: every class has the same share of every site
+            recipe = Recipe(class_name, site=site)
+            others = [c for c in CARCINOMAS if c != class_name and c in classes]
+            if class_name in CARCINOMAS and others and rng.random() < difficulty.poorly_differentiated:
+                recipe = Recipe(class_name, POORLY_DIFFERENTIATED, others[0], float(rng.uniform(*difficulty.drift)),
+                                site)
+            elif rng.random() < difficulty.border:
+                partners = [NORMAL] if class_name in CARCINOMAS else [c for c in CARCINOMAS if c in classes]
+                if partners and all(p in classes for p in partners):
+                    other = partners[int(rng.integers(len(partners)))]
+                    recipe = Recipe(class_name, BORDER, other, float(rng.uniform(*difficulty.border_share)), site)
+            label = class_name
+            if rng.random() < difficulty.label_noise:
+                wrong = [c for c in classes if c != class_name]
+                label = wrong[int(rng.integers(len(wrong)))]
+            planned.append((recipe, label, index))
+    return planned
+
+
+def _write_tile(job: TileJob) -> list[dict[str, object]]:
+    """Render one original tile and write it, plus its augmented copies; one tiles.csv row each."""
+    tile_rng_seed = tile_seed(job.seed, job.recipe.class_name, job.index)
+    image, look = _render(job.recipe, job.size, tile_rng_seed, job.difficulty)
     rng = np.random.default_rng(tile_rng_seed + 1)
-    quality = draw_appearance(np.random.default_rng(tile_rng_seed)).jpeg_quality
     copies = [image] + [
         image.transpose(ORIENTATIONS[rng.integers(len(ORIENTATIONS))]) for _ in range(job.augmented_copies)
     ]
-    paths = []
+    rows = []
     for offset, copy in enumerate(copies):
         # LC25000 names files like lungaca1.jpeg; keep that flavour (copies numbered on).
-        number = job.index * (job.augmented_copies + 1) + offset + 1
-        path = job.folder / f"{job.class_name.replace('_', '')}{number}.jpeg"
-        copy.save(path, format="JPEG", quality=quality)
-        paths.append(path)
-    return paths
+        number = job.number * (job.augmented_copies + 1) + offset + 1
+        path = job.folder / f"{job.label.replace('_', '')}{number}.jpeg"
+        copy.save(path, format="JPEG", quality=job.jpeg_quality)
+        rows.append({
+            "path": f"{job.folder.name}/{path.name}", "label": job.label, "true_class": job.recipe.class_name,
+            "site": job.recipe.site.name, "kind": job.recipe.kind, "other_class": job.recipe.other_class or "",
+            "other_share": round(job.recipe.other_share, 4), "noisy_label": int(job.label != job.recipe.class_name),
+            "jpeg_quality": job.jpeg_quality, "blur_radius": round(look.blur_radius, 3),
+            "illumination": round(look.illumination, 4),
+        })
+    return rows
 
 
 def generate_dataset(
@@ -350,31 +532,68 @@ def generate_dataset(
     classes: tuple[str, ...] = LUNG_CLASSES,
     workers: int | None = None,
     augmented_copies: int = 0,
+    difficulty: Difficulty | None = None,
 ) -> Path:
-    """Write `per_class` original tiles per class, each with `augmented_copies`
-    rotated/mirrored copies, under ``out/lung_image_sets/<class>/``.
+    """Write `per_class` original tiles per class (the default :class:`Difficulty` unless given),
+    each with `augmented_copies` rotated/mirrored copies, under ``out/lung_image_sets/<class>/``,
+    with ``tiles.csv`` and ``generation.json`` beside the class folders.
 
     Returns the folder that holds the class sub-folders (what training takes).
     """
     if augmented_copies < 0:
         raise ValueError("augmented_copies must be >= 0")
+    difficulty = difficulty or Difficulty()
     root = Path(out) / LC25000_SUBDIR
-    jobs = []
     for class_name in classes:
-        folder = root / class_name
-        folder.mkdir(parents=True, exist_ok=True)
-        jobs += [TileJob(class_name, i, size, seed, folder, augmented_copies) for i in range(per_class)]
+        (root / class_name).mkdir(parents=True, exist_ok=True)
+    numbers: dict[str, int] = dict.fromkeys(classes, 0)
+    jobs = []
+    for recipe, label, index in plan_tiles(classes, per_class, seed, difficulty):
+        quality_rng = np.random.default_rng([tile_seed(seed, recipe.class_name, index), 2])
+        quality = int(quality_rng.integers(difficulty.jpeg_quality[0], difficulty.jpeg_quality[1] + 1))
+        jobs.append(TileJob(recipe, label, index, numbers[label], size, seed, root / label, quality, difficulty,
+                            augmented_copies))
+        numbers[label] += 1
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        written = sum(len(paths) for paths in pool.map(_write_tile, jobs, chunksize=8))
+        rows = [row for written in pool.map(_write_tile, jobs, chunksize=8) for row in written]
+    with (root / TILES_FILE).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, TILE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda row: row["path"]))
+    summary = _generation_summary(difficulty, seed, per_class, size, augmented_copies, rows)
+    (root / GENERATION_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     logger.info(
-        "wrote %d tiles (%d originals per class, %d copies each, %dpx) to %s",
-        written,
-        per_class,
-        augmented_copies,
-        size,
-        root,
+        "wrote %d tiles (%d originals per class, %d copies each, %dpx, %d sites; %s) to %s",
+        len(rows), per_class, augmented_copies, size, difficulty.sites, summary["realised"], root,
     )
     return root
+
+
+def _generation_summary(
+    difficulty: Difficulty, seed: int, per_class: int, size: int, augmented_copies: int, rows: list[dict]
+) -> dict[str, object]:
+    originals = rows[:: augmented_copies + 1] if augmented_copies else rows
+    total = len(originals)
+    kinds = {kind: sum(r["kind"] == kind for r in originals) for kind in (CLEAN, POORLY_DIFFERENTIATED, BORDER)}
+    return {
+        "seed": seed,
+        "per_class": per_class,
+        "size": size,
+        "augmented_copies": augmented_copies,
+        "difficulty": asdict(difficulty),
+        "sites": [
+            {"name": site.name, "hematoxylin_od": (_HEMATOXYLIN_OD + site.hematoxylin_shift).round(4).tolist(),
+             "eosin_od": (_EOSIN_OD + site.eosin_shift).round(4).tolist(), "blur": round(site.blur, 3),
+             "colour_gain": site.colour_gain.round(4).tolist(), "magnification": round(site.magnification, 4),
+             "noise": round(site.noise, 3)}
+            for site in make_sites(seed, difficulty)
+        ],
+        "realised": {
+            "tiles": total,
+            "label_noise_rate": round(sum(r["noisy_label"] for r in originals) / max(1, total), 4),
+            **{f"{kind}_tiles": count for kind, count in kinds.items()},
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,10 +618,28 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="rotated/mirrored copies written per tile, as LC25000 has (default: 0)",
     )
+    default = Difficulty()
+    parser.add_argument("--easy", action="store_true", help="clean tiles from one site: no ambiguity, noise or shift")
+    for knob, what in (
+        ("poorly_differentiated", "share of carcinoma tiles drifting towards the other carcinoma"),
+        ("border", "share of tiles mixing tumour and normal tissue"),
+        ("label_noise", "share of tiles filed under a wrong class"),
+        ("sites", "simulated sites"),
+        ("site_shift", "how far sites differ (0: alike)"),
+        ("illumination", "strongest uneven-illumination dimming"),
+    ):
+        value = getattr(default, knob)
+        parser.add_argument(f"--{knob.replace('_', '-')}", type=type(value), default=value,
+                            help=f"{what} (default: {value})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    difficulty = EASY if args.easy else Difficulty(
+        poorly_differentiated=args.poorly_differentiated, border=args.border, label_noise=args.label_noise,
+        sites=args.sites, site_shift=args.site_shift, illumination=args.illumination,
+    )
     root = generate_dataset(
-        args.out, args.per_class, args.size, args.seed, workers=args.workers, augmented_copies=args.augmented_copies
+        args.out, args.per_class, args.size, args.seed, workers=args.workers, augmented_copies=args.augmented_copies,
+        difficulty=difficulty,
     )
     logger.info("dataset ready: %s", root)
 

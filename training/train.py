@@ -1,8 +1,9 @@
 """Train a classifier on a class-folder dataset and save it into the model store.
 
-Early stopping, the learning-rate schedule, the calibration temperature and
-the abstain threshold all come from the VALIDATION split; the test split is
-touched once, after training, for the report and the card.
+Early stopping, the learning-rate schedule and the best checkpoint come from
+the EARLY_STOPPING split; the calibration temperature and the abstain
+threshold from the VALIDATION split, which model selection never saw; the
+test split is touched once, after training, for the report and the card.
 
     python -m training.train --data data/synthetic/lung_image_sets --arch cnn
 """
@@ -32,26 +33,35 @@ from models.architectures import (
     fine_tune_schedule,
     tap_layers,
 )
-from models.card import Abstention, Calibration, DatasetInfo, ModelCard, TestMetrics, TrainingConfig
+from models.card import (
+    Abstention,
+    Calibration,
+    DatasetInfo,
+    ModelCard,
+    SiteShift,
+    TestMetrics,
+    TrainingConfig,
+)
 from models.inference import Predictor, logits_model
 from models.ood import OOD_FILE, OutOfDistribution
 from models.quality import QualityGate
 from models.store import DEFAULT_MODEL_NAME, REPORT_MARKDOWN, save_model
 from training import data
-from training.abstention import cancer_classes, choose_threshold, selective_metrics
+from training.abstention import cancer_classes, choose_threshold, risk_coverage, selective_metrics
 from training.bootstrap import bootstrap_intervals
-from training.calibration import calibrated_probabilities, fit_temperature, negative_log_likelihood
-from training.data import SPLIT_BY
+from training.calibration import calibrated_probabilities, choose_temperature, negative_log_likelihood
+from training.data import AUTO, SPLIT_BY
 from training.evaluate import compute_metrics, expected_calibration_error
 from training.ood_sets import OodSet, evaluate_set, near_ood_sets
 from training.options import add_options, option, settings_from_args
 from training.report import TestPredictions, text_report, write_report
+from training.sites import evaluate_site_shift
 from training.trust import DEFAULT_OOD_ACCEPTANCE, fit_ood, fit_quality_gate, flagged
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SIZE = {"cnn": 128, "efficientnetb0": 224}
-WARM_UP_EPOCHS = 5  # epochs before early stopping watches the validation loss
+WARM_UP_EPOCHS = 5  # epochs before early stopping watches the early-stopping split's loss
 DEFAULT_TASK = "lung histopathology tile classification (LC25000 layout)"
 
 
@@ -71,9 +81,14 @@ class TrainSettings:
     epochs: int = option(15, "maximum epochs; early stopping usually ends sooner")
     batch_size: int = option(32, "training batch size")
     learning_rate: float = option(2e-3, "initial Adam learning rate")
-    patience: int = option(4, "early-stopping patience on validation loss, in epochs")
+    patience: int = option(4, "early-stopping patience on the early-stopping split's loss, in epochs")
     seed: int = option(0, "seed for the split, initialisation and augmentation")
-    validation_fraction: float = option(0.15, "share of each class held out for validation")
+    validation_fraction: float = option(
+        0.15, "share of each class held out to fit the temperature and choose the abstain threshold"
+    )
+    early_stopping_fraction: float = option(
+        0.1, "share of each class held out for model selection (early stopping, learning rate, checkpoint)"
+    )
     test_fraction: float = option(0.15, "share of each class held out for the test report")
     weights: str | None = option(
         None, "initial backbone weights for efficientnetb0; imagenet needs internet",
@@ -96,6 +111,10 @@ class TrainSettings:
     )
     ood_acceptance: float = option(
         DEFAULT_OOD_ACCEPTANCE, "share of in-distribution tiles the out-of-distribution threshold is to keep"
+    )
+    holdout_site: str = option(
+        AUTO, "a site (from the dataset's tiles.csv) held out whole and evaluated as unseen; auto: the last of "
+        "three or more declared sites; none: train on every site",
     )
     holdout_class: str | None = option(
         None, "leave this class out of training and report how often the OOD detector flags it (an experiment)",
@@ -181,6 +200,7 @@ class Evaluation:
     calibration: Calibration
     abstention: Abstention
     test: TestPredictions
+    site_shift: SiteShift | None
 
 
 def evaluate(
@@ -195,7 +215,8 @@ def evaluate(
     logits = {split: to_logits.predict(images[split], batch_size=64, verbose=0) for split in ("validation", "test")}
     labels = {split: manifest.labels(split) for split in ("validation", "test")}
 
-    temperature = fit_temperature(logits["validation"], labels["validation"])
+    choice_of_t = choose_temperature(logits["validation"], labels["validation"], seed=settings.seed)
+    temperature = choice_of_t.applied
     test = TestPredictions(
         labels=labels["test"],
         uncalibrated=calibrated_probabilities(logits["test"], 1.0),
@@ -204,6 +225,14 @@ def evaluate(
     calibration = Calibration(
         temperature=temperature,
         validation_errors=int((logits["validation"].argmax(axis=1) != labels["validation"]).sum()),
+        fitted_temperature=choice_of_t.fitted,
+        cross_validated_nll=choice_of_t.cross_validated_nll,
+        uncalibrated_nll=choice_of_t.uncalibrated_nll,
+        gain_standard_error=choice_of_t.gain_standard_error,
+        test_ece_fitted=expected_calibration_error(
+            test.labels, calibrated_probabilities(logits["test"], choice_of_t.fitted)
+        ),
+        test_nll_fitted=negative_log_likelihood(logits["test"], test.labels, choice_of_t.fitted),
         test_ece_before=expected_calibration_error(test.labels, test.uncalibrated),
         test_ece_after=expected_calibration_error(test.labels, test.calibrated),
         test_nll_before=negative_log_likelihood(logits["test"], test.labels, 1.0),
@@ -225,6 +254,7 @@ def evaluate(
         validation_false_negative_rate=choice.validation.false_negative_rate,
         test_coverage=on_test.coverage,
         test_false_negative_rate=on_test.false_negative_rate,
+        risk_coverage=risk_coverage(test.labels, test.calibrated, classes, cancer),
     )
 
     metrics = compute_metrics(test.labels, test.calibrated, classes)
@@ -232,7 +262,18 @@ def evaluate(
         test.labels, test.calibrated, manifest.groups("test"), classes, settings.bootstrap_resamples, seed=settings.seed
     )
     metrics = metrics.model_copy(update={"confidence_intervals": intervals})
-    return Evaluation(metrics, calibration, abstention, test)
+
+    def classify(paths: list[Path]) -> np.ndarray:
+        return calibrated_probabilities(to_logits.predict(data.load_images(paths, settings.size), verbose=0),
+                                        temperature)
+
+    site_shift = evaluate_site_shift(
+        manifest, test.calibrated, classify, cancer, min(settings.bootstrap_resamples, 1000), settings.seed
+    )
+    if site_shift:
+        logger.info("held-out site(s) %s: accuracy %.3f, %.3f below the in-site test",
+                    site_shift.held_out.site, site_shift.held_out.accuracy, site_shift.accuracy_drop)
+    return Evaluation(metrics, calibration, abstention, test, site_shift)
 
 
 def prepare_split(settings: TrainSettings) -> data.SplitManifest:
@@ -244,7 +285,9 @@ def prepare_split(settings: TrainSettings) -> data.SplitManifest:
         settings.validation_fraction,
         settings.test_fraction,
         split_by=settings.split_by,
+        early_stopping_fraction=settings.early_stopping_fraction,
         exclude=(settings.holdout_class,) if settings.holdout_class else (),
+        holdout_sites=() if settings.holdout_site == "none" else (settings.holdout_site,),
     )
     logger.info(
         "classes %s, split sizes %s, %d near-duplicate groups (largest %d), %d groups across splits",
@@ -332,7 +375,8 @@ def fit_and_evaluate(settings: TrainSettings, manifest: data.SplitManifest, run_
 
     model = build_model(settings.arch, len(manifest.class_names), settings.size, settings.weights)
     train_ds = data.make_dataset(images["train"], labels["train"], settings.batch_size, True, settings.seed)
-    val_ds = data.make_dataset(images["validation"], labels["validation"], settings.batch_size, False)
+    # Model selection watches its own split: the validation split stays unseen for calibration.
+    val_ds = data.make_dataset(images["early_stopping"], labels["early_stopping"], settings.batch_size, False)
     epochs_trained = _fit(model, settings, train_ds, val_ds, run_dir)
     train_seconds = time.perf_counter() - started
 
@@ -370,7 +414,7 @@ def train(settings: TrainSettings) -> str:
             learning_rate=settings.learning_rate,
             seed=settings.seed,
             augmentation=data.AUGMENTATIONS,
-            early_stopping_monitor="val_loss",
+            early_stopping_monitor="the early-stopping split's loss",
             weights=settings.weights,
             train_seconds=round(run.train_seconds, 1),
         ),
@@ -391,6 +435,7 @@ def train(settings: TrainSettings) -> str:
         abstention=evaluation.abstention,
         quality_gate=run.trust.quality_gate,
         out_of_distribution=run.trust.out_of_distribution,
+        site_shift=evaluation.site_shift,
         framework_versions=framework_versions(),
         created_at=datetime.now(UTC),
     )

@@ -1,0 +1,145 @@
+"""The OpenAPI document at /docs.json, as the service really answers.
+
+BentoML generates it from the API methods alone: the plain GET routes
+(`/model`, `/model/report`) are missing, and every API is said to fail with
+BentoML's JSON 400/404/500. The service answers errors as
+`application/problem+json` with the statuses of docs/http-contract.md, so a
+generated client or a schema-driven test would be misled. This module takes
+BentoML's document and corrects it; a small ASGI middleware serves it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from models.card import ModelCard
+from models.store import REPORT_FILES, REPORT_MARKDOWN
+from serving.problems import PROBLEM_MEDIA_TYPE
+
+DOCUMENT_PATH = "/docs.json"
+SCHEMAS = "#/components/schemas/{model}"
+# What an upload route can answer besides 200 (README.md's error table; docs/http-contract.md).
+UPLOAD_ERRORS: dict[int, str] = {
+    400: "request shape: missing, extra or wrong fields, an empty file, malformed multipart",
+    401: "missing or wrong API token (only when one is set)",
+    408: "the body did not arrive in time",
+    413: "body over its cap; image over the pixel, decode-memory or JPEG scan budgets",
+    415: "not multipart, or not an image of an allowed format (JPEG, PNG, WebP, TIFF)",
+    422: "truncated or corrupt image",
+    500: "an unexpected server error (never a stack trace)",
+    503: "the worker is full; retry after `Retry-After` seconds",
+    504: "not answered before the request deadline",
+}
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "title": "Problem",
+    "description": "RFC 9457 problem details",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "example": "about:blank"},
+        "title": {"type": "string", "example": "Unsupported Media Type"},
+        "status": {"type": "integer", "example": 415},
+        "detail": {"type": "string", "example": "file: not a supported image; send JPEG, PNG, WebP or TIFF"},
+    },
+}
+
+
+def _problem_responses(statuses: Mapping[int, str]) -> dict[str, dict]:
+    schema = {"$ref": SCHEMAS.format(model="Problem")}
+    return {
+        str(status): {
+            "description": f"{HTTPStatus(status).phrase}: {why}",
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}},
+            **({"headers": {"Retry-After": {"schema": {"type": "integer"}}}} if status == 503 else {}),
+        }
+        for status, why in statuses.items()
+    }
+
+
+def _card_schema() -> tuple[dict, dict[str, dict]]:
+    """The model card's JSON schema, its nested models moved to the components."""
+    schema = ModelCard.model_json_schema(ref_template=SCHEMAS, mode="serialization")
+    nested = schema.pop("$defs", {})
+    return schema, nested
+
+
+def _content(media_type: str, schema: dict) -> dict:
+    return {media_type: {"schema": schema}}
+
+
+def _model_routes(token_routes: Iterable[str]) -> dict[str, dict]:
+    guarded = "/model" in token_routes
+    errors = {401: UPLOAD_ERRORS[401]} if guarded else {}
+    report_files = sorted(REPORT_FILES)
+    return {
+        "/model": {"get": {
+            "tags": ["Service APIs"], "operationId": "model_card",
+            "description": "The model card of the model being served.",
+            "responses": {
+                "200": {"description": "the model card",
+                        "content": _content("application/json", {"$ref": SCHEMAS.format(model="ModelCard")})},
+                **_problem_responses(errors),
+            },
+        }},
+        "/model/report": {"get": {
+            "tags": ["Service APIs"], "operationId": "model_report",
+            "description": f"The evaluation report stored with the model ({REPORT_MARKDOWN}).",
+            "responses": {
+                "200": {"description": "the report", "content": _content("text/markdown", {"type": "string"})},
+                **_problem_responses({**errors, 404: "this model has no report"}),
+            },
+        }},
+        "/model/report/{name}": {"get": {
+            "tags": ["Service APIs"], "operationId": "model_report_file",
+            "description": "One file of the evaluation report: the Markdown, its JSON and text forms, or a figure.",
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "schema": {"type": "string", "enum": report_files}}],
+            "responses": {"200": {"description": "the file", "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in sorted({media.split(";")[0] for media in REPORT_FILES.values()})
+            }}, **_problem_responses({**errors, 404: "no such report file"})},
+        }},
+    }
+
+
+def corrected_document(bentoml_document: dict, upload_routes: Iterable[str], token_routes: Iterable[str]) -> dict:
+    """BentoML's document with the model routes added and every error answered as a problem."""
+    document = copy.deepcopy(bentoml_document)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for bentoml_error in ("InvalidArgument", "NotFound", "InternalServerError"):
+        schemas.pop(bentoml_error, None)
+    schemas["Problem"] = PROBLEM_SCHEMA
+    card, nested = _card_schema()
+    schemas.update({"ModelCard": card, **nested})
+    uploads = set(upload_routes)
+    for path, item in document["paths"].items():
+        if path in uploads:
+            operation = item["post"]
+            answered = {str(status): response for status, response in operation["responses"].items()}["200"]
+            operation["responses"] = {"200": answered, **_problem_responses(UPLOAD_ERRORS)}
+    document["paths"].update(_model_routes(token_routes))
+    return document
+
+
+class OpenAPIDocument:
+    """ASGI middleware: answers GET /docs.json with the corrected document (built once, on first use)."""
+
+    def __init__(self, app: ASGIApp, build: Callable[[], dict]) -> None:
+        self.app = app
+        self.build = build
+        self._body: bytes | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != DOCUMENT_PATH or scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        if self._body is None:
+            self._body = json.dumps(self.build()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self._body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self._body if scope["method"] == "GET" else b""})
