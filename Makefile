@@ -31,7 +31,7 @@ USERS ?= 32
 SPAWN_RATE ?= 8
 DURATION ?= 30s
 
-.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark runtimes loadtest resilience clean
+.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark cpu-budget runtimes loadtest resilience clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -100,8 +100,11 @@ lock-serving: ## regenerate $(SERVING_LOCK): serving.txt resolved under constrai
 bench-model: setup ## in-process images/s of the default architecture, batch 1..64
 	$(PY) -m loadtests.inprocess
 
-benchmark: model ## service vs in-process limit vs seed-style baseline, 1-64 clients; writes BENCHMARKS.md
+benchmark: model ## service vs compute limit, BentoML floor and attainable bound, and a seed-style baseline; writes BENCHMARKS.md
 	$(PY) -m loadtests.benchmark --model $(MODEL_NAME):latest
+
+cpu-budget: model ## where a request's CPU goes: py-spy samples of every worker under load; writes BENCHMARKS.md
+	$(PY) -m loadtests.cpu_budget --model $(MODEL_NAME):latest
 
 runtimes: model ## the model under LiteRT, ONNX Runtime and OpenVINO vs TensorFlow: agreement, images/s, decision
 	$(PY) -m loadtests.runtimes --model $(MODEL_NAME):latest

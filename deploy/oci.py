@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ class RunningContainer:
     url: str
     process: subprocess.Popen
     log_path: Path
+    volumes: dict[str, Path] = field(default_factory=dict)  # container path -> the host folder behind it
 
 
 @dataclass(frozen=True)
@@ -211,10 +212,16 @@ class PodConstraints:
 
 # Kernel file systems the runtime provides; never bound read-only over.
 _RUNTIME_PATHS = frozenset({"proc", "sys", "dev"})
+# Written by the runtime itself (buildah puts /run/.containerenv there after mounting): a writable folder
+# of its own, which the caller can check holds nothing of the service's.
+RUNTIME_WRITABLE = "/run"
 
 
-def _constraint_options(name: str, constraints: PodConstraints, env: dict[str, str], scratch: Path) -> list[str]:
-    """`buildah run` options that make the root read-only except for fresh writable folders.
+def _constraint_options(
+    name: str, constraints: PodConstraints, env: dict[str, str], scratch: Path
+) -> tuple[list[str], dict[str, Path]]:
+    """`buildah run` options that make the root read-only except for fresh writable folders, and the
+    host folder behind each writable path.
 
     buildah has no --read-only: every top-level folder of the container's root is bound read-only
     over itself instead, and each writable path gets an empty host folder (mode 1777, as an emptyDir
@@ -222,17 +229,20 @@ def _constraint_options(name: str, constraints: PodConstraints, env: dict[str, s
     """
     root = Path(_run(["buildah", "mount", name], env=env, what="buildah mount").strip())
     options = ["--user", constraints.user]
-    writable_tops = {Path(path).parts[1] for path in constraints.writable if len(Path(path).parts) == 2}
+    writable = (*constraints.writable, RUNTIME_WRITABLE)
+    writable_tops = {Path(path).parts[1] for path in writable if len(Path(path).parts) == 2}
     for entry in sorted(root.iterdir()):
         if entry.name not in _RUNTIME_PATHS | writable_tops and (entry.is_dir() and not entry.is_symlink()):
             options += ["--volume", f"{entry}:/{entry.name}:ro"]
-    for index, path in enumerate(constraints.writable):
+    volumes = {}
+    for index, path in enumerate(writable):
         (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
         folder = scratch / f"writable-{index}"
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o1777)
         options += ["--volume", f"{folder}:{path}:rw"]
-    return options
+        volumes[path] = folder
+    return options, volumes
 
 
 def run_container(
@@ -247,14 +257,16 @@ def run_container(
     env = buildah_env()
     name = _run(["buildah", "from", image_tag], env=env, what="buildah from").strip().splitlines()[-1]
     command = ["buildah", "run", "--isolation", "chroot", "--network", "host"]
+    volumes: dict[str, Path] = {}
     if constraints is not None:
-        command += _constraint_options(name, constraints, env, log_path.parent / f"{name}-volumes")
+        options, volumes = _constraint_options(name, constraints, env, log_path.parent / f"{name}-volumes")
+        command += options
     for key, value in (environment or {}).items():
         command += ["--env", f"{key}={value}"]
     command += [name, "--", ENTRYPOINT, "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return RunningContainer(name, f"http://127.0.0.1:{port}", process, log_path)
+    return RunningContainer(name, f"http://127.0.0.1:{port}", process, log_path, volumes)
 
 
 def process_tree(root: int) -> list[int]:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -122,6 +122,53 @@ def measure(model_tag: str | None = None, seconds: float = 2.0) -> InProcessResu
         predict_single_ms=round(1000 / predict_rate, 2),
         pipeline_images_per_second=round(rate(pipeline, best, seconds), 1),
     )
+
+
+def _one_core_pipeline(model_tag: str | None, seconds: float, batch_size: int, start: Any, results: Any) -> None:
+    """In a process of its own: decode + traced model at `batch_size` on ONE TensorFlow thread."""
+    prefer_onednn()
+    from models.inference import Predictor, configure_threads
+    from models.preprocessing import decode_image
+
+    configure_threads(1, 1)
+    served = served_model(model_tag)
+    predictor = Predictor(served.model, served.input_size, served.temperature)
+    jpeg = sample_jpeg()
+    batch = np.zeros((batch_size, served.input_size, served.input_size, 3), np.uint8)
+
+    def pipeline() -> None:
+        for i in range(batch_size):
+            batch[i] = decode_image(jpeg, served.input_size)
+        predictor(batch)
+
+    pipeline()  # traced and warm before the common start
+    start.wait()
+    results.put(rate(pipeline, batch_size, seconds))
+
+
+def all_core_limit(model_tag: str | None, seconds: float, batch_size: int, processes: int | None = None) -> float:
+    """The machine's compute limit: one single-threaded decode + model process per usable core, all at
+    once, their images/s summed. A single process leaves a core idle while it decodes."""
+    import multiprocessing
+
+    from serving.cpus import usable_cpus
+
+    count = processes or usable_cpus()
+    context = multiprocessing.get_context("spawn")  # a fresh TensorFlow per process
+    start, results = context.Barrier(count), context.Queue()
+    workers = [
+        context.Process(target=_one_core_pipeline, args=(model_tag, seconds, batch_size, start, results))
+        for _ in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        rates = [results.get(timeout=300) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+    logger.info("all-core limit: %d processes, %s images/s each", count, [round(r, 1) for r in rates])
+    return round(sum(rates), 1)
 
 
 def format_table(result: InProcessResult) -> str:

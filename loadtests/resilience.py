@@ -41,12 +41,11 @@ import psutil
 from loadtests.client import Outcome, closed_loop, open_loop, post_file, session
 from loadtests.exhaustion import run_sections
 from loadtests.inprocess import sample_jpeg
-from loadtests.servers import RunningServer, start_server, stop_server
+from loadtests.servers import RunningServer, start_server, stop_server, worker_pids
 from models.store import DEFAULT_MODEL_TAG
 
 logger = logging.getLogger(__name__)
 
-WORKER_MODULE = "_bentoml_impl.worker.service"
 OVERLOAD_SECONDS = 10
 WARMUP_REQUESTS = 3000
 
@@ -76,11 +75,6 @@ class Figures:
     kill_failed_requests: int = 0
     kill_recovery_s: float = 0.0
     kill_ok_requests: int = 0
-
-
-def worker_pids(server: RunningServer) -> list[int]:
-    children = psutil.Process(server.process.pid).children(recursive=True)
-    return [p.pid for p in children if WORKER_MODULE in " ".join(p.cmdline())]
 
 
 def rss_mb(pid: int) -> float:

@@ -19,6 +19,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 
 
+WORKER_MODULE = "_bentoml_impl.worker.service"  # what BentoML's worker processes run
+
+
+def worker_pids(server: RunningServer) -> list[int]:
+    """The PIDs of a running server's BentoML workers."""
+    import psutil
+
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    return [p.pid for p in children if WORKER_MODULE in " ".join(p.cmdline())]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from models.preprocessing import DEFAULT_MAX_PIXELS, DecodeLimits
 from models.store import DEFAULT_MODEL_TAG
+from serving.cpus import usable_cpus
 
 LOG_FORMATS = ("text", "json")
 T = TypeVar("T")
@@ -134,9 +135,9 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         ood_threshold=_read(env, "HISTO_OOD_THRESHOLD", None, float, POSITIVE),
         max_batch_size=_read(env, "HISTO_MAX_BATCH_SIZE", 32, rule=at_least(1)),
         max_latency_ms=_read(env, "HISTO_MAX_LATENCY_MS", 10_000, rule=at_least(1)),
-        # Two single-threaded workers beat one worker with two threads on 2 cores (BENCHMARKS.md):
-        # scale HISTO_WORKERS with the cores, and keep one thread of each kind per worker.
-        workers=_read(env, "HISTO_WORKERS", 2, rule=at_least(1)),
+        # Single-threaded workers beat one worker with several threads (BENCHMARKS.md): one worker per
+        # CPU this process may use (affinity, capped by a container's CPU quota), one thread of each kind.
+        workers=_read(env, "HISTO_WORKERS", usable_cpus(), rule=at_least(1)),
         tf_intra_op_threads=_read(env, "HISTO_TF_INTRA_OP_THREADS", 1, rule=at_least(0)),
         tf_inter_op_threads=_read(env, "HISTO_TF_INTER_OP_THREADS", 1, rule=at_least(0)),
         log_format=_read(env, "HISTO_LOG_FORMAT", LOG_FORMATS[0], str, one_of(*LOG_FORMATS)),

@@ -135,3 +135,9 @@ def pod_container(kinds: dict[str, dict]) -> dict:
     """The Deployment's one container."""
     [only] = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
     return only
+
+
+def temperature_text(card: object) -> str:
+    """What the report says about the card's temperature (fitted, or why none could be)."""
+    cal = card.calibration
+    return "no temperature can be fitted" if cal.validation_errors == 0 else f"T = {cal.fitted_temperature:.3f}"

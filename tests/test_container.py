@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from deploy.oci import (
+    RUNTIME_WRITABLE,
     PodConstraints,
     RunningContainer,
     alive,
@@ -83,6 +84,14 @@ def test_container_classifies_every_class_and_refuses_bad_input(container, tiny_
     assert_problem(httpx.post(f"{container.url}/predict", files=not_an_image, timeout=30), 415)
     assert httpx.get(f"{container.url}/livez", timeout=10).status_code == 200
     assert "<title>Histopathology tile classifier</title>" in httpx.get(f"{container.url}/ui/", timeout=10).text
+
+
+def test_container_writes_only_where_the_pod_lets_it(container):
+    # The root is read-only (a write there fails the service); the runtime's own folder holds only its file,
+    # and the pod's emptyDirs hold what BentoML and the uploads need.
+    assert {path.name for path in container.volumes[RUNTIME_WRITABLE].iterdir()} <= {".containerenv"}
+    assert set(container.volumes) > {RUNTIME_WRITABLE}
+    assert httpx.get(f"{container.url}/readyz", timeout=10).status_code == 200
 
 
 def test_container_passes_a_locust_smoke_test(container, tmp_path):

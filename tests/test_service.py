@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.servers import run_server_until_exit
 from models.store import load_model
-from tests.helpers import PROBLEM, assert_problem, encode, fresh_tile, post_file
+from tests.helpers import PROBLEM, assert_problem, encode, fresh_tile, post_file, temperature_text
 from training.synthetic import LUNG_CLASSES
 
 pytestmark = pytest.mark.service
@@ -128,7 +128,7 @@ def test_model_report_is_served_from_the_store_entry(server, tiny_model_tag):
     report = httpx.get(f"{server.url}/model/report", timeout=10)
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/markdown")
     assert report.text == (stored.path / "report.md").read_text()
-    assert f"T = {stored.card.calibration_temperature:.3f}" in report.text
+    assert temperature_text(stored.card) in report.text
     for figure in ("confusion_matrix.png", "roc_curves.png", "reliability_diagram.png"):
         response = httpx.get(f"{server.url}/model/report/{figure}", timeout=10)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 
@@ -173,3 +174,26 @@ def test_json_log_lines_parse():
     record = logging.LogRecord("service", logging.INFO, __file__, 1, "loaded %s", ("m:1",), None)
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "loaded m:1" and line["level"] == "INFO" and line["logger"] == "service"
+
+
+def test_workers_default_to_the_cpus_the_process_may_use(tmp_path):
+    from serving.cpus import cgroup_cpu_limit, usable_cpus
+
+    assert load_settings({}).workers == usable_cpus() >= 1
+    assert load_settings({"HISTO_WORKERS": "3"}).workers == 3
+    cgroup = tmp_path / "sys" / "fs" / "cgroup"
+    cgroup.mkdir(parents=True)
+    assert cgroup_cpu_limit(tmp_path) is None  # no quota file: no limit
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None and usable_cpus(tmp_path) == usable_cpus()
+    (cgroup / "cpu.max").write_text("150000 100000\n")  # a container limited to 1.5 CPUs
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    assert usable_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    (cgroup / "cpu.max").write_text("10000 100000\n")  # a tenth of a CPU still gets one worker
+    assert usable_cpus(tmp_path) == 1
+    (cgroup / "cpu.max").unlink()
+    v1 = tmp_path / "sys" / "fs" / "cgroup" / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.0 and usable_cpus(tmp_path) == 1

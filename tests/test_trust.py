@@ -168,8 +168,17 @@ def flagged_share(stored, images: np.ndarray) -> float:
     return float(np.mean(gated | (scores > ood.threshold)))
 
 
+@pytest.fixture(scope="module")
+def clean_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Clean tiles from one site: with the default difficulty, adenocarcinomas drift towards squamous
+    architecture, so a held-out squamous class would not be unseen."""
+    from training.synthetic import EASY, generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("clean"), per_class=60, size=TINY_TILE, seed=7, difficulty=EASY)
+
+
 @pytest.mark.training
-def test_a_class_held_out_of_training_is_flagged_far_more_often_than_known_ones(synthetic_root, tmp_path):
+def test_a_class_held_out_of_training_is_flagged_far_more_often_than_known_ones(clean_root, tmp_path):
     """Train without lung_scc: fresh lung_scc tiles must be flagged far more often than fresh known ones.
 
     Measured on the tiny configuration over seeds 1-7: held-out tiles flagged 22-58% (score AUROC
@@ -179,14 +188,14 @@ def test_a_class_held_out_of_training_is_flagged_far_more_often_than_known_ones(
 
     tag = train(
         TrainSettings(
-            data=synthetic_root, input_size=SIZE, epochs=30, patience=4, batch_size=16, seed=3, name="held_out",
+            data=clean_root, input_size=SIZE, epochs=30, patience=4, batch_size=16, seed=3, name="held_out",
             out=tmp_path, verbose=0, holdout_class="lung_scc",
         )
     )
     stored = load_model(tag)
     assert stored.card.class_names == ["lung_aca", "lung_n"]
     reported = next(r for r in stored.card.out_of_distribution.evaluation if r.name == "held_out:lung_scc")
-    assert reported.n_images == len(data.discover_classes(synthetic_root)["lung_scc"])
+    assert reported.n_images == len(data.discover_classes(clean_root)["lung_scc"])
     assert reported.score_auroc >= 0.7, reported
 
     fresh = tiles(61, 30)  # lung_aca, lung_n, lung_scc: 30 each, never seen

@@ -1,0 +1,167 @@
+"""`make cpu-budget`: where a request's CPU goes, sampled with py-spy under load.
+
+Starts the service, loads it with closed-loop clients posting 768x768 JPEG
+tiles, and samples every worker with py-spy (non-blocking, native frames off)
+for the same window. Each sample is charged to the first frame, from the
+innermost outwards, that belongs to a known part (TensorFlow, decoding, the
+multipart parser, the request guard, BentoML's input handling, ...), and
+samples are turned into core-ms per request. The load generator's own CPU is
+measured by the client (it runs on the same cores). Writes
+loadtests/results/cpu_budget.md, a section of BENCHMARKS.md.
+
+    python -m loadtests.cpu_budget [--model TAG] [--seconds 15] [--clients 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loadtests.client import LevelResult, closed_loop
+from loadtests.inprocess import sample_jpeg
+from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
+from loadtests.servers import start_server, stop_server, worker_pids
+from models.store import DEFAULT_MODEL_TAG
+
+logger = logging.getLogger(__name__)
+
+PY_SPY = str(Path(sys.executable).with_name("py-spy"))
+SAMPLE_RATE = 250  # per second and thread
+RAMP_S = 1.0
+# (part, substrings of a frame's "function (file)" text), checked from the innermost frame outwards.
+PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model (TensorFlow)", ("tensorflow/", "keras/", "models/inference.py")),
+    ("trust checks (quality gate, OOD score)", ("models/quality.py", "models/ood.py")),
+    ("decode (PIL, models/preprocessing.py)", ("PIL/", "models/preprocessing.py", "serving/memory.py")),
+    ("multipart parsing", ("multipart/", "formparsers.py")),
+    ("request guard (serving/guard.py)", ("serving/guard.py",)),
+    ("request log and metrics", ("serving/request_log.py", "serving/logs.py", "serving/metrics.py",
+                                 "prometheus_client/", "logging/")),
+    ("service glue (service.py, batcher, predictions)", ("service.py", "serving/batcher.py",
+                                                         "serving/predictions.py", "serving/admission.py",
+                                                         "serving/front_door.py", "serving/problems.py")),
+    ("response (pydantic, JSON)", ("pydantic", "json/", "starlette/responses.py")),
+    ("BentoML input and API handling (temporary file, validation)", ("_bentoml_sdk/", "_bentoml_impl/",
+                                                                     "bentoml/", "tempfile.py", "shutil.py")),
+    ("HTTP server and event loop (uvicorn, httptools, asyncio, Starlette)", ("uvicorn/", "httptools", "h11/",
+                                                                              "asyncio/", "starlette/",
+                                                                              "selectors.py", "anyio/")),
+)
+OTHER = "other"
+
+
+def part_of(stack: str) -> str:
+    """The part a collapsed stack (root;...;leaf frames) is charged to."""
+    for frame in reversed(stack.split(";")):
+        for part, markers in PARTS:
+            if any(marker in frame for marker in markers):
+                return part
+    return OTHER
+
+
+def charge(collapsed: str) -> Counter[str]:
+    """Samples per part from py-spy's raw (collapsed) output: `stack count` per line."""
+    samples: Counter[str] = Counter()
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            samples[part_of(stack)] += int(count)
+    return samples
+
+
+@dataclass(frozen=True)
+class Budget:
+    level: LevelResult
+    samples: Counter[str]
+    cores: int
+
+    def core_ms(self, part: str) -> float:
+        return self.samples[part] * 1000 / SAMPLE_RATE / max(self.level.requests, 1)
+
+    @property
+    def client_core_ms(self) -> float:
+        elapsed = self.level.requests / max(self.level.requests_per_second, 1e-9)
+        return self.level.client_cpu_share * self.cores * elapsed * 1000 / max(self.level.requests, 1)
+
+
+def measure(model_tag: str, seconds: float, clients: int, workdir: Path) -> Budget:
+    from serving.cpus import usable_cpus
+
+    server = start_server("service:Histopathology", workdir / "serve.log", env={"HISTO_MODEL_TAG": model_tag})
+    try:
+        payload = sample_jpeg(768)
+        asyncio.run(closed_loop(f"{server.url}/predict", payload, clients, 3.0))  # warm
+        profiles = []
+        for index, pid in enumerate(worker_pids(server)):
+            out = workdir / f"worker-{index}.txt"
+            command = [PY_SPY, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--format", "raw",
+                       "--duration", str(int(seconds + RAMP_S + 0.999)), "--nonblocking", "--output", str(out)]
+            profiles.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
+        time.sleep(0.5)  # py-spy attached
+        level = asyncio.run(closed_loop(f"{server.url}/predict", payload, clients, seconds, ramp_s=RAMP_S))
+        samples: Counter[str] = Counter()
+        for process, out in profiles:
+            process.wait(timeout=seconds + 60)
+            samples += charge(out.read_text())
+        return Budget(level, samples, usable_cpus())
+    finally:
+        stop_server(server)
+
+
+def table(budget: Budget) -> list[str]:
+    parts = [part for part, _ in PARTS] + [OTHER]
+    total = sum(budget.core_ms(part) for part in parts)
+    lines = ["| part | core-ms per request | share |", "|---|---|---|"]
+    lines += [f"| {part} | {budget.core_ms(part):.3f} | {100 * budget.core_ms(part) / total:.1f}% |"
+              for part in parts if budget.samples[part]]
+    lines += [f"| **service, all parts** | **{total:.3f}** | 100% |",
+              f"| load generator (same cores, not the service) | {budget.client_core_ms:.3f} | |"]
+    return lines
+
+
+def write(budget: Budget, model_tag: str, clients: int) -> list[str]:
+    lines = [
+        "## Where a request's CPU goes",
+        "",
+        f"Latest run of `make cpu-budget` ({datetime.now(UTC).isoformat(timespec='seconds')}; model `{model_tag}`; "
+        f"{budget.cores} usable CPUs): {clients} closed-loop clients, {budget.level.requests} requests at "
+        f"{budget.level.requests_per_second:.1f} requests/s, every worker sampled by py-spy at {SAMPLE_RATE} Hz "
+        "(active samples only, so waiting is not charged). Each sample goes to the innermost frame that belongs to "
+        "a known part (loadtests/cpu_budget.py).",
+        "",
+        *table(budget),
+        "",
+    ]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "cpu_budget.md").write_text("\n".join(lines))
+    write_benchmarks_markdown()
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=15, help="sampled window (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=32, help="closed-loop clients (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from models.store import resolve_tag
+
+    model_tag = resolve_tag(args.model)
+    with tempfile.TemporaryDirectory(prefix="cpu-budget-") as tmp:
+        budget = measure(model_tag, args.seconds, args.clients, Path(tmp))
+    logger.info("\n%s", "\n".join(write(budget, model_tag, args.clients)))
+
+
+if __name__ == "__main__":
+    main()
