@@ -59,8 +59,8 @@ from serving.predictions import ExplainedPrediction, Prediction, TrustEvidence, 
 from serving.problems import Problem, answers_problems, problem
 from serving.request_log import RequestLog, note
 from serving.routes import route_facts
+from serving.server_options import server_options
 from serving.settings import load_settings
-from serving.tracing import configured_exporter, service_tracing_config
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,16 +140,8 @@ http_routes = Starlette(
 @bentoml.asgi_app(http_routes, path="/")
 @bentoml.service(
     name="histopathology",
-    workers=SETTINGS.workers,
-    # The guard answers 504 itself at HISTO_REQUEST_TIMEOUT_MS (problem+json, request id, counted);
-    # BentoML's own timeout, which answers in its own shape, is only a backstop behind it.
-    traffic={"timeout": SETTINGS.request_timeout_ms // 1000 + 10},
-    # serving/request_log.py writes one line per request (with request id and predicted class)
-    # instead; BentoML's access log would double it and cost ~5-10% of throughput.
-    logging={"access": {"enabled": False}},
-    # BentoML records a span per request even with nothing to export it to (~8% of throughput).
-    tracing=service_tracing_config(configured_exporter()),
     labels={"task": "histopathology-tile-classification", "intended-use": "research-only"},
+    **server_options(SETTINGS),  # workers, timeout, no access log, no spans without an exporter
 )
 class Histopathology:
     """Histopathology tile classifier with adaptive batching."""

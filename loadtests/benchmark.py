@@ -48,7 +48,7 @@ from pathlib import Path
 
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import all_core_limit, measure, sample_jpeg
-from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
+from loadtests.report import RESULTS_DIR, write_section
 from loadtests.servers import REPO_ROOT, free_port, start_server, stop_server, wait_ready
 from models.store import DEFAULT_MODEL_TAG
 from serving.cpus import usable_cpus
@@ -297,8 +297,7 @@ def _write(rows: list[Row], limit: object, bounds: Bounds, model_tag: str, table
         "![throughput and p95](loadtests/results/benchmark.png)",
         "",
     ]
-    (RESULTS_DIR / "benchmark.md").write_text("\n".join(lines))
-    write_benchmarks_markdown()
+    write_section("benchmark.md", lines)
 
 
 def main(argv: list[str] | None = None) -> None:

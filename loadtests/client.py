@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -53,7 +54,12 @@ async def post_file(client: aiohttp.ClientSession, url: str, payload: bytes, hea
 
 
 async def closed_loop(
-    url: str, payload: bytes, concurrency: int, seconds: float, ramp_s: float = RAMP_S
+    url: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    ramp_s: float = RAMP_S,
+    on_window: Callable[[], object] | None = None,
 ) -> LevelResult:
     """`concurrency` clients, each posting again as soon as it has its answer, for `seconds`.
 
@@ -61,7 +67,8 @@ async def closed_loop(
     starts once all are connected. Connections opened in one burst can all land
     on one worker of a multi-worker server (each asyncio worker accepts up to its
     whole backlog in one go), which is not how traffic arrives and made the
-    two-worker figures swing between runs.
+    two-worker figures swing between runs. `on_window` is called as the measured
+    window starts (e.g. to read the server's CPU counters).
     """
     outcomes: list[Outcome] = []
     async with session(concurrency, 60) as client:
@@ -79,6 +86,8 @@ async def closed_loop(
 
         clients = [asyncio.create_task(one_client(i)) for i in range(concurrency)]
         await connected.wait()
+        if on_window is not None:
+            on_window()
         cpu_started, started = time.process_time(), time.perf_counter()
         deadline = started + seconds
         go.set()

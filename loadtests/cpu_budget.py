@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
+
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import sample_jpeg
-from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
+from loadtests.report import write_section
 from loadtests.servers import start_server, stop_server, worker_pids
 from models.store import DEFAULT_MODEL_TAG
 
@@ -57,6 +59,9 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                                               "selectors.py", "anyio/")),
 )
 OTHER = "other"
+# Innermost frames of a thread that waits (py-spy can see a thread blocked on a lock as active): not CPU.
+IDLE_FRAMES = ("_worker (concurrent/futures/thread.py", "select (selectors.py", "wait (threading.py",
+               "get (queue.py", "_wait_for_tstate_lock (threading.py")
 
 
 def part_of(stack: str) -> str:
@@ -68,13 +73,19 @@ def part_of(stack: str) -> str:
     return OTHER
 
 
-def charge(collapsed: str) -> Counter[str]:
-    """Samples per part from py-spy's raw (collapsed) output: `stack count` per line."""
+def charge(collapsed: str, unknown: Counter[str] | None = None) -> Counter[str]:
+    """Samples per part from py-spy's raw (collapsed) output: `stack count` per line. The innermost
+    frames of stacks no part claims are counted in `unknown`, to name new parts by."""
     samples: Counter[str] = Counter()
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            samples[part_of(stack)] += int(count)
+            if stack.split(";")[-1].startswith(IDLE_FRAMES):
+                continue
+            part = part_of(stack)
+            samples[part] += int(count)
+            if part == OTHER and unknown is not None:
+                unknown[stack.split(";")[-1]] += int(count)
     return samples
 
 
@@ -83,9 +94,16 @@ class Budget:
     level: LevelResult
     samples: Counter[str]
     cores: int
+    worker_cpu_s: float  # user + system CPU of the workers over the window, from the kernel
+
+    @property
+    def per_request_ms(self) -> float:
+        return self.worker_cpu_s * 1000 / max(self.level.requests, 1)
 
     def core_ms(self, part: str) -> float:
-        return self.samples[part] * 1000 / SAMPLE_RATE / max(self.level.requests, 1)
+        """The part's share of the samples, applied to the CPU the kernel measured: py-spy's samples say
+        where the time went, not how much there was (a thread waiting for the GIL can look active)."""
+        return self.per_request_ms * self.samples[part] / max(sum(self.samples.values()), 1)
 
     @property
     def client_core_ms(self) -> float:
@@ -107,14 +125,24 @@ def measure(model_tag: str, seconds: float, clients: int, workdir: Path) -> Budg
                        "--duration", str(int(seconds + RAMP_S + 0.999)), "--nonblocking", "--output", str(out)]
             profiles.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
         time.sleep(0.5)  # py-spy attached
-        level = asyncio.run(closed_loop(f"{server.url}/predict", payload, clients, seconds, ramp_s=RAMP_S))
+        workers = [psutil.Process(pid) for pid in worker_pids(server)]
+        at_start: list[float] = []
+        level = asyncio.run(closed_loop(f"{server.url}/predict", payload, clients, seconds, ramp_s=RAMP_S,
+                                        on_window=lambda: at_start.append(_cpu_seconds(workers))))
+        worker_cpu_s = _cpu_seconds(workers) - at_start[0]
         samples: Counter[str] = Counter()
+        unknown: Counter[str] = Counter()
         for process, out in profiles:
             process.wait(timeout=seconds + 60)
-            samples += charge(out.read_text())
-        return Budget(level, samples, usable_cpus())
+            samples += charge(out.read_text(), unknown)
+        logger.info("unclaimed frames: %s", unknown.most_common(12))
+        return Budget(level, samples, usable_cpus(), worker_cpu_s)
     finally:
         stop_server(server)
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    return sum(sum(process.cpu_times()[:2]) for process in processes)
 
 
 def table(budget: Budget) -> list[str]:
@@ -123,7 +151,7 @@ def table(budget: Budget) -> list[str]:
     lines = ["| part | core-ms per request | share |", "|---|---|---|"]
     lines += [f"| {part} | {budget.core_ms(part):.3f} | {100 * budget.core_ms(part) / total:.1f}% |"
               for part in parts if budget.samples[part]]
-    lines += [f"| **service, all parts** | **{total:.3f}** | 100% |",
+    lines += [f"| **service, all parts (the workers' CPU time, from the kernel)** | **{total:.3f}** | 100% |",
               f"| load generator (same cores, not the service) | {budget.client_core_ms:.3f} | |"]
     return lines
 
@@ -135,16 +163,14 @@ def write(budget: Budget, model_tag: str, clients: int) -> list[str]:
         f"Latest run of `make cpu-budget` ({datetime.now(UTC).isoformat(timespec='seconds')}; model `{model_tag}`; "
         f"{budget.cores} usable CPUs): {clients} closed-loop clients, {budget.level.requests} requests at "
         f"{budget.level.requests_per_second:.1f} requests/s, every worker sampled by py-spy at {SAMPLE_RATE} Hz "
-        "(active samples only, so waiting is not charged). Each sample goes to the innermost frame that belongs to "
-        "a known part (loadtests/cpu_budget.py).",
+        "(active samples). Each sample goes to the innermost frame that belongs to a known part "
+        "(loadtests/cpu_budget.py), and the parts' shares of the samples divide the workers' CPU time as the "
+        "kernel counted it.",
         "",
         *table(budget),
         "",
     ]
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "cpu_budget.md").write_text("\n".join(lines))
-    write_benchmarks_markdown()
-    return lines
+    return write_section("cpu_budget.md", lines)
 
 
 def main(argv: list[str] | None = None) -> None:

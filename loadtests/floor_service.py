@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from serving.server_options import server_options
 from serving.settings import load_settings
-from serving.tracing import configured_exporter, service_tracing_config
 
 SETTINGS = load_settings()
 ASGI_ROUTE = "/asgi_predict"
@@ -37,13 +37,7 @@ async def plain_multipart(request: Request) -> JSONResponse:
 
 
 @bentoml.asgi_app(Starlette(routes=[Route(ASGI_ROUTE, plain_multipart, methods=["POST"])]), path="/")
-@bentoml.service(
-    name="floor",
-    workers=SETTINGS.workers,
-    traffic={"timeout": SETTINGS.request_timeout_ms // 1000 + 10},
-    logging={"access": {"enabled": False}},
-    tracing=service_tracing_config(configured_exporter()),
-)
+@bentoml.service(name="floor", **server_options(SETTINGS))
 class Floor:
     """A constant answer behind the service's input handling."""
 

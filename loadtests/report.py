@@ -22,3 +22,11 @@ def write_benchmarks_markdown(results_dir: Path = RESULTS_DIR, page: Path = BENC
     parts = [(results_dir / name).read_text().strip() for name in SECTIONS if (results_dir / name).is_file()]
     page.write_text("\n\n".join(["# Benchmarks", *parts]) + "\n")
     return page
+
+
+def write_section(name: str, lines: list[str], results_dir: Path = RESULTS_DIR) -> list[str]:
+    """Write one harness's section (`name` in SECTIONS) and rebuild BENCHMARKS.md; returns the lines."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / name).write_text("\n".join(lines))
+    write_benchmarks_markdown(results_dir)
+    return lines

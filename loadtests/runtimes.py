@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loadtests.inprocess import rate, sample_jpeg, served_model
-from loadtests.report import RESULTS_DIR, write_benchmarks_markdown
+from loadtests.report import RESULTS_DIR, write_section
 from models.tf_environment import prefer_onednn
 from training.synthetic import LUNG_CLASSES
 
@@ -313,9 +313,7 @@ def run(model_tag: str | None, seconds: float) -> list[str]:
         "results": [asdict(r) for r in results],
     }
     (RESULTS_DIR / "runtimes.json").write_text(json.dumps(record, indent=2))
-    (RESULTS_DIR / "runtimes.md").write_text("\n".join(lines))
-    write_benchmarks_markdown()
-    return lines
+    return write_section("runtimes.md", lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+import httpx
 import pytest
 
 from tests.helpers import fresh_tile, locust_stats, run_locust
@@ -42,3 +45,41 @@ def test_benchmark_client_measures_a_closed_loop_after_its_ramp(server):
     assert 2.0 + 0.5 * 3 / 4 <= took < 10  # the last client starts after 3/4 of the ramp; the window is bounded
     bad = asyncio.run(closed_loop(f"{server.url}/predict", b"not an image", 2, 0.5, ramp_s=0.1))
     assert bad.requests > 0 and bad.errors == bad.requests  # 415s count as errors
+
+
+def test_the_floor_service_answers_both_routes_with_the_services_server_settings(tmp_path):
+    # `make benchmark` measures BentoML's floor with it; it must take the service's input and answer.
+    from loadtests.floor_service import ASGI_ROUTE, Floor
+    from loadtests.servers import start_server, stop_server
+    from serving.server_options import server_options
+    from serving.settings import load_settings
+
+    assert Floor.config.items() >= server_options(load_settings()).items()
+    server = start_server("loadtests.floor_service:Floor", tmp_path / "floor.log")
+    try:
+        tile = fresh_tile("lung_n", 750)
+        for route in ("/predict", ASGI_ROUTE):
+            response = httpx.post(f"{server.url}{route}", files={"file": ("t.jpeg", tile, "image/jpeg")}, timeout=30)
+            assert response.status_code == 200 and response.json()["bytes"] == len(tile), route
+    finally:
+        stop_server(server)
+
+
+def test_cpu_budget_charges_samples_to_the_innermost_known_part_and_skips_waiting():
+    from loadtests.cpu_budget import OTHER, charge
+
+    collapsed = "\n".join([
+        "run (uvicorn/server.py:1);handle (service.py:2);decode_image (models/preprocessing.py:3);"
+        "load (PIL/ImageFile.py:4) 7",
+        "run (uvicorn/server.py:1);__call__ (serving/guard.py:9);parse (multipart/multipart.py:5) 3",
+        "run (uvicorn/server.py:1);_run_once (asyncio/base_events.py:6) 2",
+        "_bootstrap (threading.py:1);_worker (concurrent/futures/thread.py:81) 50",  # a decode thread waiting
+        "main (somewhere.py:1) 1",
+    ])
+    unknown = Counter()
+    samples = charge(collapsed, unknown)
+    assert samples["decode (PIL, models/preprocessing.py)"] == 7
+    assert samples["multipart parsing"] == 3  # inside the guard, but the parser is what ran
+    assert samples["HTTP server and event loop (uvicorn, httptools, asyncio, Starlette)"] == 2
+    assert samples[OTHER] == 1 and unknown == Counter({"main (somewhere.py:1)": 1})
+    assert sum(samples.values()) == 13  # the waiting thread is not CPU
