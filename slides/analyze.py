@@ -1,0 +1,237 @@
+"""Analyse a whole slide: find tissue, classify its tiles as `/predict` does, and map the answers.
+
+Each tile is read at the pyramid level nearest below the model's scale,
+resized to the model input as an upload is, and run through the same quality
+gate, model and out-of-distribution score as `/predict`, in batches; a tile
+that fails the gate or scores out of distribution is marked uncertain, never
+given a plain class. Background glass (the tissue mask, on a low-resolution
+view) never reaches the model. Writes:
+
+* `analysis.geojson`: one feature per analysed tile in level-0 pixel
+  coordinates (QuPath: File > Import objects), with its class (or
+  `Uncertain`), probabilities, confidence, tissue share and reasons;
+* `overlay.png`: the slide's thumbnail with the tiles coloured by class and
+  the uncertain ones grey;
+* `summary.json`: the slide, the tissue found, tiles per class and their
+  share of the answered tissue, the uncertain tiles, the most suspicious.
+
+    python -m slides.analyze SLIDE --out DIR [--model TAG] [--tile-size 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from models.store import DEFAULT_MODEL_TAG, StoredModel
+from serving.predictions import Prediction, TrustEvidence, to_prediction
+from slides.reader import Slide, SlideInfo
+from slides.tissue import tissue_fraction, tissue_mask
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TILE_SIZE = 768  # level-0 pixels: LC25000's tiles are 768x768 crops of slides
+DEFAULT_MIN_TISSUE = 0.5  # share of a tile the tissue mask must cover for it to be analysed
+MASK_LONGEST_SIDE = 2048  # the low-resolution view tissue is found on
+UNCERTAIN = "Uncertain"
+PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152)]
+GREY = (147, 161, 161)
+
+
+@dataclass(frozen=True)
+class TileAnswer:
+    x: int  # level-0 left
+    y: int  # level-0 top
+    size: int  # level-0 side
+    tissue_fraction: float
+    prediction: Prediction
+
+
+@dataclass(frozen=True)
+class SlideAnalysis:
+    info: SlideInfo
+    model: str
+    class_names: list[str]
+    tile_size: int
+    level: int
+    mask: np.ndarray  # tissue, on the low-resolution view
+    mask_downsample: float  # level-0 pixels per mask pixel
+    tiles: list[TileAnswer]
+
+
+def choose_level(info: SlideInfo, tile_size: int, input_size: int) -> int:
+    """The coarsest level that still has at least `input_size` pixels across a tile (fewer pixels read)."""
+    usable = [k for k, downsample in enumerate(info.level_downsamples) if tile_size / downsample >= input_size]
+    return max(usable, default=0)
+
+
+def tile_grid(info: SlideInfo, mask: np.ndarray, downsample: float, tile_size: int,
+              min_tissue: float) -> Iterator[tuple[int, int, float]]:
+    """(x, y, tissue share) of every whole tile whose tissue share reaches `min_tissue`."""
+    for y in range(0, info.height - tile_size + 1, tile_size):
+        for x in range(0, info.width - tile_size + 1, tile_size):
+            box = (int(x / downsample), int(y / downsample), math.ceil((x + tile_size) / downsample),
+                   math.ceil((y + tile_size) / downsample))
+            share = tissue_fraction(mask, box)
+            if share >= min_tissue:
+                yield x, y, share
+
+
+def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, input_size: int) -> np.ndarray:
+    downsample = slide.info.level_downsamples[level]
+    side = max(1, round(tile_size / downsample))
+    region = slide.region(x, y, level, side, side)
+    # The same resize as an upload's (models.preprocessing): whole factors by box filter, then bilinear.
+    return np.asarray(region.resize((input_size, input_size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+
+
+def analyze(path: Path, stored: StoredModel, tile_size: int = DEFAULT_TILE_SIZE,
+            min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = 32) -> SlideAnalysis:
+    """Classify every tissue tile of the slide at `path` with the stored model, in batches."""
+    from models.inference import Predictor
+    from models.quality import assess_batch
+
+    card = stored.card
+    ood = card.out_of_distribution
+    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature, ood.feature_layers)
+    with Slide(path) as slide:
+        info = slide.info
+        view = slide.thumbnail(MASK_LONGEST_SIDE)
+        mask = tissue_mask(view)
+        downsample = info.width / view.shape[1]
+        level = choose_level(info, tile_size, card.input_size)
+        grid = list(tile_grid(info, mask, downsample, tile_size, min_tissue))
+        logger.info("%s: %dx%d, tissue %.1f%% of the view, %d tiles of %d px at level %d",
+                    path.name, info.width, info.height, 100 * mask.mean(), len(grid), tile_size, level)
+        answers: list[TileAnswer] = []
+        for start in range(0, len(grid), batch_size):
+            chunk = grid[start : start + batch_size]
+            images = np.stack([_tile_pixels(slide, x, y, level, tile_size, card.input_size) for x, y, _ in chunk])
+            outputs = predictor.outputs(images)
+            qualities = assess_batch(images, card.quality_gate)
+            scores = stored.ood_scorer(outputs.features)
+            for (x, y, share), row, quality, score in zip(chunk, outputs.probabilities, qualities, scores,
+                                                         strict=True):
+                evidence = TrustEvidence(quality, float(score), ood.threshold)
+                prediction = to_prediction(row, card.class_names, card.abstain_threshold, stored.tag, evidence)
+                answers.append(TileAnswer(x, y, tile_size, share, prediction))
+    return SlideAnalysis(info, stored.tag, card.class_names, tile_size, level, mask, downsample, answers)
+
+
+def _label(prediction: Prediction) -> str:
+    return UNCERTAIN if prediction.uncertain else prediction.predicted_class
+
+
+def geojson(analysis: SlideAnalysis) -> dict[str, object]:
+    """A GeoJSON FeatureCollection of the tiles (level-0 pixel coordinates), as QuPath imports it."""
+    colours = {name: list(PALETTE[i % len(PALETTE)]) for i, name in enumerate(analysis.class_names)}
+    colours[UNCERTAIN] = list(GREY)
+    features = []
+    for tile in analysis.tiles:
+        p = tile.prediction
+        x0, y0, x1, y1 = tile.x, tile.y, tile.x + tile.size, tile.y + tile.size
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {
+                "objectType": "tile",
+                "classification": {"name": _label(p), "color": colours[_label(p)]},
+                "predicted_class": p.predicted_class,
+                "uncertain": p.uncertain,
+                "reasons": p.reasons,
+                "measurements": {
+                    "confidence": round(p.confidence, 4),
+                    "tissue_fraction": round(tile.tissue_fraction, 3),
+                    **{f"p_{name}": round(v, 4) for name, v in p.probabilities.items()},
+                    **({"ood_score": round(p.ood_score, 3)} if p.ood_score is not None else {}),
+                },
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def summary(analysis: SlideAnalysis, cancer_classes: list[str], most: int = 5) -> dict[str, object]:
+    """Tiles per class and their share of the answered tissue tiles; the uncertain; the most suspicious."""
+    answered = [t for t in analysis.tiles if not t.prediction.uncertain]
+    counts = {name: sum(t.prediction.predicted_class == name for t in answered) for name in analysis.class_names}
+
+    def suspicion(tile: TileAnswer) -> float:
+        return max((tile.prediction.probabilities[name] for name in cancer_classes), default=0.0)
+
+    return {
+        "slide": asdict(analysis.info),
+        "model": analysis.model,
+        "tile_size": analysis.tile_size,
+        "level": analysis.level,
+        "tissue_share_of_slide": round(float(analysis.mask.mean()), 4),
+        "tiles_analysed": len(analysis.tiles),
+        "tiles_uncertain": len(analysis.tiles) - len(answered),
+        "tiles_per_class": counts,
+        "share_of_answered": {name: round(count / len(answered), 4) if answered else 0.0
+                              for name, count in counts.items()},
+        "most_suspicious": [
+            {"x": t.x, "y": t.y, "size": t.size, "class": t.prediction.predicted_class,
+             "cancer_probability": round(suspicion(t), 4), "uncertain": t.prediction.uncertain}
+            for t in sorted(analysis.tiles, key=suspicion, reverse=True)[:most]
+        ],
+    }
+
+
+def overlay(analysis: SlideAnalysis, thumbnail: np.ndarray) -> Image.Image:
+    """The thumbnail with each tile filled in its class colour (uncertain: grey), half transparent."""
+    base = Image.fromarray(thumbnail).convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    scale = base.width / analysis.info.width
+    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(analysis.class_names)}
+    for tile in analysis.tiles:
+        colour = GREY if tile.prediction.uncertain else colours[tile.prediction.predicted_class]
+        box = [tile.x * scale, tile.y * scale, (tile.x + tile.size) * scale - 1, (tile.y + tile.size) * scale - 1]
+        draw.rectangle(box, fill=(*colour, 110), outline=(*colour, 255))
+    return Image.alpha_composite(base, layer).convert("RGB")
+
+
+def write(analysis: SlideAnalysis, out: Path, thumbnail: np.ndarray, cancer_classes: list[str]) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"geojson": out / "analysis.geojson", "overlay": out / "overlay.png", "summary": out / "summary.json"}
+    files["geojson"].write_text(json.dumps(geojson(analysis)))
+    overlay(analysis, thumbnail).save(files["overlay"])
+    files["summary"].write_text(json.dumps(summary(analysis, cancer_classes), indent=1))
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m slides.analyze", description=__doc__.splitlines()[0])
+    parser.add_argument("slide", type=Path, help="a whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF, ...)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for analysis.geojson, overlay.png and summary.json")
+    parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
+                        help="tile side in level-0 pixels (default: %(default)s, LC25000's tiles)")
+    parser.add_argument("--min-tissue", type=float, default=DEFAULT_MIN_TISSUE,
+                        help="share of a tile that must be tissue for it to be analysed (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from models.store import load_model
+
+    stored = load_model(args.model)
+    analysis = analyze(args.slide, stored, args.tile_size, args.min_tissue)
+    with Slide(args.slide) as slide:
+        thumbnail = slide.thumbnail(MASK_LONGEST_SIDE)
+    cancer = stored.card.abstention.cancer_classes
+    files = write(analysis, args.out, thumbnail, cancer)
+    # The summary is this command's result: stdout, for scripts.
+    sys.stdout.write(json.dumps({name: str(path) for name, path in files.items()}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
