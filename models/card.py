@@ -156,6 +156,8 @@ class DatasetInfo(_Strict):
     n_groups: int | None = Field(default=None, gt=0)  # near-duplicate groups (see training.grouping)
     largest_group: int | None = Field(default=None, gt=0)
     groups_across_splits: int | None = Field(default=None, ge=0)  # 0: no original on two sides
+    tile_size: int | None = Field(default=None, gt=0)  # the training images' most common side, in pixels
+    microns_per_pixel: float | None = Field(default=None, gt=0.0)  # of those pixels, when the trainer knows it
 
 
 class TrainingConfig(_Strict):

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from models.card import ModelCard
 from models.store import DEFAULT_MODEL_TAG, StoredModel
 from serving.predictions import Prediction, TrustEvidence, to_prediction
 from slides.reader import Slide, SlideInfo
@@ -68,6 +69,17 @@ class SlideAnalysis:
     tiles: list[TileAnswer]
 
 
+def tile_size_for(card: ModelCard, info: SlideInfo, requested: int | None = None) -> int:
+    """Level-0 pixels per tile: as requested; else the training images' size from the card, rescaled to
+    the slide's pixel size when both declare microns per pixel; else LC25000's 768."""
+    if requested is not None:
+        return requested
+    trained = card.dataset.tile_size or DEFAULT_TILE_SIZE
+    if card.dataset.microns_per_pixel and info.microns_per_pixel:
+        return max(1, round(trained * card.dataset.microns_per_pixel / info.microns_per_pixel))
+    return trained
+
+
 def choose_level(info: SlideInfo, tile_size: int, input_size: int) -> int:
     """The coarsest level that still has at least `input_size` pixels across a tile (fewer pixels read)."""
     usable = [k for k, downsample in enumerate(info.level_downsamples) if tile_size / downsample >= input_size]
@@ -94,9 +106,10 @@ def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, input
     return np.asarray(region.resize((input_size, input_size), Image.Resampling.BILINEAR, reducing_gap=3.0))
 
 
-def analyze(path: Path, stored: StoredModel, tile_size: int = DEFAULT_TILE_SIZE,
+def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
             min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = 32) -> SlideAnalysis:
-    """Classify every tissue tile of the slide at `path` with the stored model, in batches."""
+    """Classify every tissue tile of the slide at `path` with the stored model, in batches
+    (`tile_size`: level-0 pixels, default from the card; see :func:`tile_size_for`)."""
     from models.inference import Predictor
     from models.quality import assess_batch
 
@@ -108,6 +121,7 @@ def analyze(path: Path, stored: StoredModel, tile_size: int = DEFAULT_TILE_SIZE,
         view = slide.thumbnail(MASK_LONGEST_SIDE)
         mask = tissue_mask(view)
         downsample = info.width / view.shape[1]
+        tile_size = tile_size_for(card, info, tile_size)
         level = choose_level(info, tile_size, card.input_size)
         grid = list(tile_grid(info, mask, downsample, tile_size, min_tissue))
         logger.info("%s: %dx%d, tissue %.1f%% of the view, %d tiles of %d px at level %d",
@@ -215,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for analysis.geojson, overlay.png and summary.json")
     parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
-    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
-                        help="tile side in level-0 pixels (default: %(default)s, LC25000's tiles)")
+    parser.add_argument("--tile-size", type=int, default=None,
+                        help="tile side in level-0 pixels (default: the training images' size from the model card, "
+                        "rescaled by microns per pixel when the card and the slide both declare it; else 768)")
     parser.add_argument("--min-tissue", type=float, default=DEFAULT_MIN_TISSUE,
                         help="share of a tile that must be tissue for it to be analysed (default: %(default)s)")
     args = parser.parse_args(argv)

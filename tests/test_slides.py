@@ -160,3 +160,17 @@ def test_geojson_and_summary_from_an_analysis_in_memory():
     assert facts["tiles_per_class"] == {"a": 1, "n": 1, "s": 0} and facts["tiles_uncertain"] == 1
     assert facts["share_of_answered"] == {"a": 0.5, "n": 0.5, "s": 0.0}
     assert [t["x"] for t in facts["most_suspicious"]][:1] == [0]  # a at 0.9 is the most suspicious
+
+
+@pytest.mark.training
+def test_tiles_take_the_training_scale_from_the_card(reference, slide_path):
+    from slides.analyze import tile_size_for
+
+    card = reference.stored.card
+    assert card.dataset.tile_size == 256 and card.dataset.microns_per_pixel is None  # the tests' 256 px tiles
+    with Slide(slide_path) as slide:
+        info = slide.info  # 0.5 um per pixel
+    assert tile_size_for(card, info, requested=512) == 512
+    assert tile_size_for(card, info) == 256  # no pixel size on the card: the training size as it is
+    known = card.model_copy(update={"dataset": card.dataset.model_copy(update={"microns_per_pixel": 0.25})})
+    assert tile_size_for(known, info) == 128  # 256 px at 0.25 um cover 128 px at 0.5 um

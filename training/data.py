@@ -16,12 +16,14 @@ import csv
 import hashlib
 import json
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from models.preprocessing import decode_image
 from training.grouping import DEFAULT_MAX_DISTANCE, group_files, summarise
@@ -257,6 +259,15 @@ def _deal_units(units: np.ndarray, rng: np.random.Generator, shares: dict[str, f
     if min(filled.values()) == 0:
         return None
     return [split_of_unit[int(unit)] for unit in units]
+
+
+def common_side(paths: list[Path]) -> int | None:
+    """The most common longer side of these images (headers only): the scale a slide is tiled at."""
+    sides: Counter[int] = Counter()
+    for path in paths:
+        with Image.open(path) as image:
+            sides[max(image.size)] += 1
+    return sides.most_common(1)[0][0] if sides else None
 
 
 def load_images(paths: list[Path], size: int, workers: int = 4) -> np.ndarray:

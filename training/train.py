@@ -120,6 +120,10 @@ class TrainSettings:
         None, "leave this class out of training and report how often the OOD detector flags it (an experiment)",
         metavar="CLASS",
     )
+    microns_per_pixel: float | None = option(
+        None, "the training images' pixel size in microns, when known: whole slides are then tiled at it",
+        shown="unknown",
+    )
     bootstrap_resamples: int = option(2000, "bootstrap resamples for the test metrics' confidence intervals")
     out: Path = option(Path("artifacts"), "folder for run artefacts: split manifest, checkpoint, report")
     verbose: int = field(default_factory=lambda: 1 if sys.stderr.isatty() else 2)
@@ -429,6 +433,8 @@ def train(settings: TrainSettings) -> str:
             n_groups=manifest.n_groups(),
             largest_group=manifest.largest_group(),
             groups_across_splits=manifest.groups_across_splits(),
+            tile_size=data.common_side(manifest.paths("train")),
+            microns_per_pixel=settings.microns_per_pixel,
         ),
         metrics=evaluation.metrics,
         calibration=evaluation.calibration,
