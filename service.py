@@ -14,14 +14,16 @@ Run it with `make serve`, or `bentoml serve` from this folder.
 
 import asyncio
 import base64
+import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import bentoml
 import numpy as np
@@ -61,6 +63,7 @@ from serving.request_log import RequestLog, note
 from serving.routes import route_facts
 from serving.server_options import server_options
 from serving.settings import load_settings
+from serving.slide_store import OUTPUT_FILES, SLIDE_FILE, SlideStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,6 +111,39 @@ class ModelRow(NamedTuple):
     quality: QualityReport | None  # None when the gate is off
 
 
+SLIDES = SlideStore(SETTINGS.slide_dir, SETTINGS.slide_ttl_s, SETTINGS.slide_root)
+
+
+@answers_problems
+async def _upload_slide(request: Request) -> Response:
+    """POST /slides: stream a whole-slide image to disk (multipart `file`); answers its `slide_id`."""
+    from slides.reader import Slide, SlideError
+
+    slide_id = await SLIDES.receive(request, SETTINGS.max_slide_bytes)
+    folder = SLIDES.folder_of(slide_id)
+
+    def check() -> None:  # a slide OpenSlide opens, or a plain image under its cap: nothing else is kept
+        with Slide(folder / SLIDE_FILE):
+            pass
+
+    try:
+        await asyncio.to_thread(check)
+    except SlideError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"not a slide: {exc}") from None
+    return JSONResponse({"slide_id": slide_id}, status_code=HTTPStatus.CREATED)
+
+
+@answers_problems
+async def _slide_output(request: Request) -> Response:
+    """GET /slides/{slide_id}/{name}: a finished analysis' GeoJSON, overlay or summary."""
+    folder = SLIDES.folder_of(request.path_params["slide_id"])
+    name = request.path_params["name"]
+    if name not in OUTPUT_FILES or not (folder / name).is_file():
+        raise Problem(HTTPStatus.NOT_FOUND, f"no {name!r} for this slide (not analysed?); see {sorted(OUTPUT_FILES)}")
+    return FileResponse(folder / name, media_type=OUTPUT_FILES[name])
+
+
 async def _model_card(request: Request) -> Response:
     """GET /model: the model card of the model being served."""
     service: Histopathology = bentoml.get_current_service()
@@ -130,6 +166,8 @@ http_routes = Starlette(
         Route("/model", _model_card, methods=["GET"]),
         Route("/model/report", _model_report, methods=["GET"]),
         Route("/model/report/{name}", _model_report, methods=["GET"]),
+        Route("/slides", _upload_slide, methods=["POST"]),
+        Route("/slides/{slide_id}/{name}", _slide_output, methods=["GET"]),
         # The page's relative links need the trailing slash.
         Route("/ui", lambda request: RedirectResponse("/ui/", status_code=HTTPStatus.PERMANENT_REDIRECT)),
         Mount("/ui", StaticFiles(directory=UI_FOLDER, html=True), name="ui"),
@@ -186,6 +224,8 @@ class Histopathology:
         self.grad_cam: GradCam = GradCam(self.stored.model, card.architecture, card.input_size)
         # One explanation at a time: a gradient pass costs several predictions, and /predict comes first.
         self._explaining = asyncio.Semaphore(1)
+        self._analysing = asyncio.Semaphore(1)
+        self._slide_thread = ThreadPoolExecutor(1, thread_name_prefix="slide")
         self.metrics: ServiceMetrics = service_metrics()
         name, _, version = self.stored.tag.partition(":")
         self.metrics.model_info.labels(name=name, version=version, architecture=card.architecture).set(1)
@@ -224,7 +264,7 @@ class Histopathology:
     @bentoml.on_shutdown
     async def stop_batcher(self) -> None:
         await self.batcher.close()
-        for pool in (self._decoder, self._heavy_decoder):
+        for pool in (self._decoder, self._heavy_decoder, self._slide_thread):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def __is_ready__(self) -> bool:
@@ -383,6 +423,40 @@ class Histopathology:
         )
 
 
+    @bentoml.task(route="/analyze_slide")
+    @answers_problems
+    async def analyze_slide(
+        self, slide_id: str | None = None, path: str | None = None, tile_size: int | None = None,
+        min_tissue: float = 0.5,
+    ) -> dict[str, Any]:
+        """Analyse a whole slide uploaded with POST /slides (`slide_id`) or in the service's slide folder
+        (`path`, relative): tissue tiles through the same gate, model and OOD score as /predict. The result
+        is the summary; GeoJSON and overlay are at GET /slides/{slide_id}/analysis.geojson and overlay.png."""
+        from slides.analyze import MASK_LONGEST_SIDE, analyze, write
+        from slides.reader import Slide, SlideError
+
+        if not 0.0 <= min_tissue <= 1.0 or (tile_size is not None and not 16 <= tile_size <= 16384):
+            raise Problem(HTTPStatus.BAD_REQUEST, "min_tissue is a share (0-1) and tile_size 16-16384 pixels")
+        slide, outputs = SLIDES.resolve(slide_id, path)
+
+        def run() -> dict[str, Any]:
+            analysis = analyze(slide, self.stored, tile_size, min_tissue)
+            with Slide(slide) as opened:
+                thumbnail = opened.thumbnail(MASK_LONGEST_SIDE)
+            write(analysis, outputs, thumbnail, self.stored.card.abstention.cancer_classes)
+            return json.loads((outputs / "summary.json").read_text())
+
+        try:  # one slide at a time per worker, on a thread of its own: /predict keeps its batcher
+            async with self._analysing:
+                summary = await asyncio.get_running_loop().run_in_executor(self._slide_thread, run)
+        except SlideError as exc:
+            raise Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(exc)) from None
+        except Exception as exc:  # a task that raises would stay "in progress" for ever
+            logger.exception("slide analysis failed")
+            raise Problem(HTTPStatus.INTERNAL_SERVER_ERROR, f"the analysis failed ({type(exc).__name__})") from None
+        return {"slide_id": outputs.name, **summary}
+
+
 def _heavy(cost: DecodeCost) -> bool:
     return cost.estimated_bytes > HEAVY_DECODE_BYTES or cost.scan_pixels > HEAVY_DECODE_SCAN_PIXELS
 
@@ -406,13 +480,16 @@ if SETTINGS.cors_origins:  # outermost, so preflight requests never need the tok
     )
 ROUTES = route_facts(Histopathology.apis.values(), http_routes.routes, SETTINGS.max_files_per_request)
 KNOWN_ROUTES = ROUTES.known_routes | BENTOML_ROUTES
-TOKEN_ROUTES = frozenset({*ROUTES.upload_routes, "/model"})  # and everything under them, when a token is set
+# These, and everything under them, need the token when one is set.
+TOKEN_ROUTES = frozenset({*ROUTES.upload_routes, "/model", "/slides", "/analyze_slide"})
 # Takes effect when BentoML builds the worker's app, after this module is imported.
 front_door.install(KNOWN_ROUTES | PROBES, ROUTES.served_prefixes + BENTOML_PREFIXES, ROUTES.upload_routes, ADMISSION)
 Histopathology.add_asgi_middleware(RequestLog, known_routes=KNOWN_ROUTES, upload_routes=ROUTES.upload_routes)
 Histopathology.add_asgi_middleware(
     OpenAPIDocument,
-    build=lambda: corrected_document(Histopathology.openapi_spec.asdict(), ROUTES.upload_routes, TOKEN_ROUTES),
+    build=lambda: corrected_document(
+        Histopathology.openapi_spec.asdict(), ROUTES.upload_routes, TOKEN_ROUTES, ROUTES.json_routes
+    ),
 )
 Histopathology.add_asgi_middleware(
     RequestGuard,
@@ -426,5 +503,6 @@ Histopathology.add_asgi_middleware(
         body_idle_timeout_s=SETTINGS.body_idle_timeout_ms / 1000,
         api_token=SETTINGS.api_token,
         text_fields=ROUTES.form_fields,
+        json_routes=ROUTES.json_routes,
     ),
 )

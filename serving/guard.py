@@ -92,6 +92,7 @@ class GuardPolicy:
     api_token: str | None = None
     # path -> {optional text field: TEXT or BOOLEAN}
     text_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    json_routes: frozenset[str] = frozenset()  # POST paths whose body is JSON (BentoML APIs without a file)
 
 
 def overload_response(reason: str, request_id: str | None = None) -> ASGIApp:
@@ -141,6 +142,12 @@ class RequestGuard:
             await _unauthorized()(scope, receive, send)
             return
         max_files = self.policy.upload_routes.get(path)
+        if path in self.policy.json_routes and scope["method"] == "POST" and not _is_json(scope):
+            # BentoML would try to parse another body as its inputs (a 500 for a multipart without boundary).
+            await problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send a JSON body (application/json)")(
+                scope, receive, send
+            )
+            return
         if max_files is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -224,6 +231,11 @@ class RequestGuard:
         )
         await _check_multipart(headers, body, max_files, text_fields)
         return body
+
+
+def _is_json(scope: Scope) -> bool:
+    media_type = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
+    return media_type == "application/json"
 
 
 def _unauthorized() -> JSONResponse:

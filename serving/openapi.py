@@ -107,8 +107,46 @@ def _model_routes(token_routes: Iterable[str]) -> dict[str, dict]:
     }
 
 
-def corrected_document(bentoml_document: dict, upload_routes: Iterable[str], token_routes: Iterable[str]) -> dict:
-    """BentoML's document with the model routes added and every error answered as a problem."""
+def _slide_routes(token_routes: Iterable[str]) -> dict[str, dict]:
+    errors = {401: UPLOAD_ERRORS[401]} if "/slides" in token_routes else {}
+    return {
+        "/slides": {"post": {
+            "tags": ["Service APIs"], "operationId": "upload_slide",
+            "description": "Stream a whole-slide image to the service (multipart `file`); answers its `slide_id` for "
+                           "`/analyze_slide/submit`.",
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+            "responses": {
+                "201": {"description": "the slide's id",
+                        "content": _content("application/json", {"type": "object", "required": ["slide_id"],
+                                                                 "properties": {"slide_id": {"type": "string"}}})},
+                **_problem_responses({**errors, 400: UPLOAD_ERRORS[400], 413: "over HISTO_MAX_SLIDE_BYTES",
+                                      415: "not multipart", 503: UPLOAD_ERRORS[503]}),
+            },
+        }},
+        "/slides/{slide_id}/{name}": {"get": {
+            "tags": ["Service APIs"], "operationId": "slide_output",
+            "description": "A finished analysis: the QuPath GeoJSON, the overlay PNG or the summary.",
+            "parameters": [
+                {"name": "slide_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "name", "in": "path", "required": True,
+                 "schema": {"type": "string", "enum": ["analysis.geojson", "overlay.png", "summary.json"]}},
+            ],
+            "responses": {
+                "200": {"description": "the file", "content": {
+                    media: {"schema": {"type": "string", "format": "binary"}}
+                    for media in ("application/geo+json", "image/png", "application/json")}},
+                **_problem_responses({**errors, 400: "not a slide id", 404: "no such slide or output"}),
+            },
+        }},
+    }
+
+
+def corrected_document(
+    bentoml_document: dict, upload_routes: Iterable[str], token_routes: Iterable[str], json_routes: Iterable[str] = ()
+) -> dict:
+    """BentoML's document with the model and slide routes added and every error answered as a problem."""
     document = copy.deepcopy(bentoml_document)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for bentoml_error in ("InvalidArgument", "NotFound", "InternalServerError"):
@@ -116,13 +154,23 @@ def corrected_document(bentoml_document: dict, upload_routes: Iterable[str], tok
     schemas["Problem"] = PROBLEM_SCHEMA
     card, nested = _card_schema()
     schemas.update({"ModelCard": card, **nested})
-    uploads = set(upload_routes)
+    uploads, json_bodies = set(upload_routes), set(json_routes)
+    problem = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": SCHEMAS.format(model="Problem")}}}
     for path, item in document["paths"].items():
-        if path in uploads:
-            operation = item["post"]
-            answered = {str(status): response for status, response in operation["responses"].items()}["200"]
-            operation["responses"] = {"200": answered, **_problem_responses(UPLOAD_ERRORS)}
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = {str(status): response for status, response in operation["responses"].items()}
+            if path in uploads:
+                responses = {"200": responses["200"], **_problem_responses(UPLOAD_ERRORS)}
+            elif path in json_bodies:  # the guard refuses any other body
+                responses |= _problem_responses({415: "not a JSON body"})
+            for status, response in responses.items():
+                if int(status) >= 400:  # every error leaves as problem+json (serving/guard.py)
+                    response["content"] = problem
+            operation["responses"] = responses
     document["paths"].update(_model_routes(token_routes))
+    document["paths"].update(_slide_routes(token_routes))
     return document
 
 

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from serving.guard import BOOLEAN, FILE_FIELD, TEXT
 
 _FIELD_KINDS = {str: TEXT, bool: BOOLEAN}
+TASK_ACTIONS = ("submit", "status", "get", "retry", "cancel")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RouteFacts:
     upload_routes: Mapping[str, int]  # POST path -> most `file` parts it takes
     form_fields: Mapping[str, Mapping[str, str]]  # POST path -> {plain field: TEXT or BOOLEAN}
     known_routes: frozenset[str]  # every exact path served
+    json_routes: frozenset[str]  # POST paths whose body is JSON: APIs without a file, and task submissions
     served_prefixes: tuple[str, ...]  # everything under these is served (mounts, path parameters)
 
 
@@ -51,8 +53,15 @@ def route_facts(apis: Iterable[Any], http_routes: Iterable[BaseRoute], max_files
     """
     uploads: dict[str, int] = {}
     fields: dict[str, dict[str, str]] = {}
+    api_routes: set[str] = set()
+    json_routes: set[str] = set()
     for api in apis:
+        api_routes.add(api.route)
+        if getattr(api, "is_task", False):  # BentoML serves a task at these
+            api_routes |= {f"{api.route}/{action}" for action in TASK_ACTIONS}
         inputs = api.input_spec.model_fields
+        if FILE_FIELD not in inputs:
+            json_routes |= {api.route, f"{api.route}/submit"} if getattr(api, "is_task", False) else {api.route}
         file = _base(inputs[FILE_FIELD].annotation) if FILE_FIELD in inputs else None
         if file is Path:
             uploads[api.route] = 1
@@ -65,7 +74,7 @@ def route_facts(apis: Iterable[Any], http_routes: Iterable[BaseRoute], max_files
         if unknown:
             raise TypeError(f"{api.route}: no guard check for the fields {sorted(unknown)}")
         fields[api.route] = {name: _FIELD_KINDS[kind] for name, kind in plain.items()}
-    known, prefixes = set(uploads), []
+    known, prefixes = set(uploads) | api_routes, []
     for route in http_routes:
         if isinstance(route, Mount):
             known |= {route.path, route.path + "/"}
@@ -74,4 +83,5 @@ def route_facts(apis: Iterable[Any], http_routes: Iterable[BaseRoute], max_files
             prefixes.append(route.path.split("{", 1)[0])
         elif isinstance(route, Route):
             known.add(route.path)
-    return RouteFacts(uploads, {path: f for path, f in fields.items() if f}, frozenset(known), tuple(prefixes))
+    return RouteFacts(uploads, {path: f for path, f in fields.items() if f}, frozenset(known), frozenset(json_routes),
+                      tuple(prefixes))

@@ -8,8 +8,10 @@ variable, so a typo stops the service at start instead of misbehaving later.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from models.preprocessing import DEFAULT_MAX_PIXELS, DecodeLimits
@@ -93,6 +95,10 @@ class Settings:
     api_token: str | None = field(repr=False)  # when set, model routes need `Authorization: Bearer <token>`
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (default: none)
     sentry_dsn: str | None = field(default=None, repr=False)  # optional error tracking
+    slide_dir: Path = Path(tempfile.gettempdir()) / "histopathology-slides"  # uploaded slides and analyses
+    slide_root: Path | None = None  # a server-side folder of slides requests may name by relative path
+    max_slide_bytes: int = 4 * 1024**3  # a slide upload over this gets 413
+    slide_ttl_s: int = 24 * 3600  # slides and their analyses are removed after this
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -146,4 +152,8 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         api_token=env.get("HISTO_API_TOKEN") or None,
         cors_origins=tuple(o.strip() for o in env.get("HISTO_CORS_ORIGINS", "").split(",") if o.strip()),
         sentry_dsn=env.get("SENTRY_DSN") or None,
+        slide_dir=Path(env.get("HISTO_SLIDE_DIR") or Path(tempfile.gettempdir()) / "histopathology-slides"),
+        slide_root=Path(env["HISTO_SLIDE_ROOT"]) if env.get("HISTO_SLIDE_ROOT") else None,
+        max_slide_bytes=_read(env, "HISTO_MAX_SLIDE_BYTES", 4 * 1024**3, rule=at_least(MEGABYTE)),
+        slide_ttl_s=_read(env, "HISTO_SLIDE_TTL_S", 24 * 3600, rule=at_least(60)),
     )

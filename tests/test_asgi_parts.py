@@ -140,8 +140,11 @@ def test_route_facts_come_from_the_service_routes():
     facts = route_facts(service.Histopathology.apis.values(), service.http_routes.routes, 7)
     assert facts.upload_routes == {"/predict": 1, "/predict_batch": 7, "/explain": 1}
     assert facts.form_fields == {"/explain": {"target_class": TEXT, "include_map": BOOLEAN}}
-    assert facts.known_routes == {"/predict", "/predict_batch", "/explain", "/model", "/model/report", "/ui", "/ui/"}
-    assert set(facts.served_prefixes) == {"/model/report/", "/ui/"}
+    tasks = {f"/analyze_slide/{action}" for action in ("submit", "status", "get", "retry", "cancel")}
+    assert facts.known_routes == {"/predict", "/predict_batch", "/explain", "/model", "/model/report", "/ui", "/ui/",
+                                  "/slides", "/analyze_slide", *tasks}
+    assert set(facts.served_prefixes) == {"/model/report/", "/ui/", "/slides/"}
+    assert facts.json_routes == {"/analyze_slide", "/analyze_slide/submit"}
 
 
 def test_route_facts_refuse_an_input_the_guard_cannot_check():

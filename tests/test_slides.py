@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,7 +18,7 @@ from loadtests.servers import REPO_ROOT
 from slides.analyze import UNCERTAIN, analyze, choose_level, geojson, summary
 from slides.reader import Slide, SlideError
 from slides.tissue import tissue_mask
-from tests.helpers import encode, fresh_tile
+from tests.helpers import assert_problem, encode, fresh_tile, serve_tiny_model, wait_until
 
 TILE = 768
 # A 3 x 2 grid of tiles: tissue of each class and two of blank glass.
@@ -174,3 +175,80 @@ def test_tiles_take_the_training_scale_from_the_card(reference, slide_path):
     assert tile_size_for(card, info) == 256  # no pixel size on the card: the training size as it is
     known = card.model_copy(update={"dataset": card.dataset.model_copy(update={"microns_per_pixel": 0.25})})
     assert tile_size_for(known, info) == 128  # 256 px at 0.25 um cover 128 px at 0.5 um
+
+
+def _finished(url: str, task_id: str) -> dict:
+    def status() -> dict | None:
+        body = httpx.get(f"{url}/analyze_slide/status", params={"task_id": task_id}, timeout=10).json()
+        return body if body["status"] not in ("pending", "in_progress") else None
+
+    return wait_until(status, f"task {task_id} to finish", timeout=120, interval=0.5)
+
+
+@pytest.mark.service
+def test_a_slide_uploaded_then_analysed_as_a_task_matches_the_cli(server, reference, slide_path):
+    uploaded = httpx.post(f"{server.url}/slides", files={"file": ("grid.tiff", slide_path.read_bytes())}, timeout=60)
+    assert uploaded.status_code == 201, uploaded.text
+    slide_id = uploaded.json()["slide_id"]
+    submitted = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": slide_id, "tile_size": TILE},
+                           timeout=30)
+    assert submitted.status_code == 200, submitted.text
+    assert _finished(server.url, submitted.json()["task_id"])["status"] == "completed"
+    result = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": submitted.json()["task_id"]},
+                       timeout=30).json()
+    assert result["slide_id"] == slide_id and result["tiles_analysed"] == 4
+    features = httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]
+    expected = analyze(slide_path, reference.stored, tile_size=TILE)  # the same slide, in-process
+    by_corner = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"] for f in features}
+    for tile in expected.tiles:
+        served = by_corner[(tile.x, tile.y)]
+        assert served["predicted_class"] == tile.prediction.predicted_class
+        for name, p in tile.prediction.probabilities.items():
+            assert served["measurements"][f"p_{name}"] == pytest.approx(p, abs=1e-3)
+    overlay = httpx.get(f"{server.url}/slides/{slide_id}/overlay.png", timeout=30)
+    assert overlay.status_code == 200 and overlay.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.service
+def test_slide_failures_are_problems_and_a_failed_task_ends(server):
+    notes = httpx.post(f"{server.url}/slides", files={"file": ("notes.svs", b"not a slide at all")}, timeout=30)
+    assert_problem(notes, 415)
+    assert_problem(httpx.post(f"{server.url}/slides", content=b"raw", headers={"Content-Type": "image/tiff"}), 415)
+    assert_problem(httpx.get(f"{server.url}/slides/{'0' * 32}/overlay.png", timeout=10), 404)
+    assert_problem(httpx.get(f"{server.url}/slides/not-an-id/overlay.png", timeout=10), 400)
+    missing = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": "0" * 32}, timeout=30).json()
+    assert _finished(server.url, missing["task_id"])["status"] == "failed"  # never stuck "in progress"
+    answer = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": missing["task_id"]}, timeout=30)
+    assert_problem(answer, 404)
+    neither = httpx.post(f"{server.url}/analyze_slide/submit", json={}, timeout=30).json()
+    assert _finished(server.url, neither["task_id"])["status"] == "failed"
+
+
+@pytest.fixture(scope="module")
+def slide_server(tiny_model_tag, tmp_path_factory, slide_path):
+    """A 1 MiB slide cap, a slide folder of its own, and a server-side slide root holding the grid."""
+    folder = tmp_path_factory.mktemp("slide-server")
+    root = folder / "root"
+    root.mkdir()
+    (root / "grid.tiff").write_bytes(slide_path.read_bytes())
+    (root / "escape.tiff").symlink_to(slide_path)  # a link out of the root
+    for running in serve_tiny_model(tiny_model_tag, tmp_path_factory, "slides", HISTO_WORKERS="1",
+                                    HISTO_MAX_SLIDE_BYTES=str(1024 * 1024), HISTO_SLIDE_DIR=str(folder / "uploads"),
+                                    HISTO_SLIDE_ROOT=str(root)):
+        yield running, folder / "uploads"
+
+
+@pytest.mark.service
+def test_the_slide_cap_leaves_nothing_and_paths_stay_inside_the_root(slide_server):
+    server, uploads = slide_server
+    url = server.url
+    big = bytes(2 * 1024 * 1024)
+    assert_problem(httpx.post(f"{url}/slides", files={"file": ("big.tiff", big)}, timeout=60), 413)
+    assert not uploads.exists() or not [p for p in uploads.rglob("*") if p.is_file()]  # nothing kept
+    ok = httpx.post(f"{url}/analyze_slide/submit", json={"path": "grid.tiff", "tile_size": TILE}, timeout=30).json()
+    assert _finished(url, ok["task_id"])["status"] == "completed"
+    for path in ("../grid.tiff", "/etc/passwd", "escape.tiff", "http://127.0.0.1:9/x.svs"):
+        task = httpx.post(f"{url}/analyze_slide/submit", json={"path": path}, timeout=30).json()
+        assert _finished(url, task["task_id"])["status"] == "failed", path
+        answer = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30)
+        assert answer.status_code in (400, 404), path
