@@ -252,3 +252,19 @@ def test_the_slide_cap_leaves_nothing_and_paths_stay_inside_the_root(slide_serve
         assert _finished(url, task["task_id"])["status"] == "failed", path
         answer = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30)
         assert answer.status_code in (400, 404), path
+
+
+def test_slides_and_their_outputs_expire(tmp_path):
+    import time
+
+    from serving.slide_store import SLIDE_FILE, SlideStore
+
+    store = SlideStore(tmp_path, ttl_s=3600)
+    old, new = tmp_path / ("a" * 32), tmp_path / ("b" * 32)
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / SLIDE_FILE).write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    assert store.expire() == 1
+    assert not old.exists() and store.folder_of("b" * 32) == new
