@@ -14,7 +14,6 @@ Run it with `make serve`, or `bentoml serve` from this folder.
 
 import asyncio
 import base64
-import json
 import logging
 import shutil
 import threading
@@ -63,7 +62,8 @@ from serving.request_log import RequestLog, note
 from serving.routes import route_facts
 from serving.server_options import server_options
 from serving.settings import load_settings
-from serving.slide_store import OUTPUT_FILES, SLIDE_FILE, SlideStore
+from serving.slide_store import SLIDE_FILE, SlideStore
+from slides.outputs import OUTPUT_FILES
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -432,8 +432,8 @@ class Histopathology:
         """Analyse a whole slide uploaded with POST /slides (`slide_id`) or in the service's slide folder
         (`path`, relative): tissue tiles through the same gate, model and OOD score as /predict. The result
         is the summary; GeoJSON and overlay are at GET /slides/{slide_id}/analysis.geojson and overlay.png."""
-        from slides.analyze import MASK_LONGEST_SIDE, analyze, write
-        from slides.reader import Slide, SlideError
+        from slides.analyze import analyze, write
+        from slides.reader import SlideError
 
         if not 0.0 <= min_tissue <= 1.0 or (tile_size is not None and not 16 <= tile_size <= 16384):
             raise Problem(HTTPStatus.BAD_REQUEST, "min_tissue is a share (0-1) and tile_size 16-16384 pixels")
@@ -441,10 +441,7 @@ class Histopathology:
 
         def run() -> dict[str, Any]:
             analysis = analyze(slide, self.stored, tile_size, min_tissue)
-            with Slide(slide) as opened:
-                thumbnail = opened.thumbnail(MASK_LONGEST_SIDE)
-            write(analysis, outputs, thumbnail, self.stored.card.abstention.cancer_classes)
-            return json.loads((outputs / "summary.json").read_text())
+            return write(analysis, outputs, self.stored.card.abstention.cancer_classes)
 
         try:  # one slide at a time per worker, on a thread of its own: /predict keeps its batcher
             async with self._analysing:

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from models.card import ModelCard
 from models.store import REPORT_FILES, REPORT_MARKDOWN
 from serving.problems import PROBLEM_MEDIA_TYPE
+from slides.outputs import OUTPUT_FILES
 
 DOCUMENT_PATH = "/docs.json"
 SCHEMAS = "#/components/schemas/{model}"
@@ -131,12 +132,11 @@ def _slide_routes(token_routes: Iterable[str]) -> dict[str, dict]:
             "parameters": [
                 {"name": "slide_id", "in": "path", "required": True, "schema": {"type": "string"}},
                 {"name": "name", "in": "path", "required": True,
-                 "schema": {"type": "string", "enum": ["analysis.geojson", "overlay.png", "summary.json"]}},
+                 "schema": {"type": "string", "enum": sorted(OUTPUT_FILES)}},
             ],
             "responses": {
                 "200": {"description": "the file", "content": {
-                    media: {"schema": {"type": "string", "format": "binary"}}
-                    for media in ("application/geo+json", "image/png", "application/json")}},
+                    media: {"schema": {"type": "string", "format": "binary"}} for media in OUTPUT_FILES.values()}},
                 **_problem_responses({**errors, 400: "not a slide id", 404: "no such slide or output"}),
             },
         }},

@@ -56,12 +56,13 @@ def route_facts(apis: Iterable[Any], http_routes: Iterable[BaseRoute], max_files
     api_routes: set[str] = set()
     json_routes: set[str] = set()
     for api in apis:
+        is_task = getattr(api, "is_task", False)
         api_routes.add(api.route)
-        if getattr(api, "is_task", False):  # BentoML serves a task at these
+        if is_task:  # BentoML serves a task at these
             api_routes |= {f"{api.route}/{action}" for action in TASK_ACTIONS}
         inputs = api.input_spec.model_fields
         if FILE_FIELD not in inputs:
-            json_routes |= {api.route, f"{api.route}/submit"} if getattr(api, "is_task", False) else {api.route}
+            json_routes |= {api.route, f"{api.route}/submit"} if is_task else {api.route}
         file = _base(inputs[FILE_FIELD].annotation) if FILE_FIELD in inputs else None
         if file is Path:
             uploads[api.route] = 1

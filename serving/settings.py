@@ -21,6 +21,7 @@ from serving.cpus import usable_cpus
 LOG_FORMATS = ("text", "json")
 T = TypeVar("T")
 MEGABYTE = 1024 * 1024
+DEFAULT_SLIDE_DIR = Path(tempfile.gettempdir()) / "histopathology-slides"
 MODEL_TAG_ARGUMENT = "model_tag"  # `bentoml build --arg model_tag=NAME:VERSION` pins a Bento's model
 
 
@@ -92,13 +93,13 @@ class Settings:
     log_format: str
     max_in_flight: int  # uploads being served at once per worker; more get 503 + Retry-After
     max_files_per_request: int  # `file` parts /predict_batch takes
+    slide_dir: Path  # uploaded slides and analyses
+    slide_root: Path | None  # a server-side folder of slides requests may name by relative path
+    max_slide_bytes: int  # a slide upload over this gets 413
+    slide_ttl_s: int  # slides and their analyses are removed after this
     api_token: str | None = field(repr=False)  # when set, model routes need `Authorization: Bearer <token>`
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (default: none)
     sentry_dsn: str | None = field(default=None, repr=False)  # optional error tracking
-    slide_dir: Path = Path(tempfile.gettempdir()) / "histopathology-slides"  # uploaded slides and analyses
-    slide_root: Path | None = None  # a server-side folder of slides requests may name by relative path
-    max_slide_bytes: int = 4 * 1024**3  # a slide upload over this gets 413
-    slide_ttl_s: int = 24 * 3600  # slides and their analyses are removed after this
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -152,7 +153,7 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         api_token=env.get("HISTO_API_TOKEN") or None,
         cors_origins=tuple(o.strip() for o in env.get("HISTO_CORS_ORIGINS", "").split(",") if o.strip()),
         sentry_dsn=env.get("SENTRY_DSN") or None,
-        slide_dir=Path(env.get("HISTO_SLIDE_DIR") or Path(tempfile.gettempdir()) / "histopathology-slides"),
+        slide_dir=Path(env.get("HISTO_SLIDE_DIR") or DEFAULT_SLIDE_DIR),
         slide_root=Path(env["HISTO_SLIDE_ROOT"]) if env.get("HISTO_SLIDE_ROOT") else None,
         max_slide_bytes=_read(env, "HISTO_MAX_SLIDE_BYTES", 4 * 1024**3, rule=at_least(MEGABYTE)),
         slide_ttl_s=_read(env, "HISTO_SLIDE_TTL_S", 24 * 3600, rule=at_least(60)),

@@ -24,8 +24,6 @@ from starlette.types import Message
 from serving.problems import Problem
 
 SLIDE_FILE = "slide"
-OUTPUT_FILES = {"analysis.geojson": "application/geo+json", "overlay.png": "image/png",
-                "summary.json": "application/json"}
 _ID = re.compile(r"^[0-9a-f]{32}$")
 COPY_CHUNK = 1024 * 1024
 

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from models.card import ModelCard
 from models.store import DEFAULT_MODEL_TAG, StoredModel
 from serving.predictions import Prediction, TrustEvidence, to_prediction
+from slides.outputs import GEOJSON, OVERLAY, SUMMARY
 from slides.reader import Slide, SlideInfo
 from slides.tissue import tissue_fraction, tissue_mask
 
@@ -67,6 +68,7 @@ class SlideAnalysis:
     mask: np.ndarray  # tissue, on the low-resolution view
     mask_downsample: float  # level-0 pixels per mask pixel
     tiles: list[TileAnswer]
+    thumbnail: np.ndarray  # the low-resolution view the mask was found on (the overlay's background)
 
 
 def tile_size_for(card: ModelCard, info: SlideInfo, requested: int | None = None) -> int:
@@ -138,7 +140,7 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
                 evidence = TrustEvidence(quality, float(score), ood.threshold)
                 prediction = to_prediction(row, card.class_names, card.abstain_threshold, stored.tag, evidence)
                 answers.append(TileAnswer(x, y, tile_size, share, prediction))
-    return SlideAnalysis(info, stored.tag, card.class_names, tile_size, level, mask, downsample, answers)
+    return SlideAnalysis(info, stored.tag, card.class_names, tile_size, level, mask, downsample, answers, view)
 
 
 def _label(prediction: Prediction) -> str:
@@ -200,9 +202,9 @@ def summary(analysis: SlideAnalysis, cancer_classes: list[str], most: int = 5) -
     }
 
 
-def overlay(analysis: SlideAnalysis, thumbnail: np.ndarray) -> Image.Image:
+def overlay(analysis: SlideAnalysis) -> Image.Image:
     """The thumbnail with each tile filled in its class colour (uncertain: grey), half transparent."""
-    base = Image.fromarray(thumbnail).convert("RGBA")
+    base = Image.fromarray(analysis.thumbnail).convert("RGBA")
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     scale = base.width / analysis.info.width
@@ -214,13 +216,14 @@ def overlay(analysis: SlideAnalysis, thumbnail: np.ndarray) -> Image.Image:
     return Image.alpha_composite(base, layer).convert("RGB")
 
 
-def write(analysis: SlideAnalysis, out: Path, thumbnail: np.ndarray, cancer_classes: list[str]) -> dict[str, Path]:
+def write(analysis: SlideAnalysis, out: Path, cancer_classes: list[str]) -> dict[str, object]:
+    """Write the GeoJSON, the overlay and the summary into `out`; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {"geojson": out / "analysis.geojson", "overlay": out / "overlay.png", "summary": out / "summary.json"}
-    files["geojson"].write_text(json.dumps(geojson(analysis)))
-    overlay(analysis, thumbnail).save(files["overlay"])
-    files["summary"].write_text(json.dumps(summary(analysis, cancer_classes), indent=1))
-    return files
+    (out / GEOJSON).write_text(json.dumps(geojson(analysis)))
+    overlay(analysis).save(out / OVERLAY)
+    facts = summary(analysis, cancer_classes)
+    (out / SUMMARY).write_text(json.dumps(facts, indent=1))
+    return facts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,12 +243,10 @@ def main(argv: list[str] | None = None) -> None:
 
     stored = load_model(args.model)
     analysis = analyze(args.slide, stored, args.tile_size, args.min_tissue)
-    with Slide(args.slide) as slide:
-        thumbnail = slide.thumbnail(MASK_LONGEST_SIDE)
-    cancer = stored.card.abstention.cancer_classes
-    files = write(analysis, args.out, thumbnail, cancer)
-    # The summary is this command's result: stdout, for scripts.
-    sys.stdout.write(json.dumps({name: str(path) for name, path in files.items()}) + "\n")
+    write(analysis, args.out, stored.card.abstention.cancer_classes)
+    # Where the outputs are is this command's result: stdout, for scripts.
+    files = {"geojson": GEOJSON, "overlay": OVERLAY, "summary": SUMMARY}
+    sys.stdout.write(json.dumps({key: str(args.out / name) for key, name in files.items()}) + "\n")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ def test_geojson_and_summary_from_an_analysis_in_memory():
 
     info = SlideInfo(30, 10, ((30, 10),), (1.0,), None, None)
     analysis = SlideAnalysis(info, "m:1", ["a", "n", "s"], 10, 0, np.ones((10, 30), bool), 1.0,
-                             [answer(0, "a", 0.9, False), answer(10, "n", 0.8, False), answer(20, "s", 0.4, True)])
+                             [answer(0, "a", 0.9, False), answer(10, "n", 0.8, False), answer(20, "s", 0.4, True)],
+                             np.full((10, 30, 3), 200, np.uint8))
     names = [f["properties"]["classification"]["name"] for f in geojson(analysis)["features"]]
     assert names == ["a", "n", UNCERTAIN]
     facts = summary(analysis, ["a", "s"])
