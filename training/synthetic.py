@@ -415,6 +415,11 @@ def render_tile(class_name: str, size: int, seed: int) -> Image.Image:
     return _render(Recipe(class_name), size, seed, EASY)[0]
 
 
+def render_recipe(recipe: Recipe, size: int, seed: int, difficulty: Difficulty) -> Image.Image:
+    """The RGB tile a recipe describes, fully determined by `seed` (the synthetic slides draw with it)."""
+    return _render(recipe, size, seed, difficulty)[0]
+
+
 def _render(recipe: Recipe, size: int, seed: int, difficulty: Difficulty) -> tuple[Image.Image, Appearance]:
     """The tile a recipe describes, and the appearance it was drawn with."""
     rng = np.random.default_rng(seed)
