@@ -14,6 +14,7 @@ Run it with `make serve`, or `bentoml serve` from this folder.
 
 import asyncio
 import base64
+import io
 import logging
 import shutil
 import threading
@@ -64,6 +65,7 @@ from serving.server_options import server_options
 from serving.settings import load_settings
 from serving.slide_store import SLIDE_FILE, SlideStore
 from slides.outputs import OUTPUT_FILES
+from slides.reader import NotASlideError, SlideError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,21 +119,58 @@ SLIDES = SlideStore(SETTINGS.slide_dir, SETTINGS.slide_ttl_s, SETTINGS.slide_roo
 @answers_problems
 async def _upload_slide(request: Request) -> Response:
     """POST /slides: stream a whole-slide image to disk (multipart `file`); answers its `slide_id`."""
-    from slides.reader import Slide, SlideError
+    from slides.analyze import check_readable
 
     slide_id = await SLIDES.receive(request, SETTINGS.max_slide_bytes)
     folder = SLIDES.folder_of(slide_id)
-
-    def check() -> None:  # a slide OpenSlide opens, or a plain image under its cap: nothing else is kept
-        with Slide(folder / SLIDE_FILE):
-            pass
-
-    try:
-        await asyncio.to_thread(check)
+    try:  # only a slide inside the caps whose overview reads is kept
+        await asyncio.to_thread(check_readable, folder / SLIDE_FILE)
     except SlideError as exc:
         shutil.rmtree(folder, ignore_errors=True)
-        raise Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"not a slide: {exc}") from None
+        raise _slide_problem(exc) from None
     return JSONResponse({"slide_id": slide_id}, status_code=HTTPStatus.CREATED)
+
+
+def _slide_problem(error: SlideError) -> Problem:
+    """415 for a file that is no slide; 422 for a slide over a cap or damaged."""
+    if isinstance(error, NotASlideError):
+        return Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"not a slide: {error}")
+    return Problem(HTTPStatus.UNPROCESSABLE_ENTITY, f"the slide cannot be analysed: {error}")
+
+
+@answers_problems
+async def _slide_progress(request: Request) -> Response:
+    """GET /slides/{slide_id}/progress: the analysis' state and tiles done of the total."""
+    return JSONResponse(SLIDES.progress(request.path_params["slide_id"]), headers={"Cache-Control": "no-store"})
+
+
+MAX_TILE_VIEW = 4096  # level-0 pixels a side of a tile shown at full resolution
+
+
+@answers_problems
+async def _slide_tile(request: Request) -> Response:
+    """GET /slides/{slide_id}/tile?x=&y=&size=: a square of the slide at full resolution, as PNG."""
+    from slides.analyze import read_tile
+
+    slide = SLIDES.slide_of(request.path_params["slide_id"])
+    try:
+        x, y, size = (int(request.query_params[key]) for key in ("x", "y", "size"))
+    except (KeyError, ValueError):
+        raise Problem(HTTPStatus.BAD_REQUEST, "give x, y and size as whole level-0 pixels") from None
+    if not 1 <= size <= MAX_TILE_VIEW:
+        raise Problem(HTTPStatus.BAD_REQUEST, f"size is 1-{MAX_TILE_VIEW} pixels")
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        read_tile(slide, x, y, size).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    try:
+        return Response(await asyncio.to_thread(png), media_type="image/png")
+    except SlideError as exc:
+        raise _slide_problem(exc) from None
+    except ValueError as exc:
+        raise Problem(HTTPStatus.BAD_REQUEST, str(exc)) from None
 
 
 @answers_problems
@@ -167,6 +206,8 @@ http_routes = Starlette(
         Route("/model/report", _model_report, methods=["GET"]),
         Route("/model/report/{name}", _model_report, methods=["GET"]),
         Route("/slides", _upload_slide, methods=["POST"]),
+        Route("/slides/{slide_id}/progress", _slide_progress, methods=["GET"]),
+        Route("/slides/{slide_id}/tile", _slide_tile, methods=["GET"]),
         Route("/slides/{slide_id}/{name}", _slide_output, methods=["GET"]),
         # The page's relative links need the trailing slash.
         Route("/ui", lambda request: RedirectResponse("/ui/", status_code=HTTPStatus.PERMANENT_REDIRECT)),
@@ -433,25 +474,33 @@ class Histopathology:
         (`path`, relative): tissue tiles through the same gate, model and OOD score as /predict. The result
         is the summary; GeoJSON and overlay are at GET /slides/{slide_id}/analysis.geojson and overlay.png."""
         from slides.analyze import analyze, write
-        from slides.reader import SlideError
 
         if not 0.0 <= min_tissue <= 1.0 or (tile_size is not None and not 16 <= tile_size <= 16384):
             raise Problem(HTTPStatus.BAD_REQUEST, "min_tissue is a share (0-1) and tile_size 16-16384 pixels")
         slide, outputs = SLIDES.resolve(slide_id, path)
 
-        def run() -> dict[str, Any]:
-            analysis = analyze(slide, self.stored, tile_size, min_tissue)
-            return write(analysis, outputs, self.stored.card.abstention.cancer_classes)
+        def report(done: int, total: int) -> None:
+            SLIDES.write_progress(outputs, "running", done, total)
 
+        def run() -> dict[str, Any]:
+            analysis = analyze(slide, self.stored, tile_size, min_tissue, progress=report)
+            facts = write(analysis, outputs, self.stored.card.abstention.cancer_classes)
+            SLIDES.write_progress(outputs, "done", len(analysis.tiles), len(analysis.tiles))
+            return facts
+
+        SLIDES.write_progress(outputs, "queued")
         try:  # one slide at a time per worker, on a thread of its own: /predict keeps its batcher
             async with self._analysing:
                 summary = await asyncio.get_running_loop().run_in_executor(self._slide_thread, run)
         except SlideError as exc:
-            raise Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(exc)) from None
+            failure = _slide_problem(exc)
         except Exception as exc:  # a task that raises would stay "in progress" for ever
             logger.exception("slide analysis failed")
-            raise Problem(HTTPStatus.INTERNAL_SERVER_ERROR, f"the analysis failed ({type(exc).__name__})") from None
-        return {"slide_id": outputs.name, **summary}
+            failure = Problem(HTTPStatus.INTERNAL_SERVER_ERROR, f"the analysis failed ({type(exc).__name__})")
+        else:
+            return {"slide_id": outputs.name, **summary}
+        SLIDES.write_progress(outputs, "failed", detail=failure.detail)
+        raise failure
 
 
 def _heavy(cost: DecodeCost) -> bool:

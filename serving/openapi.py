@@ -110,6 +110,7 @@ def _model_routes(token_routes: Iterable[str]) -> dict[str, dict]:
 
 def _slide_routes(token_routes: Iterable[str]) -> dict[str, dict]:
     errors = {401: UPLOAD_ERRORS[401]} if "/slides" in token_routes else {}
+    slide_id = {"name": "slide_id", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         "/slides": {"post": {
             "tags": ["Service APIs"], "operationId": "upload_slide",
@@ -123,14 +124,45 @@ def _slide_routes(token_routes: Iterable[str]) -> dict[str, dict]:
                         "content": _content("application/json", {"type": "object", "required": ["slide_id"],
                                                                  "properties": {"slide_id": {"type": "string"}}})},
                 **_problem_responses({**errors, 400: UPLOAD_ERRORS[400], 413: "over HISTO_MAX_SLIDE_BYTES",
-                                      415: "not multipart", 503: UPLOAD_ERRORS[503]}),
+                                      415: "not multipart, or not a slide",
+                                      422: "a slide over a cap (side, stored tile, overview level) or damaged",
+                                      503: UPLOAD_ERRORS[503]}),
+            },
+        }},
+        "/slides/{slide_id}/progress": {"get": {
+            "tags": ["Service APIs"], "operationId": "slide_progress",
+            "description": "The analysis' state (uploaded, queued, running, done, failed) and tiles done of the total.",
+            "parameters": [slide_id],
+            "responses": {
+                "200": {"description": "the state", "content": _content("application/json", {
+                    "type": "object", "required": ["state", "tiles_done", "tiles_total"],
+                    "properties": {"state": {"type": "string",
+                                             "enum": ["uploaded", "queued", "running", "done", "failed"]},
+                                   "tiles_done": {"type": "integer"},
+                                   "tiles_total": {"type": ["integer", "null"]},
+                                   "detail": {"type": "string"}}})},
+                **_problem_responses({**errors, 400: "not a slide id", 404: "no such slide"}),
+            },
+        }},
+        "/slides/{slide_id}/tile": {"get": {
+            "tags": ["Service APIs"], "operationId": "slide_tile",
+            "description": "A square of the slide at full (level-0) resolution, as PNG: a tile to look at or to "
+                           "send to /explain.",
+            "parameters": [slide_id, *({"name": key, "in": "query", "required": True,
+                                        "schema": {"type": "integer", "minimum": minimum}}
+                                       for key, minimum in (("x", 0), ("y", 0), ("size", 1)))],
+            "responses": {
+                "200": {"description": "the tile", "content": {"image/png": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                **_problem_responses({**errors, 400: "not a slide id, or a square not inside the slide",
+                                      404: "no such slide", 422: "the slide is damaged there"}),
             },
         }},
         "/slides/{slide_id}/{name}": {"get": {
             "tags": ["Service APIs"], "operationId": "slide_output",
             "description": "A finished analysis: the QuPath GeoJSON, the overlay PNG or the summary.",
             "parameters": [
-                {"name": "slide_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                slide_id,
                 {"name": "name", "in": "path", "required": True,
                  "schema": {"type": "string", "enum": sorted(OUTPUT_FILES)}},
             ],

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,6 +71,14 @@ class SlideAnalysis:
     thumbnail: np.ndarray  # the low-resolution view the mask was found on (the overlay's background)
 
 
+def check_readable(path: Path) -> SlideInfo:
+    """Open the slide and read the overview its analysis starts from: a slide over a cap, damaged where
+    the overview reads, or no slide at all raises :class:`~slides.reader.SlideError` here, not later."""
+    with Slide(path) as slide:
+        slide.thumbnail(MASK_LONGEST_SIDE)
+        return slide.info
+
+
 def tile_size_for(card: ModelCard, info: SlideInfo, requested: int | None = None) -> int:
     """Level-0 pixels per tile: as requested; else the training images' size from the card, rescaled to
     the slide's pixel size when both declare microns per pixel; else LC25000's 768."""
@@ -109,9 +117,11 @@ def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, input
 
 
 def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
-            min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = 32) -> SlideAnalysis:
+            min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = 32,
+            progress: Callable[[int, int], None] | None = None) -> SlideAnalysis:
     """Classify every tissue tile of the slide at `path` with the stored model, in batches
-    (`tile_size`: level-0 pixels, default from the card; see :func:`tile_size_for`)."""
+    (`tile_size`: level-0 pixels, default from the card; see :func:`tile_size_for`); `progress` is
+    called with (tiles done, tiles to do) once the tissue is found and after every batch."""
     from models.inference import Predictor
     from models.quality import assess_batch
 
@@ -129,6 +139,8 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
         logger.info("%s: %dx%d, tissue %.1f%% of the view, %d tiles of %d px at level %d",
                     path.name, info.width, info.height, 100 * mask.mean(), len(grid), tile_size, level)
         answers: list[TileAnswer] = []
+        if progress:
+            progress(0, len(grid))
         for start in range(0, len(grid), batch_size):
             chunk = grid[start : start + batch_size]
             images = np.stack([_tile_pixels(slide, x, y, level, tile_size, card.input_size) for x, y, _ in chunk])
@@ -140,7 +152,18 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
                 evidence = TrustEvidence(quality, float(score), ood.threshold)
                 prediction = to_prediction(row, card.class_names, card.abstain_threshold, stored.tag, evidence)
                 answers.append(TileAnswer(x, y, tile_size, share, prediction))
+            if progress:
+                progress(len(answers), len(grid))
     return SlideAnalysis(info, stored.tag, card.class_names, tile_size, level, mask, downsample, answers, view)
+
+
+def read_tile(path: Path, x: int, y: int, size: int) -> Image.Image:
+    """The level-0 pixels of a `size`-pixel square at (x, y), which must lie inside the slide."""
+    with Slide(path) as slide:
+        info = slide.info
+        if x < 0 or y < 0 or x + size > info.width or y + size > info.height:
+            raise ValueError(f"the tile ({x}, {y}, {size}) is not inside the {info.width} x {info.height} slide")
+        return slide.region(x, y, 0, size, size)
 
 
 def _label(prediction: Prediction) -> str:

@@ -5,10 +5,17 @@ system package) reads the vendor formats (SVS, NDPI, MRXS, ...) and pyramidal
 TIFF region by region. A plain JPEG, PNG or flat TIFF is read through
 OpenSlide's `ImageSlide`, which does hold it in memory, so it is refused
 above a pixel cap first.
+
+A hostile file can claim what it likes in its header, so before any pixel is
+read a slide must stay inside caps on its side, its TIFF tiles (OpenSlide
+decodes a tile whole) and the level an overview is taken from; the overview
+is read in strips, so it never holds a whole level either. A slide that
+fails while being read (truncated, corrupt) raises :class:`SlideError` too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +23,18 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_MAX_PLAIN_PIXELS = 100_000_000  # a flat image above this must come as a pyramid
+MAX_SIDE = 500_000  # level-0 pixels: a whole 75 mm glass slide at 0.15 um per pixel
+MAX_TILE_SIDE = 8192  # pixels of one stored tile, which OpenSlide decodes whole
+MAX_OVERVIEW_PIXELS = 256_000_000  # the level an overview is read from (in strips); beyond: no usable pyramid
+STRIP_BYTES = 64 * 2**20  # RGBA bytes of one strip of that level
 
 
 class SlideError(ValueError):
-    """The file is not a slide this reader can open, or a plain image over its pixel cap."""
+    """The slide cannot be analysed: over a cap, damaged, or failing while read."""
+
+
+class NotASlideError(SlideError):
+    """The file is neither a slide format OpenSlide reads nor a plain image."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,7 @@ class Slide:
                 with Image.open(path) as image:
                     pixels = image.width * image.height
             except (OSError, Image.DecompressionBombError) as exc:
-                raise SlideError(f"{path.name}: not a slide or an image ({exc})") from None
+                raise NotASlideError(f"{path.name}: not a slide or an image ({exc})") from None
             if pixels > max_plain_pixels:
                 raise SlideError(
                     f"{path.name}: a flat image of {pixels} pixels; over {max_plain_pixels}, send a pyramidal "
@@ -57,6 +72,7 @@ class Slide:
             except openslide.OpenSlideError as exc:
                 raise SlideError(f"{path.name}: {exc}") from None
         properties = self._slide.properties
+        _check_limits(path.name, self._slide.level_dimensions, properties)
         mpp_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
         self.info = SlideInfo(
             width=self._slide.dimensions[0],
@@ -74,13 +90,45 @@ class Slide:
         self._slide.close()
 
     def thumbnail(self, longest_side: int) -> np.ndarray:
-        """The whole slide as RGB uint8, its longest side at most `longest_side` (from the nearest level)."""
-        image = self._slide.get_thumbnail((longest_side, longest_side))
-        return np.asarray(_on_white(image))
+        """The whole slide as RGB uint8, its longest side at most `longest_side`, read from the level
+        nearest above that scale in strips (OpenSlide's own thumbnail reads the whole level at once)."""
+        info = self.info
+        scale = max(1.0, max(info.width, info.height) / longest_side)  # level-0 pixels per thumbnail pixel
+        size = (max(1, round(info.width / scale)), max(1, round(info.height / scale)))
+        level = self._slide.get_best_level_for_downsample(scale)
+        level_width, level_height = info.level_dimensions[level]
+        if level_width * level_height > MAX_OVERVIEW_PIXELS:
+            raise SlideError(f"no pyramid level small enough for an overview (the nearest is {level_width} x "
+                             f"{level_height} pixels; the cap is {MAX_OVERVIEW_PIXELS}): send a pyramidal slide")
+        downsample = info.level_downsamples[level]
+        overview = Image.new("RGB", size, (255, 255, 255))
+        rows_per_strip = max(1, STRIP_BYTES // (4 * level_width * max(1, round(level_height / size[1]))))
+        for top in range(0, size[1], rows_per_strip):  # thumbnail rows [top, bottom) from whole level rows
+            bottom = min(size[1], top + rows_per_strip)
+            first, last = round(top * level_height / size[1]), round(bottom * level_height / size[1])
+            strip = self.region(0, round(first * downsample), level, level_width, max(1, last - first))
+            overview.paste(strip.resize((size[0], bottom - top), Image.Resampling.BOX), (0, top))
+        return np.asarray(overview)
 
     def region(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         """RGB pixels of `level` whose top-left corner is (x, y) in level-0 coordinates."""
-        return _on_white(self._slide.read_region((x, y), level, (width, height)))
+        import openslide
+
+        try:
+            return _on_white(self._slide.read_region((x, y), level, (width, height)))
+        except (openslide.OpenSlideError, OSError) as exc:  # truncated or corrupt data
+            raise SlideError(f"the slide is damaged: {exc}") from None
+
+
+def _check_limits(name: str, level_dimensions: tuple[tuple[int, int], ...], properties: Mapping[str, str]) -> None:
+    """Refuse what no scanner writes before a pixel is decoded: a side or a stored tile over its cap."""
+    width, height = level_dimensions[0]
+    if max(width, height) > MAX_SIDE:
+        raise SlideError(f"{name}: claims {width} x {height} pixels; over {MAX_SIDE} a side, it is no glass slide")
+    for level in range(len(level_dimensions)):
+        tile = [int(properties.get(f"openslide.level[{level}].tile-{side}", 0)) for side in ("width", "height")]
+        if max(tile) > MAX_TILE_SIDE:
+            raise SlideError(f"{name}: level {level} is stored in {tile[0]} x {tile[1]} tiles; over {MAX_TILE_SIDE}")
 
 
 def _on_white(image: Image.Image) -> Image.Image:

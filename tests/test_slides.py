@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -191,10 +193,13 @@ def test_a_slide_uploaded_then_analysed_as_a_task_matches_the_cli(server, refere
     uploaded = httpx.post(f"{server.url}/slides", files={"file": ("grid.tiff", slide_path.read_bytes())}, timeout=60)
     assert uploaded.status_code == 201, uploaded.text
     slide_id = uploaded.json()["slide_id"]
+    progress = f"{server.url}/slides/{slide_id}/progress"
+    assert httpx.get(progress, timeout=10).json() == {"state": "uploaded", "tiles_done": 0, "tiles_total": None}
     submitted = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": slide_id, "tile_size": TILE},
                            timeout=30)
     assert submitted.status_code == 200, submitted.text
     assert _finished(server.url, submitted.json()["task_id"])["status"] == "completed"
+    assert httpx.get(progress, timeout=10).json() == {"state": "done", "tiles_done": 4, "tiles_total": 4}
     result = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": submitted.json()["task_id"]},
                        timeout=30).json()
     assert result["slide_id"] == slide_id and result["tiles_analysed"] == 4
@@ -208,6 +213,19 @@ def test_a_slide_uploaded_then_analysed_as_a_task_matches_the_cli(server, refere
             assert served["measurements"][f"p_{name}"] == pytest.approx(p, abs=1e-3)
     overlay = httpx.get(f"{server.url}/slides/{slide_id}/overlay.png", timeout=30)
     assert overlay.status_code == 200 and overlay.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.service
+def test_a_tile_is_served_at_full_resolution(server, slide_path, tmp_path):
+    level0 = write_pyramidal_tiff(tmp_path / "again.tiff")  # the same pixels as slide_path's
+    uploaded = httpx.post(f"{server.url}/slides", files={"file": ("grid.tiff", slide_path.read_bytes())}, timeout=60)
+    tile_url = f"{server.url}/slides/{uploaded.json()['slide_id']}/tile"
+    answer = httpx.get(tile_url, params={"x": 700, "y": 800, "size": 500}, timeout=30)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(answer.content))), level0[800:1300, 700:1200])
+    for query in ({"x": 0, "y": 0}, {"x": "a", "y": 0, "size": 10}, {"x": 0, "y": 0, "size": 100_000},
+                  {"x": 3 * TILE - 10, "y": 0, "size": 20}, {"x": -1, "y": 0, "size": 20}):
+        assert_problem(httpx.get(tile_url, params=query, timeout=30), 400)
 
 
 @pytest.mark.service
@@ -248,11 +266,57 @@ def test_the_slide_cap_leaves_nothing_and_paths_stay_inside_the_root(slide_serve
     assert not uploads.exists() or not [p for p in uploads.rglob("*") if p.is_file()]  # nothing kept
     ok = httpx.post(f"{url}/analyze_slide/submit", json={"path": "grid.tiff", "tile_size": TILE}, timeout=30).json()
     assert _finished(url, ok["task_id"])["status"] == "completed"
+    # A slide named by path gets an id of its own, for its outputs, its progress and its tiles.
+    slide_id = httpx.get(f"{url}/analyze_slide/get", params={"task_id": ok["task_id"]}, timeout=30).json()["slide_id"]
+    assert len(httpx.get(f"{url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]) == 4
+    assert httpx.get(f"{url}/slides/{slide_id}/progress", timeout=10).json()["state"] == "done"
+    tile = httpx.get(f"{url}/slides/{slide_id}/tile", params={"x": 0, "y": 0, "size": 64}, timeout=30)
+    assert tile.status_code == 200 and Image.open(io.BytesIO(tile.content)).size == (64, 64)
     for path in ("../grid.tiff", "/etc/passwd", "escape.tiff", "http://127.0.0.1:9/x.svs"):
         task = httpx.post(f"{url}/analyze_slide/submit", json={"path": path}, timeout=30).json()
         assert _finished(url, task["task_id"])["status"] == "failed", path
         answer = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30)
         assert answer.status_code in (400, 404), path
+
+
+def tiff_claiming(width: int, height: int, tile: int) -> bytes:
+    """A small, valid-looking tiled RGB TIFF whose header claims `width` x `height` pixels and one level."""
+    count = math.ceil(width / tile) * math.ceil(height / tile)
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, "bits"), (259, 3, 1, 1), (262, 3, 1, 2),
+               (277, 3, 1, 3), (284, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, count, "offsets"),
+               (325, 4, count, "counts")]
+    bits_at = 8 + 2 + 12 * len(entries) + 4
+    offsets_at = bits_at + 6
+    counts_at = offsets_at + 4 * count
+    data_at = counts_at + 4 * count
+    where = {"bits": bits_at, "offsets": offsets_at, "counts": counts_at}
+    out = bytearray(b"II*\x00" + struct.pack("<IH", 8, len(entries)))
+    for tag, kind, n, value in entries:
+        value = where.get(value, value)
+        out += struct.pack("<HHIHH" if kind == 3 and n == 1 else "<HHII", tag, kind, n, *(
+            (value, 0) if kind == 3 and n == 1 else (value,)))
+    out += struct.pack("<I", 0) + struct.pack("<3H", 8, 8, 8)
+    out += struct.pack(f"<{count}I", *[data_at] * count) + struct.pack(f"<{count}I", *[16] * count) + bytes(16)
+    return bytes(out)
+
+
+@pytest.mark.service
+def test_hostile_slides_are_refused_and_leave_nothing(slide_server, slide_path):
+    server, uploads = slide_server
+    truncated = slide_path.read_bytes()[: 900 * 1024]  # under the 1 MiB cap: its smaller levels are cut off
+    hostile = {
+        "truncated.tiff": (truncated, "damaged"),
+        "claims-a-million.tiff": (tiff_claiming(10**6, 10**6, 65536), "claims 1000000 x 1000000"),
+        "huge-tiles.tiff": (tiff_claiming(100_000, 100_000, 16384), "tiles"),
+        "no-pyramid.tiff": (tiff_claiming(40_000, 40_000, 1024), "no pyramid level small enough"),
+    }
+    before = set(uploads.iterdir()) if uploads.exists() else set()
+    for name, (content, why) in hostile.items():
+        answer = httpx.post(f"{server.url}/slides", files={"file": (name, content)}, timeout=60)
+        assert_problem(answer, 422)
+        assert why in answer.json()["detail"], (name, answer.json())
+    assert (set(uploads.iterdir()) if uploads.exists() else set()) == before  # nothing kept
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
 
 
 def test_slides_and_their_outputs_expire(tmp_path):
