@@ -170,10 +170,14 @@ def _label(prediction: Prediction) -> str:
     return UNCERTAIN if prediction.uncertain else prediction.predicted_class
 
 
+def class_colours(class_names: list[str]) -> dict[str, tuple[int, int, int]]:
+    """The RGB colour of every class and of `Uncertain`: one palette for the GeoJSON, the overlay and the page."""
+    return {**{name: PALETTE[i % len(PALETTE)] for i, name in enumerate(class_names)}, UNCERTAIN: GREY}
+
+
 def geojson(analysis: SlideAnalysis) -> dict[str, object]:
     """A GeoJSON FeatureCollection of the tiles (level-0 pixel coordinates), as QuPath imports it."""
-    colours = {name: list(PALETTE[i % len(PALETTE)]) for i, name in enumerate(analysis.class_names)}
-    colours[UNCERTAIN] = list(GREY)
+    colours = class_colours(analysis.class_names)
     features = []
     for tile in analysis.tiles:
         p = tile.prediction
@@ -183,7 +187,7 @@ def geojson(analysis: SlideAnalysis) -> dict[str, object]:
             "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
             "properties": {
                 "objectType": "tile",
-                "classification": {"name": _label(p), "color": colours[_label(p)]},
+                "classification": {"name": _label(p), "color": list(colours[_label(p)])},
                 "predicted_class": p.predicted_class,
                 "uncertain": p.uncertain,
                 "reasons": p.reasons,
@@ -215,6 +219,7 @@ def summary(analysis: SlideAnalysis, cancer_classes: list[str], most: int = 5) -
         "tiles_analysed": len(analysis.tiles),
         "tiles_uncertain": len(analysis.tiles) - len(answered),
         "tiles_per_class": counts,
+        "colours": {name: list(rgb) for name, rgb in class_colours(analysis.class_names).items()},
         "share_of_answered": {name: round(count / len(answered), 4) if answered else 0.0
                               for name, count in counts.items()},
         "most_suspicious": [
@@ -231,9 +236,9 @@ def overlay(analysis: SlideAnalysis) -> Image.Image:
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     scale = base.width / analysis.info.width
-    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(analysis.class_names)}
+    colours = class_colours(analysis.class_names)
     for tile in analysis.tiles:
-        colour = GREY if tile.prediction.uncertain else colours[tile.prediction.predicted_class]
+        colour = colours[_label(tile.prediction)]
         box = [tile.x * scale, tile.y * scale, (tile.x + tile.size) * scale - 1, (tile.y + tile.size) * scale - 1]
         draw.rectangle(box, fill=(*colour, 110), outline=(*colour, 255))
     return Image.alpha_composite(base, layer).convert("RGB")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -141,3 +142,32 @@ def temperature_text(card: object) -> str:
     """What the report says about the card's temperature (fitted, or why none could be)."""
     cal = card.calibration
     return "no temperature can be fitted" if cal.validation_errors == 0 else f"T = {cal.fitted_temperature:.3f}"
+
+
+# A test slide: a 3 x 2 grid of tiles, tissue of each class and two of blank glass.
+GRID_TILE = 768
+GRID_LAYOUT = [["lung_aca", "glass", "lung_scc"], ["lung_n", "lung_aca", "glass"]]
+GRID_MPP = 0.5
+
+
+def grid_tile(name: str, index: int) -> np.ndarray:
+    if name == "glass":
+        return np.full((GRID_TILE, GRID_TILE, 3), 244, np.uint8)
+    return np.asarray(Image.open(io.BytesIO(fresh_tile(name, index))).resize((GRID_TILE, GRID_TILE)))
+
+
+def write_pyramidal_tiff(path: Path) -> np.ndarray:
+    """A tiled, pyramidal (levels 1, 2, 4), deflate-compressed TIFF with its pixel size; returns level 0."""
+    import tifffile
+
+    rows = [np.concatenate([grid_tile(name, 800 + 3 * r + c) for c, name in enumerate(row)], axis=1)
+            for r, row in enumerate(GRID_LAYOUT)]
+    level0 = np.concatenate(rows, axis=0)
+    resolution = (1e4 / GRID_MPP, 1e4 / GRID_MPP)  # pixels per centimetre
+    with tifffile.TiffWriter(path) as tif:
+        for factor in (1, 2, 4):
+            level = np.asarray(Image.fromarray(level0).reduce(factor)) if factor > 1 else level0
+            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
+                      resolution=(resolution[0] / factor, resolution[1] / factor), resolutionunit="CENTIMETER",
+                      subfiletype=1 if factor > 1 else 0)  # reduced-resolution images: OpenSlide's levels
+    return level0

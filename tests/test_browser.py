@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.servers import REPO_ROOT
-from tests.helpers import STRICT_TOKEN, encode, fresh_tile
+from tests.helpers import STRICT_TOKEN, encode, fresh_tile, write_pyramidal_tiff
 
 pytestmark = [pytest.mark.browser, pytest.mark.service]
 
@@ -167,3 +167,50 @@ def test_a_tile_the_model_was_not_trained_for_gets_no_class_but_the_reasons(page
     else:
         expect(notice).to_be_hidden()
         expect(verdict).to_be_visible()
+
+
+def test_a_whole_slide_is_uploaded_analysed_and_mapped(page, reference, tmp_path):
+    from playwright.sync_api import expect
+
+    from slides.analyze import analyze
+
+    slide_file = tmp_path / "grid.tiff"
+    write_pyramidal_tiff(slide_file)
+    expected = analyze(slide_file, reference.stored)  # in-process, with the card's tile size as the page asks
+    enter_token(page)
+    page.set_input_files("#slide-file", slide_file)
+    expect(page.locator("#slide-result")).to_be_visible(timeout=120_000)
+    expect(page.locator("#slide-error")).to_be_hidden()
+    expect(page.locator("#slide-counts")).to_contain_text(f"{len(expected.tiles)} tiles of {expected.tile_size} px")
+    answered = [t.prediction.predicted_class for t in expected.tiles if not t.prediction.uncertain]
+    rows = page.locator("#slide-fractions tbody tr")
+    expect(rows).to_have_count(len(expected.class_names))
+    shown = {row.locator("th").inner_text(): int(row.locator("td").first.inner_text()) for row in rows.all()}
+    assert shown == {name: answered.count(name) for name in expected.class_names}
+    assert page.evaluate("document.getElementById('slide-overlay').naturalWidth") > 0
+    geojson = page.evaluate("async () => (await fetch(document.getElementById('slide-geojson').href)).json()")
+    assert len(geojson["features"]) == len(expected.tiles)
+    suspicious = page.locator("#slide-suspicious button")
+    expect(suspicious).to_have_count(min(5, len(expected.tiles)))
+
+    # The most suspicious tile at full resolution, where it lies on the map, then its Grad-CAM.
+    suspicious.first.click()
+    expect(page.locator("#slide-tile-figure")).to_be_visible()
+    expect(page.locator("#slide-marker")).to_be_visible()
+    expect(page.locator("#slide-tile-heatmap")).to_be_enabled()
+    width = page.evaluate("document.getElementById('slide-tile').naturalWidth")
+    assert width == expected.tile_size
+    page.check("#slide-tile-heatmap")
+    assert page.get_attribute("#slide-tile", "src").startswith("data:image/png;base64,")
+    screenshot(page, "slide")
+
+
+def test_a_file_that_is_no_slide_gets_the_reason(page, tmp_path):
+    from playwright.sync_api import expect
+
+    enter_token(page)
+    notes = tmp_path / "notes.svs"
+    notes.write_text("not a slide")
+    page.set_input_files("#slide-file", notes)
+    expect(page.locator("#slide-error")).to_contain_text("415")
+    expect(page.locator("#slide-result")).to_be_hidden()

@@ -20,35 +20,19 @@ from loadtests.servers import REPO_ROOT
 from slides.analyze import UNCERTAIN, analyze, choose_level, geojson, summary
 from slides.reader import Slide, SlideError
 from slides.tissue import tissue_mask
-from tests.helpers import assert_problem, encode, fresh_tile, serve_tiny_model, wait_until
+from tests.helpers import (
+    GRID_LAYOUT,
+    GRID_MPP,
+    GRID_TILE,
+    assert_problem,
+    encode,
+    grid_tile,
+    serve_tiny_model,
+    wait_until,
+    write_pyramidal_tiff,
+)
 
-TILE = 768
-# A 3 x 2 grid of tiles: tissue of each class and two of blank glass.
-LAYOUT = [["lung_aca", "glass", "lung_scc"], ["lung_n", "lung_aca", "glass"]]
-MPP = 0.5
-
-
-def _tile(name: str, index: int) -> np.ndarray:
-    if name == "glass":
-        return np.full((TILE, TILE, 3), 244, np.uint8)
-    return np.asarray(Image.open(io.BytesIO(fresh_tile(name, index))).resize((TILE, TILE)))
-
-
-def write_pyramidal_tiff(path: Path) -> np.ndarray:
-    """A tiled, pyramidal (levels 1, 2, 4), deflate-compressed TIFF with its pixel size; returns level 0."""
-    import tifffile
-
-    rows = [np.concatenate([_tile(name, 800 + 3 * r + c) for c, name in enumerate(row)], axis=1)
-            for r, row in enumerate(LAYOUT)]
-    level0 = np.concatenate(rows, axis=0)
-    resolution = (1e4 / MPP, 1e4 / MPP)  # pixels per centimetre
-    with tifffile.TiffWriter(path) as tif:
-        for factor in (1, 2, 4):
-            level = np.asarray(Image.fromarray(level0).reduce(factor)) if factor > 1 else level0
-            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
-                      resolution=(resolution[0] / factor, resolution[1] / factor), resolutionunit="CENTIMETER",
-                      subfiletype=1 if factor > 1 else 0)  # reduced-resolution images: OpenSlide's levels
-    return level0
+TILE = GRID_TILE
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +47,7 @@ def test_the_slide_is_read_by_level_with_its_pixel_size(slide_path):
         info = slide.info
         assert (info.width, info.height) == (3 * TILE, 2 * TILE)
         assert info.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
-        assert info.microns_per_pixel == pytest.approx(MPP, rel=1e-3)
+        assert info.microns_per_pixel == pytest.approx(GRID_MPP, rel=1e-3)
         region = np.asarray(slide.region(TILE, 0, 1, 64, 64))  # the glass tile, read at level 1
     assert region.shape == (64, 64, 3) and region.min() >= 240
 
@@ -78,7 +62,7 @@ def test_tissue_mask_finds_tissue_and_not_glass():
 
 def test_a_flat_image_is_read_whole_only_under_its_cap(tmp_path):
     flat = tmp_path / "flat.png"
-    Image.fromarray(_tile("lung_n", 820)).save(flat)
+    Image.fromarray(grid_tile("lung_n", 820)).save(flat)
     with Slide(flat) as slide:
         assert (slide.info.width, slide.info.height) == (TILE, TILE)
     with pytest.raises(SlideError, match="pyramidal"):
@@ -95,7 +79,8 @@ def test_tissue_tiles_are_classified_exactly_as_predict_would(slide_path, refere
     analysis = analyze(slide_path, stored, tile_size=TILE, min_tissue=0.5, batch_size=3)
     level = choose_level(analysis.info, TILE, stored.card.input_size)
     assert analysis.level == level and analysis.info.level_downsamples[level] >= 2  # read small, not level 0
-    tissue = {(c * TILE, r * TILE) for r, row in enumerate(LAYOUT) for c, name in enumerate(row) if name != "glass"}
+    tissue = {(c * TILE, r * TILE) for r, row in enumerate(GRID_LAYOUT) for c, name in enumerate(row)
+              if name != "glass"}
     assert {(t.x, t.y) for t in analysis.tiles} == tissue  # glass never reached the model
     with Slide(slide_path) as slide:
         side = TILE // int(analysis.info.level_downsamples[level])

@@ -1,10 +1,13 @@
 // The web page of the histopathology service: no build step, no dependencies.
-// Talks to the same origin: POST /explain (prediction + Grad-CAM), GET /model (card).
+// Talks to the same origin: POST /explain (prediction + Grad-CAM), GET /model (card), and for whole
+// slides POST /slides, POST /analyze_slide/submit, GET /analyze_slide/status and /get, GET /slides/{id}/...
 "use strict";
 
 const api = new URL("..", window.location.href); // the page lives at /ui/
 const $ = (id) => document.getElementById(id);
 const state = { preview: null, overlay: null, card: null };
+const slide = { id: null, summary: null, tile: null, heatMap: null, urls: [] };
+const POLL_MS = 1000;
 
 const percent = (value) => `${(100 * value).toFixed(1)}%`;
 
@@ -213,6 +216,188 @@ async function openReport(event) {
   window.open(URL.createObjectURL(new Blob([text], { type: "text/plain; charset=utf-8" })), "_blank", "noopener");
 }
 
+// ---- Whole slides: upload, analyse as a BentoML task, show the map ----
+
+function slideError(message) {
+  $("slide-error").textContent = message;
+  $("slide-error").hidden = !message;
+}
+
+function slideStatus(text, done, total) {
+  $("slide-status").textContent = text;
+  const bar = $("slide-progress");
+  if (total) { bar.max = total; bar.value = done; } else { bar.removeAttribute("value"); }
+}
+
+// A blob URL for a resource that may need the token (an <img src> or a download link cannot send it).
+async function blobUrl(path) {
+  const response = await fetch(new URL(path, api), { headers: authHeaders() });
+  if (!response.ok) throw new Error(await problemMessage(response));
+  const url = URL.createObjectURL(await response.blob());
+  slide.urls.push(url);
+  return url;
+}
+
+// XMLHttpRequest, not fetch: only it reports upload progress, which a gigabyte slide needs.
+function uploadSlide(file) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", new URL("slides", api));
+    for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
+    request.upload.onprogress = (event) => {
+      if (event.lengthComputable) {
+        slideStatus(`Uploading ${file.name}: ${percent(event.loaded / event.total)}`, event.loaded, event.total);
+      }
+    };
+    request.onload = () => {
+      const response = new Response(request.responseText, { status: request.status, statusText: request.statusText });
+      if (request.status === 201) resolve(JSON.parse(request.responseText).slide_id);
+      else problemMessage(response).then((message) => reject(new Error(message)));
+    };
+    request.onerror = () => reject(new Error("The service could not be reached."));
+    const form = new FormData();
+    form.append("file", file, file.name);
+    request.send(form);
+  });
+}
+
+async function postJson(path, body) {
+  const response = await fetch(new URL(path, api), {
+    method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json", ...authHeaders() },
+  });
+  if (!response.ok) throw new Error(await problemMessage(response));
+  return response.json();
+}
+
+async function getJson(path) {
+  const response = await fetch(new URL(path, api), { headers: authHeaders() });
+  if (!response.ok) throw new Error(await problemMessage(response));
+  return response.json();
+}
+
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+// Poll the task until it ends; the slide's own progress file says how many tiles are done.
+async function waitForAnalysis(taskId) {
+  for (;;) {
+    const task = await getJson(`analyze_slide/status?task_id=${encodeURIComponent(taskId)}`);
+    if (task.status === "completed") return getJson(`analyze_slide/get?task_id=${encodeURIComponent(taskId)}`);
+    if (task.status === "failed") {
+      const answer = await fetch(new URL(`analyze_slide/get?task_id=${encodeURIComponent(taskId)}`, api),
+        { headers: authHeaders() });
+      throw new Error(await problemMessage(answer));
+    }
+    const progress = await getJson(`slides/${slide.id}/progress`);
+    if (progress.tiles_total) {
+      slideStatus(`Analysing: ${progress.tiles_done} of ${progress.tiles_total} tissue tiles`,
+        progress.tiles_done, progress.tiles_total);
+    } else {
+      slideStatus(progress.state === "running" ? "Finding the tissue…" : "Waiting for the analysis to start…");
+    }
+    await sleep(POLL_MS);
+  }
+}
+
+async function analyseSlide(file) {
+  slideError("");
+  slide.urls.forEach((url) => URL.revokeObjectURL(url));
+  Object.assign(slide, { id: null, summary: null, tile: null, heatMap: null, urls: [] });
+  $("slide-result").hidden = true;
+  $("slide-tile-figure").hidden = true;
+  $("slide-busy").hidden = false;
+  try {
+    slide.id = await uploadSlide(file);
+    slideStatus("Uploaded; starting the analysis…");
+    const task = await postJson("analyze_slide/submit", { slide_id: slide.id });
+    slide.summary = await waitForAnalysis(task.task_id);
+    await showSlide(file.name);
+  } catch (error) {
+    slideError(error.message);
+  } finally {
+    $("slide-busy").hidden = true;
+  }
+}
+
+function rgb(colour) { return `rgb(${colour.join(",")})`; }
+
+async function showSlide(name) {
+  const s = slide.summary;
+  $("slide-overlay").src = await blobUrl(`slides/${slide.id}/overlay.png`);
+  const geojson = $("slide-geojson");
+  geojson.href = await blobUrl(`slides/${slide.id}/analysis.geojson`);
+  geojson.download = `${name.replace(/\.[^.]+$/, "")}.geojson`;
+  $("slide-legend").replaceChildren(...Object.entries(s.colours).map(([label, colour]) => {
+    const item = document.createElement("span");
+    const swatch = document.createElement("i");
+    swatch.style.background = rgb(colour);
+    item.append(swatch, label);
+    return item;
+  }));
+  $("slide-counts").textContent = `${s.slide.width.toLocaleString()} × ${s.slide.height.toLocaleString()} px; ` +
+    `tissue ${percent(s.tissue_share_of_slide)} of the slide; ${s.tiles_analysed} tiles of ${s.tile_size} px ` +
+    `analysed, ${s.tiles_uncertain} uncertain (no class given: refer to a pathologist).`;
+  fillTable($("slide-fractions"), ["class", "tiles", "share"],
+    Object.entries(s.tiles_per_class).map(([label, count]) => [label, String(count),
+      percent(s.share_of_answered[label])]));
+  $("slide-suspicious").replaceChildren(...s.most_suspicious.map((tile) => {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = `${tile.uncertain ? "uncertain" : tile.class}, cancer ${percent(tile.cancer_probability)} ` +
+      `at (${tile.x.toLocaleString()}, ${tile.y.toLocaleString()})`;
+    button.addEventListener("click", () => showSlideTile(tile));
+    item.append(button);
+    return item;
+  }));
+  $("slide-result").hidden = false;
+}
+
+function markTile(tile) {
+  const marker = $("slide-marker");
+  const { width, height } = slide.summary.slide;
+  Object.assign(marker.style, {
+    left: `${(100 * tile.x) / width}%`, top: `${(100 * tile.y) / height}%`,
+    width: `${(100 * tile.size) / width}%`, height: `${(100 * tile.size) / height}%`,
+  });
+  marker.hidden = false;
+}
+
+function showTileImage() {
+  const useHeatMap = $("slide-tile-heatmap").checked && slide.heatMap;
+  $("slide-tile").src = useHeatMap ? slide.heatMap : slide.tile;
+}
+
+// The tile at full resolution, then its Grad-CAM from /explain (the same answer a tile upload gets).
+async function showSlideTile(tile) {
+  slideError("");
+  markTile(tile);
+  $("slide-tile-heatmap").checked = false;
+  $("slide-tile-heatmap").disabled = true;
+  $("slide-tile-explained").textContent = "-";
+  try {
+    const path = `slides/${slide.id}/tile?x=${tile.x}&y=${tile.y}&size=${tile.size}`;
+    const response = await fetch(new URL(path, api), { headers: authHeaders() });
+    if (!response.ok) throw new Error(await problemMessage(response));
+    const pixels = await response.blob();
+    slide.tile = URL.createObjectURL(pixels);
+    slide.urls.push(slide.tile);
+    slide.heatMap = null;
+    $("slide-tile-caption").textContent = `Tile at (${tile.x}, ${tile.y}), ${tile.size} px at full resolution`;
+    $("slide-tile-figure").hidden = false;
+    showTileImage();
+    const form = new FormData();
+    form.append("file", pixels, "tile.png");
+    const explained = await fetch(new URL("explain", api), { method: "POST", body: form, headers: authHeaders() });
+    if (!explained.ok) throw new Error(await problemMessage(explained));
+    const result = await explained.json();
+    slide.heatMap = `data:image/png;base64,${result.overlay_png}`;
+    $("slide-tile-explained").textContent = (result.reasons || []).length ? "no class" : result.explained_class;
+    $("slide-tile-heatmap").disabled = false;
+  } catch (error) {
+    slideError(error.message);
+  }
+}
+
 function setUp() {
   $("token").value = sessionStorage.getItem("histopathology-token") || "";
   $("token").addEventListener("change", () => {
@@ -231,6 +416,8 @@ function setUp() {
   });
   zone.addEventListener("keydown", (event) => { if (event.key === "Enter") $("file").click(); });
   $("report-link").addEventListener("click", openReport);
+  $("slide-file").addEventListener("change", () => { if ($("slide-file").files[0]) analyseSlide($("slide-file").files[0]); });
+  $("slide-tile-heatmap").addEventListener("change", showTileImage);
   loadCard();
 }
 
