@@ -483,7 +483,9 @@ class Histopathology:
             SLIDES.write_progress(outputs, "running", done, total)
 
         def run() -> dict[str, Any]:
-            analysis = analyze(slide, self.stored, tile_size, min_tissue, progress=report)
+            # The served graph taps the OOD features only with the gate on; otherwise analyze traces its own.
+            analysis = analyze(slide, self.stored, tile_size, min_tissue, progress=report,
+                               predictor=self.predictor if SETTINGS.ood_gate else None)
             facts = write(analysis, outputs, self.stored.card.abstention.cancer_classes)
             SLIDES.write_progress(outputs, "done", len(analysis.tiles), len(analysis.tiles))
             return facts

@@ -1,7 +1,8 @@
 """BENCHMARKS.md: the latest numbers of each harness, assembled in one page.
 
 Each harness writes its own section under loadtests/results/ (`make benchmark`
-the HTTP table, `make runtimes` the inference-runtime table) and then calls
+the HTTP table, `make slide-benchmark` whole slides, `make runtimes` the
+inference-runtime table) and then calls
 :func:`write_benchmarks_markdown`, so running one never drops the other's
 latest numbers.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from loadtests.servers import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "loadtests" / "results"
-SECTIONS = ("benchmark.md", "cpu_budget.md", "runtimes.md")  # in page order
+SECTIONS = ("benchmark.md", "cpu_budget.md", "slides.md", "runtimes.md")  # in page order
 BENCHMARKS_PAGE = REPO_ROOT / "BENCHMARKS.md"
 
 

@@ -25,9 +25,12 @@ import json
 import logging
 import math
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -39,11 +42,17 @@ from slides.outputs import GEOJSON, OVERLAY, SUMMARY
 from slides.reader import Slide, SlideInfo
 from slides.tissue import tissue_fraction, tissue_mask
 
+if TYPE_CHECKING:  # TensorFlow loads only when an analysis runs
+    from models.inference import Predictor
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TILE_SIZE = 768  # level-0 pixels: LC25000's tiles are 768x768 crops of slides
 DEFAULT_MIN_TISSUE = 0.5  # share of a tile the tissue mask must cover for it to be analysed
-MASK_LONGEST_SIDE = 2048  # the low-resolution view tissue is found on
+MASK_LONGEST_SIDE = 2048  # the low-resolution view tissue is found on: at most this long,
+MASK_AT_LEAST = 1024  # and a stored level this long or longer is used as it is (about 1.25x on a 40x scan)
+READERS = 2  # threads reading tiles while the model runs
+READ_AHEAD = 3  # batches read ahead of the model
 UNCERTAIN = "Uncertain"
 PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152)]
 GREY = (147, 161, 161)
@@ -75,7 +84,7 @@ def check_readable(path: Path) -> SlideInfo:
     """Open the slide and read the overview its analysis starts from: a slide over a cap, damaged where
     the overview reads, or no slide at all raises :class:`~slides.reader.SlideError` here, not later."""
     with Slide(path) as slide:
-        slide.thumbnail(MASK_LONGEST_SIDE)
+        slide.thumbnail(MASK_LONGEST_SIDE, MASK_AT_LEAST)
         return slide.info
 
 
@@ -118,19 +127,25 @@ def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, input
 
 def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
             min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = 32,
-            progress: Callable[[int, int], None] | None = None) -> SlideAnalysis:
+            progress: Callable[[int, int], None] | None = None, predictor: Predictor | None = None) -> SlideAnalysis:
     """Classify every tissue tile of the slide at `path` with the stored model, in batches
     (`tile_size`: level-0 pixels, default from the card; see :func:`tile_size_for`); `progress` is
-    called with (tiles done, tiles to do) once the tissue is found and after every batch."""
+    called with (tiles done, tiles to do) once the tissue is found and after every batch. `predictor`:
+    the caller's traced model, if it has one with the card's OOD feature layers (saves a trace).
+
+    Tiles are read ahead on READERS threads while the model runs (OpenSlide and PIL release the
+    GIL), so reading and the model overlap instead of taking turns.
+    """
     from models.inference import Predictor
     from models.quality import assess_batch
 
     card = stored.card
     ood = card.out_of_distribution
-    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature, ood.feature_layers)
-    with Slide(path) as slide:
+    predictor = predictor or Predictor(stored.model, card.input_size, card.calibration_temperature,
+                                       ood.feature_layers)
+    with Slide(path) as slide, ThreadPoolExecutor(READERS, thread_name_prefix="slide-read") as readers:
         info = slide.info
-        view = slide.thumbnail(MASK_LONGEST_SIDE)
+        view = slide.thumbnail(MASK_LONGEST_SIDE, MASK_AT_LEAST)
         mask = tissue_mask(view)
         downsample = info.width / view.shape[1]
         tile_size = tile_size_for(card, info, tile_size)
@@ -138,12 +153,19 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
         grid = list(tile_grid(info, mask, downsample, tile_size, min_tissue))
         logger.info("%s: %dx%d, tissue %.1f%% of the view, %d tiles of %d px at level %d",
                     path.name, info.width, info.height, 100 * mask.mean(), len(grid), tile_size, level)
+
+        def read(chunk: list[tuple[int, int, float]]) -> np.ndarray:
+            return np.stack([_tile_pixels(slide, x, y, level, tile_size, card.input_size) for x, y, _ in chunk])
+
+        chunks = [grid[start : start + batch_size] for start in range(0, len(grid), batch_size)]
+        reads = deque(readers.submit(read, chunk) for chunk in chunks[:READ_AHEAD])
         answers: list[TileAnswer] = []
         if progress:
             progress(0, len(grid))
-        for start in range(0, len(grid), batch_size):
-            chunk = grid[start : start + batch_size]
-            images = np.stack([_tile_pixels(slide, x, y, level, tile_size, card.input_size) for x, y, _ in chunk])
+        for number, chunk in enumerate(chunks):
+            images = reads.popleft().result()
+            if number + READ_AHEAD < len(chunks):
+                reads.append(readers.submit(read, chunks[number + READ_AHEAD]))
             outputs = predictor.outputs(images)
             qualities = assess_batch(images, card.quality_gate)
             scores = stored.ood_scorer(outputs.features)

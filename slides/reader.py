@@ -89,13 +89,17 @@ class Slide:
     def __exit__(self, *_: object) -> None:
         self._slide.close()
 
-    def thumbnail(self, longest_side: int) -> np.ndarray:
-        """The whole slide as RGB uint8, its longest side at most `longest_side`, read from the level
-        nearest above that scale in strips (OpenSlide's own thumbnail reads the whole level at once)."""
+    def thumbnail(self, longest_side: int, at_least: int | None = None) -> np.ndarray:
+        """The whole slide as RGB uint8, its longest side at most `longest_side`, read in strips from the
+        level nearest above that scale (OpenSlide's own thumbnail reads the whole level at once). With
+        `at_least`, a stored level whose longest side lies in [at_least, longest_side] is taken as it is
+        (the coarsest such), so no larger level is read only to be shrunk."""
         info = self.info
-        scale = max(1.0, max(info.width, info.height) / longest_side)  # level-0 pixels per thumbnail pixel
+        longest = max(info.width, info.height)
+        stored = [max(size) for size in info.level_dimensions if at_least and at_least <= max(size) <= longest_side]
+        scale = max(1.0, longest / (min(stored) if stored else longest_side))  # level-0 pixels per view pixel
         size = (max(1, round(info.width / scale)), max(1, round(info.height / scale)))
-        level = self._slide.get_best_level_for_downsample(scale)
+        level = self._slide.get_best_level_for_downsample(scale * 1.001)  # a level's downsample is rounded
         level_width, level_height = info.level_dimensions[level]
         if level_width * level_height > MAX_OVERVIEW_PIXELS:
             raise SlideError(f"no pyramid level small enough for an overview (the nearest is {level_width} x "

@@ -3,28 +3,37 @@
 As HistoQC and TIAToolbox do it: a pixel is tissue when it is darker than
 glass (grey < 0.9 of white) and coloured (the spread of its RGB values above
 10), then specks are removed and small holes filled with a morphological
-opening and closing (PIL's min and max filters, no SciPy in serving).
+opening and closing (a 3 x 3 square, in NumPy: no SciPy in serving).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageFilter
 
 GREY_BELOW = 0.9 * 255
 SPREAD_ABOVE = 10
 SPECK_FILTER = 3  # px of the low-resolution mask: opening and closing with this square
 
 
+def _shifted(mask: np.ndarray, reduce: np.ufunc, pad_value: bool) -> np.ndarray:
+    """`reduce` (AND: erosion, OR: dilation) over the SPECK_FILTER x SPECK_FILTER square around each pixel."""
+    reach = SPECK_FILTER // 2
+    padded = np.pad(mask, reach, constant_values=pad_value)
+    height, width = mask.shape
+    out = padded[reach : reach + height, reach : reach + width].copy()
+    for dy in range(SPECK_FILTER):
+        for dx in range(SPECK_FILTER):
+            reduce(out, padded[dy : dy + height, dx : dx + width], out=out)
+    return out
+
+
 def tissue_mask(rgb: np.ndarray, grey_below: float = GREY_BELOW, spread_above: float = SPREAD_ABOVE) -> np.ndarray:
     """Boolean (H, W) mask of tissue in an RGB uint8 image."""
-    pixels = rgb.astype(np.float32)
-    grey = pixels.mean(axis=2)
-    spread = pixels.max(axis=2) - pixels.min(axis=2)
-    raw = Image.fromarray(((grey < grey_below) & (spread > spread_above)).astype(np.uint8) * 255)
-    opened = raw.filter(ImageFilter.MinFilter(SPECK_FILTER)).filter(ImageFilter.MaxFilter(SPECK_FILTER))
-    closed = opened.filter(ImageFilter.MaxFilter(SPECK_FILTER)).filter(ImageFilter.MinFilter(SPECK_FILTER))
-    return np.asarray(closed) > 127
+    grey_sum = rgb.sum(axis=2, dtype=np.uint16)  # integer sums: a 2048-pixel view in milliseconds
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    raw = (grey_sum < 3 * grey_below) & (spread > spread_above)
+    opened = _shifted(_shifted(raw, np.logical_and, True), np.logical_or, False)
+    return _shifted(_shifted(opened, np.logical_or, False), np.logical_and, True)
 
 
 def tissue_fraction(mask: np.ndarray, box: tuple[int, int, int, int]) -> float:

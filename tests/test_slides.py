@@ -118,8 +118,9 @@ def test_cli_writes_qupath_geojson_an_overlay_and_a_summary(slide_path, tiny_mod
     assert facts["tiles_analysed"] == 4
     assert sum(facts["tiles_per_class"].values()) + facts["tiles_uncertain"] == 4
     assert 0.5 < facts["tissue_share_of_slide"] < 0.8  # four of six tiles are tissue
-    with Image.open(out / "overlay.png") as overlay:
-        assert overlay.size[0] == 2048 and overlay.size[1] == round(2048 * 2 / 3)
+    with Slide(slide_path) as slide, Image.open(out / "overlay.png") as overlay:
+        # The overview: the coarsest stored level at least 1024 px long (level 1 here), read as it is.
+        assert overlay.size == slide.info.level_dimensions[1] == (1152, 768)
 
 
 def test_geojson_and_summary_from_an_analysis_in_memory():
