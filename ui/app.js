@@ -391,7 +391,8 @@ async function showSlideTile(tile) {
     if (!explained.ok) throw new Error(await problemMessage(explained));
     const result = await explained.json();
     slide.heatMap = `data:image/png;base64,${result.overlay_png}`;
-    $("slide-tile-explained").textContent = (result.reasons || []).length ? "no class" : result.explained_class;
+    const outOfScope = (result.reasons || []).some((reason) => reason !== "low_confidence");
+    $("slide-tile-explained").textContent = outOfScope ? "no class: out of scope at full resolution" : result.explained_class;
     $("slide-tile-heatmap").disabled = false;
   } catch (error) {
     slideError(error.message);
