@@ -31,7 +31,7 @@ USERS ?= 32
 SPAWN_RATE ?= 8
 DURATION ?= 30s
 
-.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark cpu-budget slide-benchmark runtimes loadtest resilience clean
+.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark cpu-budget slide-benchmark decoders runtimes loadtest resilience clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -108,6 +108,9 @@ cpu-budget: model ## where a request's CPU goes: py-spy samples of every worker 
 
 slide-benchmark: model ## whole slides: accuracy on a synthetic slide with ground truth, tiles/s vs /predict, /predict under slides, memory on a 1 GB slide; writes BENCHMARKS.md
 	$(PY) -m loadtests.slide_bench --model $(MODEL_NAME):latest
+
+decoders: model ## JPEG decoders (Pillow with DCT scaling, simplejpeg) for the model input: agreement, CPU, end-to-end bound, decision; writes BENCHMARKS.md
+	$(PY) -m loadtests.decoders --model $(MODEL_NAME):latest
 
 runtimes: model ## the model under LiteRT, ONNX Runtime and OpenVINO vs TensorFlow: agreement, images/s, decision
 	$(PY) -m loadtests.runtimes --model $(MODEL_NAME):latest

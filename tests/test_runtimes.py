@@ -52,17 +52,33 @@ def test_every_runtime_converts_the_served_graph_and_agrees_with_tensorflow(tiny
         assert (row["artifact_bytes"] > 0) == (runtime != "tensorflow"), runtime
 
 
-def test_decision_bounds_the_end_to_end_gain_by_the_worker_pipeline():
+def test_decision_bounds_the_end_to_end_gain_by_the_service_cpu_per_request():
     # decode 5 ms; TensorFlow 200 img/s = 5 ms per image; a runtime at 1000 img/s = 1 ms:
     # the model is 5x faster, the worker pipeline (10 ms -> 6 ms) only 1.67x.
     results = [_result("tensorflow", 200), _result("onnxruntime", 1000), _result("openvino", 400)]
     decision = decide(results, decode_ms=5.0)
     assert decision.best_runtime == "onnxruntime"
     assert decision.model_gain == pytest.approx(5.0)
-    assert decision.pipeline_gain == pytest.approx(10 / 6)
+    assert decision.pipeline_gain == decision.end_to_end_gain == pytest.approx(10 / 6)  # no benchmark: the pipeline
     assert decision.adopt
-    # The same runtime next to a slow decode no longer clears 1.5x.
-    assert not decide(results, decode_ms=20.0).adopt
+    # A service spending 20 core-ms per request saves the same 4 ms: 20 / 16 = 1.25x, just enough;
+    # at 30 core-ms it is 1.15x, not enough.
+    assert decide(results, decode_ms=5.0, request_core_ms=20.0).end_to_end_gain == pytest.approx(1.25)
+    assert decide(results, decode_ms=5.0, request_core_ms=20.0).adopt
+    assert not decide(results, decode_ms=5.0, request_core_ms=30.0).adopt
+
+
+def test_the_end_to_end_base_is_read_from_the_latest_benchmark(tmp_path):
+    from loadtests.runtimes import service_core_ms
+
+    record = tmp_path / "benchmark.json"
+    assert service_core_ms(record) is None
+    row = {"concurrency": 32, "requests_per_second": 400.0, "client_cpu_share": 0.2}
+    record.write_text(json.dumps({"bounds": {"cores": 2}, "rows": [
+        {"target": "service (batching off)", **row, "requests_per_second": 100.0},
+        {"target": "service (defaults: batching, 1 worker per CPU)", **row},
+    ]}))
+    assert service_core_ms(record) == pytest.approx(2 * 0.8 * 1000 / 400)  # 4 core-ms per request
 
 
 def test_a_runtime_that_disagrees_is_never_chosen():
