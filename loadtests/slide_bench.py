@@ -190,7 +190,7 @@ def measure(model_tag: str, size: int, seed: int, seconds: float) -> Measured:
                 big = analyse(server.url, raw_id)
         finally:
             stop_server(server)
-    scored = score(SlideTruth.load(truth_path(compressed)), alone.geojson, alone.summary["tile_size"])
+    scored = score(SlideTruth.load(truth_path(compressed)), alone.geojson, alone.summary["grid"]["tile_size"])
     return Measured(stored.tag, stored.card.metrics.accuracy, compressed, raw.stat().st_size, predict_alone, alone,
                     scored, under_load, tiles_under_load, upload_s, big.seconds, memory.start_mb, memory.peak_mb)
 

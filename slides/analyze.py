@@ -15,7 +15,7 @@ view) never reaches the model. Writes:
 * `summary.json`: the slide, the tissue found, tiles per class and their
   share of the answered tissue, the uncertain tiles, the most suspicious.
 
-    python -m slides.analyze SLIDE --out DIR [--model TAG] [--tile-size 768]
+    python -m slides.analyze SLIDE [SLIDE ...] --out DIR [--model TAG] [--tile-size 768]
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from models.card import ModelCard
 from models.store import DEFAULT_MODEL_TAG, StoredModel
 from serving.predictions import Prediction, TrustEvidence, to_prediction
 from slides.outputs import GEOJSON, OVERLAY, SUMMARY
-from slides.reader import Slide, SlideInfo
-from slides.tissue import tissue_fraction, tissue_mask
+from slides.reader import Slide, SlideError, SlideInfo
+from slides.tissue import outline, tissue_fraction, tissue_mask
 
 if TYPE_CHECKING:  # TensorFlow loads only when an analysis runs
     from models.inference import Predictor
@@ -56,6 +56,7 @@ READ_AHEAD = 3  # batches read ahead of the model
 UNCERTAIN = "Uncertain"
 PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152)]
 GREY = (147, 161, 161)
+TISSUE_OUTLINE = (20, 20, 20)
 
 
 @dataclass(frozen=True)
@@ -224,10 +225,31 @@ def geojson(analysis: SlideAnalysis) -> dict[str, object]:
     return {"type": "FeatureCollection", "features": features}
 
 
+def tile_columns(analysis: SlideAnalysis) -> dict[str, list]:
+    """Every analysed tile as compact columns (one list per field, not an object per tile): its place on
+    the grid, its label (a class or `Uncertain`), the top class and its confidence, tissue share, flags."""
+    tiles, size = analysis.tiles, analysis.tile_size
+    return {
+        "column": [t.x // size for t in tiles],
+        "row": [t.y // size for t in tiles],
+        "label": [_label(t.prediction) for t in tiles],
+        "predicted_class": [t.prediction.predicted_class for t in tiles],
+        "confidence": [round(t.prediction.confidence, 4) for t in tiles],
+        "tissue_fraction": [round(t.tissue_fraction, 3) for t in tiles],
+        "flags": [",".join(t.prediction.reasons) for t in tiles],
+    }
+
+
 def summary(analysis: SlideAnalysis, cancer_classes: list[str], most: int = 5) -> dict[str, object]:
-    """Tiles per class and their share of the answered tissue tiles; the uncertain; the most suspicious."""
+    """The grid, tiles per class and their share of the answered tiles and of the tissue's area, the
+    uncertain and flagged counts, the most suspicious tiles, and every tile as compact columns."""
     answered = [t for t in analysis.tiles if not t.prediction.uncertain]
     counts = {name: sum(t.prediction.predicted_class == name for t in answered) for name in analysis.class_names}
+    tissue = sum(t.tissue_fraction for t in analysis.tiles)
+    area = {label: sum(t.tissue_fraction for t in analysis.tiles if _label(t.prediction) == label)
+            for label in [*analysis.class_names, UNCERTAIN]}
+    flags = sorted({reason for t in analysis.tiles for reason in t.prediction.reasons})
+    size = analysis.tile_size
 
     def suspicion(tile: TileAnswer) -> float:
         return max((tile.prediction.probabilities[name] for name in cancer_classes), default=0.0)
@@ -235,25 +257,29 @@ def summary(analysis: SlideAnalysis, cancer_classes: list[str], most: int = 5) -
     return {
         "slide": asdict(analysis.info),
         "model": analysis.model,
-        "tile_size": analysis.tile_size,
-        "level": analysis.level,
+        "grid": {"origin": [0, 0], "tile_size": size, "columns": analysis.info.width // size,
+                 "rows": analysis.info.height // size, "level": analysis.level},
         "tissue_share_of_slide": round(float(analysis.mask.mean()), 4),
         "tiles_analysed": len(analysis.tiles),
         "tiles_uncertain": len(analysis.tiles) - len(answered),
+        "tiles_flagged": {reason: sum(reason in t.prediction.reasons for t in analysis.tiles) for reason in flags},
         "tiles_per_class": counts,
-        "colours": {name: list(rgb) for name, rgb in class_colours(analysis.class_names).items()},
         "share_of_answered": {name: round(count / len(answered), 4) if answered else 0.0
                               for name, count in counts.items()},
+        "tissue_area_fraction": {label: round(value / tissue, 4) if tissue else 0.0 for label, value in area.items()},
+        "colours": {name: list(rgb) for name, rgb in class_colours(analysis.class_names).items()},
         "most_suspicious": [
             {"x": t.x, "y": t.y, "size": t.size, "class": t.prediction.predicted_class,
              "cancer_probability": round(suspicion(t), 4), "uncertain": t.prediction.uncertain}
             for t in sorted(analysis.tiles, key=suspicion, reverse=True)[:most]
         ],
+        "tiles": tile_columns(analysis),
     }
 
 
 def overlay(analysis: SlideAnalysis) -> Image.Image:
-    """The thumbnail with each tile filled in its class colour (uncertain: grey), half transparent."""
+    """The thumbnail with each tile filled in its class colour (uncertain: grey), half transparent, and
+    the tissue found outlined."""
     base = Image.fromarray(analysis.thumbnail).convert("RGBA")
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -263,7 +289,9 @@ def overlay(analysis: SlideAnalysis) -> Image.Image:
         colour = colours[_label(tile.prediction)]
         box = [tile.x * scale, tile.y * scale, (tile.x + tile.size) * scale - 1, (tile.y + tile.size) * scale - 1]
         draw.rectangle(box, fill=(*colour, 110), outline=(*colour, 255))
-    return Image.alpha_composite(base, layer).convert("RGB")
+    image = np.array(Image.alpha_composite(base, layer).convert("RGB"))
+    image[outline(analysis.mask)] = TISSUE_OUTLINE  # the mask was found on this very view: same pixels
+    return Image.fromarray(image)
 
 
 def write(analysis: SlideAnalysis, out: Path, cancer_classes: list[str]) -> dict[str, object]:
@@ -276,11 +304,25 @@ def write(analysis: SlideAnalysis, out: Path, cancer_classes: list[str]) -> dict
     return facts
 
 
+def _progress_bar(name: str) -> Callable[[int, int], None]:
+    """A one-line progress bar on stderr (the CLI's; stdout is for the output paths)."""
+    def show(done: int, total: int) -> None:
+        filled = round(30 * done / total) if total else 30
+        sys.stderr.write(f"\r{name}: [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} tiles")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slides.analyze", description=__doc__.splitlines()[0])
-    parser.add_argument("slide", type=Path, help="a whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF, ...)")
+    parser.add_argument("slides", type=Path, nargs="+",
+                        help="whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, ...)")
     parser.add_argument("--out", type=Path, required=True,
-                        help="folder for analysis.geojson, overlay.png and summary.json")
+                        help="folder for analysis.geojson, overlay.png and summary.json; with several slides, "
+                        "one sub-folder per slide, named after it")
     parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--tile-size", type=int, default=None,
                         help="tile side in level-0 pixels (default: the training images' size from the model card, "
@@ -289,14 +331,33 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of a tile that must be tissue for it to be analysed (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from models.inference import Predictor
     from models.store import load_model
 
     stored = load_model(args.model)
-    analysis = analyze(args.slide, stored, args.tile_size, args.min_tissue)
-    write(analysis, args.out, stored.card.abstention.cancer_classes)
-    # Where the outputs are is this command's result: stdout, for scripts.
-    files = {"geojson": GEOJSON, "overlay": OVERLAY, "summary": SUMMARY}
-    sys.stdout.write(json.dumps({key: str(args.out / name) for key, name in files.items()}) + "\n")
+    card = stored.card
+    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature,
+                          card.out_of_distribution.feature_layers)  # traced once for every slide
+    names = [slide.stem for slide in args.slides]
+    if len(set(names)) != len(names):
+        parser.error("several slides share a name: their output folders would collide")
+    failed = 0
+    for slide in args.slides:
+        out = args.out / slide.stem if len(args.slides) > 1 else args.out
+        try:
+            analysis = analyze(slide, stored, args.tile_size, args.min_tissue, progress=_progress_bar(slide.name),
+                               predictor=predictor)
+        except (SlideError, OSError) as exc:  # one bad slide does not stop the others
+            logger.error("%s: %s", slide, exc)
+            failed += 1
+            continue
+        write(analysis, out, card.abstention.cancer_classes)
+        # Where the outputs are is this command's result: stdout, one JSON line per slide, for scripts.
+        files = {"geojson": GEOJSON, "overlay": OVERLAY, "summary": SUMMARY}
+        sys.stdout.write(json.dumps({"slide": str(slide), **{key: str(out / name) for key, name in files.items()}})
+                         + "\n")
+    if failed:
+        raise SystemExit(f"{failed} of {len(args.slides)} slides could not be analysed")
 
 
 if __name__ == "__main__":

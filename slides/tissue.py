@@ -36,6 +36,11 @@ def tissue_mask(rgb: np.ndarray, grey_below: float = GREY_BELOW, spread_above: f
     return _shifted(_shifted(opened, np.logical_or, False), np.logical_and, True)
 
 
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's boundary: tissue pixels with glass among their neighbours."""
+    return mask & ~_shifted(mask, np.logical_and, True)
+
+
 def tissue_fraction(mask: np.ndarray, box: tuple[int, int, int, int]) -> float:
     """Share of tissue in the mask's (left, top, right, bottom) box; 0 for an empty box."""
     left, top, right, bottom = box

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from loadtests.servers import REPO_ROOT
-from slides.analyze import UNCERTAIN, analyze, choose_level, geojson, summary
+from slides.analyze import TISSUE_OUTLINE, UNCERTAIN, analyze, choose_level, geojson, overlay, summary
 from slides.reader import Slide, SlideError
 from slides.tissue import tissue_mask
 from tests.helpers import (
@@ -102,7 +102,7 @@ def test_cli_writes_qupath_geojson_an_overlay_and_a_summary(slide_path, tiny_mod
         cwd=REPO_ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[-1]).keys() == {"geojson", "overlay", "summary"}
+    assert json.loads(result.stdout.splitlines()[-1]).keys() == {"slide", "geojson", "overlay", "summary"}
     collection = json.loads((out / "analysis.geojson").read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 4
     for feature in collection["features"]:
@@ -121,6 +121,26 @@ def test_cli_writes_qupath_geojson_an_overlay_and_a_summary(slide_path, tiny_mod
     with Slide(slide_path) as slide, Image.open(out / "overlay.png") as overlay:
         # The overview: the coarsest stored level at least 1024 px long (level 1 here), read as it is.
         assert overlay.size == slide.info.level_dimensions[1] == (1152, 768)
+    assert "4/4 tiles" in result.stderr  # the progress bar
+
+
+@pytest.mark.training
+def test_cli_takes_several_slides_and_one_bad_slide_stops_none_of_the_others(slide_path, tiny_model_tag, tmp_path):
+    second = tmp_path / "second.tiff"
+    second.write_bytes(slide_path.read_bytes())
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "slides.analyze", str(slide_path), str(broken), str(second), "--out", str(out),
+         "--model", tiny_model_tag, "--tile-size", str(TILE)],
+        cwd=REPO_ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode != 0 and "1 of 3 slides could not be analysed" in result.stderr
+    assert [json.loads(line)["slide"] for line in result.stdout.splitlines()] == [str(slide_path), str(second)]
+    first = json.loads((out / slide_path.stem / "analysis.geojson").read_text())
+    assert first == json.loads((out / "second" / "analysis.geojson").read_text())  # the same pixels, the same map
+    assert not (out / "broken").exists()
 
 
 def test_geojson_and_summary_from_an_analysis_in_memory():
@@ -132,24 +152,37 @@ def test_geojson_and_summary_from_an_analysis_in_memory():
     quality = QualityReport(passed=True, failed_checks=[], background_fraction=0.0, stain_fraction=1.0,
                             stain_distance=1.0, saturation=0.3, focus=900.0)
 
-    def answer(x: int, cls: str, p: float, uncertain: bool) -> TileAnswer:
+    def answer(x: int, cls: str, p: float, uncertain: bool, tissue: float = 1.0) -> TileAnswer:
         others = [c for c in ("a", "n", "s") if c != cls]
         probabilities = {cls: p, others[0]: (1 - p) / 2, others[1]: (1 - p) / 2}
         prediction = Prediction(predicted_class=cls, confidence=p, probabilities=probabilities, uncertain=uncertain,
                                 reasons=["low_confidence"] if uncertain else [], out_of_distribution=False,
                                 ood_score=1.0, ood_threshold=2.0, quality=quality, model="m:1")
-        return TileAnswer(x, 0, 10, 1.0, prediction)
+        return TileAnswer(x, 0, 10, tissue, prediction)
 
     info = SlideInfo(30, 10, ((30, 10),), (1.0,), None, None)
-    analysis = SlideAnalysis(info, "m:1", ["a", "n", "s"], 10, 0, np.ones((10, 30), bool), 1.0,
-                             [answer(0, "a", 0.9, False), answer(10, "n", 0.8, False), answer(20, "s", 0.4, True)],
+    mask = np.ones((10, 30), bool)
+    mask[:, 25:] = False  # glass at the right edge
+    analysis = SlideAnalysis(info, "m:1", ["a", "n", "s"], 10, 0, mask, 1.0,
+                             [answer(0, "a", 0.9, False), answer(10, "n", 0.8, False, 0.5),
+                              answer(20, "s", 0.4, True, 0.5)],
                              np.full((10, 30, 3), 200, np.uint8))
     names = [f["properties"]["classification"]["name"] for f in geojson(analysis)["features"]]
     assert names == ["a", "n", UNCERTAIN]
     facts = summary(analysis, ["a", "s"])
+    assert facts["grid"] == {"origin": [0, 0], "tile_size": 10, "columns": 3, "rows": 1, "level": 0}
     assert facts["tiles_per_class"] == {"a": 1, "n": 1, "s": 0} and facts["tiles_uncertain"] == 1
+    assert facts["tiles_flagged"] == {"low_confidence": 1}
     assert facts["share_of_answered"] == {"a": 0.5, "n": 0.5, "s": 0.0}
+    # Over the tissue's area: the tiles weighted by their tissue share (1, 0.5, 0.5).
+    assert facts["tissue_area_fraction"] == {"a": 0.5, "n": 0.25, "s": 0.0, UNCERTAIN: 0.25}
     assert [t["x"] for t in facts["most_suspicious"]][:1] == [0]  # a at 0.9 is the most suspicious
+    assert facts["tiles"] == {"column": [0, 1, 2], "row": [0, 0, 0], "label": ["a", "n", UNCERTAIN],
+                              "predicted_class": ["a", "n", "s"], "confidence": [0.9, 0.8, 0.4],
+                              "tissue_fraction": [1.0, 0.5, 0.5], "flags": ["", "", "low_confidence"]}
+    drawn = np.asarray(overlay(analysis))
+    assert tuple(drawn[5, 24]) == TISSUE_OUTLINE  # the tissue's edge, next to the glass
+    assert tuple(drawn[5, 12]) != TISSUE_OUTLINE and tuple(drawn[5, 27]) != TISSUE_OUTLINE
 
 
 @pytest.mark.training

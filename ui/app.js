@@ -334,11 +334,14 @@ async function showSlide(name) {
     return item;
   }));
   $("slide-counts").textContent = `${s.slide.width.toLocaleString()} × ${s.slide.height.toLocaleString()} px; ` +
-    `tissue ${percent(s.tissue_share_of_slide)} of the slide; ${s.tiles_analysed} tiles of ${s.tile_size} px ` +
-    `analysed, ${s.tiles_uncertain} uncertain (no class given: refer to a pathologist).`;
-  fillTable($("slide-fractions"), ["class", "tiles", "share"],
+    `tissue ${percent(s.tissue_share_of_slide)} of the slide; ${s.tiles_analysed} tiles of ${s.grid.tile_size} px ` +
+    `analysed, ${s.tiles_uncertain} uncertain (no class given: refer to a pathologist)` +
+    (Object.keys(s.tiles_flagged).length
+      ? `; flagged: ${Object.entries(s.tiles_flagged).map(([why, n]) => `${n} ${why.replaceAll("_", " ")}`).join(", ")}.`
+      : ".");
+  fillTable($("slide-fractions"), ["class", "tiles", "of answered tiles", "of tissue area"],
     Object.entries(s.tiles_per_class).map(([label, count]) => [label, String(count),
-      percent(s.share_of_answered[label])]));
+      percent(s.share_of_answered[label]), percent(s.tissue_area_fraction[label])]));
   $("slide-suspicious").replaceChildren(...s.most_suspicious.map((tile) => {
     const item = document.createElement("li");
     const button = document.createElement("button");
