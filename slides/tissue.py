@@ -36,9 +36,18 @@ def tissue_mask(rgb: np.ndarray, grey_below: float = GREY_BELOW, spread_above: f
     return _shifted(_shifted(opened, np.logical_or, False), np.logical_and, True)
 
 
-def outline(mask: np.ndarray) -> np.ndarray:
-    """The mask's boundary: tissue pixels with glass among their neighbours."""
-    return mask & ~_shifted(mask, np.logical_and, True)
+OUTLINE_SMOOTHING = 4  # closings before the outline is drawn: holes up to ~8 view pixels are not outlined
+
+
+def outline(mask: np.ndarray, smoothing: int = OUTLINE_SMOOTHING) -> np.ndarray:
+    """The tissue's boundary, for drawing: the mask closed `smoothing` times (so the gaps inside tissue,
+    such as alveolar air spaces, are not outlined), then its pixels with glass among their neighbours."""
+    closed = mask
+    for _ in range(smoothing):
+        closed = _shifted(closed, np.logical_or, False)
+    for _ in range(smoothing):
+        closed = _shifted(closed, np.logical_and, True)
+    return closed & ~_shifted(closed, np.logical_and, True)
 
 
 def tissue_fraction(mask: np.ndarray, box: tuple[int, int, int, int]) -> float:
