@@ -298,7 +298,9 @@ def write(analysis: SlideAnalysis, out: Path, cancer_classes: list[str]) -> dict
     """Write the GeoJSON, the overlay and the summary into `out`; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     (out / GEOJSON).write_text(json.dumps(geojson(analysis)))
-    overlay(analysis).save(out / OVERLAY)
+    # Fast deflate: the default level took a third of a 500-tile analysis (0.34-0.48 s against 0.11) for a
+    # file only 9% smaller.
+    overlay(analysis).save(out / OVERLAY, compress_level=1)
     facts = summary(analysis, cancer_classes)
     (out / SUMMARY).write_text(json.dumps(facts, indent=1))
     return facts
