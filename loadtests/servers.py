@@ -62,14 +62,16 @@ def private_home(folder: Path) -> Path:
 
 
 def start_server(
-    target: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 180
+    target: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 180,
+    prefix: tuple[str, ...] = (),
 ) -> RunningServer:
-    """`bentoml serve TARGET` on a free 127.0.0.1 port; returns once `/readyz` answers 200."""
+    """`bentoml serve TARGET` on a free 127.0.0.1 port; returns once `/readyz` answers 200.
+    `prefix`: a command to run it under (e.g. `taskset -c 0`)."""
     port = free_port()
     home = private_home(log_path.parent / "bentoml-home")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            [*prefix, BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO_ROOT,
             env={**os.environ, "BENTOML_HOME": str(home), **(env or {})},
             stdout=log,

@@ -83,3 +83,17 @@ def test_cpu_budget_charges_samples_to_the_innermost_known_part_and_skips_waitin
     assert samples["HTTP server and event loop (uvicorn, httptools, asyncio, Starlette)"] == 2
     assert samples[OTHER] == 1 and unknown == Counter({"main (somewhere.py:1)": 1})
     assert sum(samples.values()) == 13  # the waiting thread is not CPU
+
+
+def test_the_service_starts_one_worker_per_usable_cpu(tiny_model_tag, tmp_path):
+    # No HISTO_WORKERS: the default follows the CPUs the process may use (affinity, cgroup quota).
+    from loadtests.servers import start_server, stop_server, worker_pids
+
+    env = {"HISTO_MODEL_TAG": tiny_model_tag}
+    server = start_server("service:Histopathology", tmp_path / "one-cpu.log", env=env, prefix=("taskset", "-c", "0"))
+    try:
+        assert len(worker_pids(server)) == 1
+        tile = fresh_tile("lung_aca", 751)
+        assert httpx.post(f"{server.url}/predict", files={"file": ("t.jpeg", tile)}, timeout=30).status_code == 200
+    finally:
+        stop_server(server)
