@@ -229,7 +229,8 @@ def _open(data: bytes, fmt: str) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(_BOMB) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error,
+            EOFError) as exc:
         # PIL's messages can name internal objects (<_io.BytesIO object at 0x...>): say it plainly.
         raise CorruptImageError(f"cannot read the {fmt} header: the file is damaged or not really {fmt}") from exc
 
@@ -362,8 +363,10 @@ def finish_decode(prepared: PreparedDecode, deadline: float | None = None) -> np
             raise
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(_BOMB) from exc
-        except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, ZeroDivisionError) as exc:
-            # PIL reports truncation and damaged streams through these; its own message (chained as the
+        except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error, EOFError, IndexError,
+                ZeroDivisionError) as exc:
+            # PIL reports truncation and damaged streams through these (a TIFF tag of the wrong type reaches
+            # its loader as a TypeError: found by the mutation test); its own message (chained as the
             # cause) can name internal objects, so the client gets a plain one.
             raise CorruptImageError(f"cannot decode the {fmt} image: it is truncated or damaged") from exc
     array = np.asarray(resized, dtype=np.uint8)
