@@ -145,6 +145,9 @@ async def _slide_progress(request: Request) -> Response:
 
 
 MAX_TILE_VIEW = 4096  # level-0 pixels a side of a tile shown at full resolution
+# Two tile reads at a time per worker (threads start on first use): a 4,096 px read holds about 64 MB of
+# RGBA, so many requests at once wait their turn (and meet the request deadline) instead of adding up.
+TILE_READERS = ThreadPoolExecutor(2, thread_name_prefix="slide-tile")
 
 
 @answers_problems
@@ -166,7 +169,7 @@ async def _slide_tile(request: Request) -> Response:
         return buffer.getvalue()
 
     try:
-        return Response(await asyncio.to_thread(png), media_type="image/png")
+        return Response(await asyncio.get_running_loop().run_in_executor(TILE_READERS, png), media_type="image/png")
     except SlideError as exc:
         raise _slide_problem(exc) from None
     except ValueError as exc:
