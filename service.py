@@ -121,7 +121,8 @@ async def _upload_slide(request: Request) -> Response:
     """POST /slides: stream a whole-slide image to disk (multipart `file`); answers its `slide_id`."""
     from slides.analyze import check_readable
 
-    slide_id = await SLIDES.receive(request, SETTINGS.max_slide_bytes)
+    slide_id = await SLIDES.receive(request, SETTINGS.max_slide_bytes, SETTINGS.body_idle_timeout_ms / 1000,
+                                    SETTINGS.slide_upload_timeout_s)
     folder = SLIDES.folder_of(slide_id)
     try:  # only a slide inside the caps whose overview reads is kept
         await asyncio.to_thread(check_readable, folder / SLIDE_FILE)

@@ -97,6 +97,7 @@ class Settings:
     slide_root: Path | None  # a server-side folder of slides requests may name by relative path
     max_slide_bytes: int  # a slide upload over this gets 413
     slide_ttl_s: int  # slides and their analyses are removed after this
+    slide_upload_timeout_s: int  # a slide upload may take this long in all (BentoML's timeout is set above it)
     api_token: str | None = field(repr=False)  # when set, model routes need `Authorization: Bearer <token>`
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (default: none)
     sentry_dsn: str | None = field(default=None, repr=False)  # optional error tracking
@@ -157,4 +158,5 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         slide_root=Path(env["HISTO_SLIDE_ROOT"]) if env.get("HISTO_SLIDE_ROOT") else None,
         max_slide_bytes=_read(env, "HISTO_MAX_SLIDE_BYTES", 4 * 1024**3, rule=at_least(MEGABYTE)),
         slide_ttl_s=_read(env, "HISTO_SLIDE_TTL_S", 24 * 3600, rule=at_least(60)),
+        slide_upload_timeout_s=_read(env, "HISTO_SLIDE_UPLOAD_TIMEOUT_S", 3600, rule=at_least(10)),
     )

@@ -9,19 +9,21 @@ beside the slide.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import BinaryIO
 
-from starlette.datastructures import UploadFile
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
-from starlette.types import Message
 
 from serving.problems import Problem
 
@@ -29,7 +31,6 @@ SLIDE_FILE = "slide"  # an uploaded slide, in its folder
 SOURCE_FILE = "source"  # or: the path, relative to the slide root, of the slide the folder's outputs are of
 PROGRESS_FILE = "progress.json"  # the analysis' state, written as it goes (every worker on the host reads it)
 _ID = re.compile(r"^[0-9a-f]{32}$")
-COPY_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -103,42 +104,118 @@ class SlideStore:
                 gone += 1
         return gone
 
-    async def receive(self, request: Request, max_bytes: int) -> str:
+    async def receive(self, request: Request, max_bytes: int, idle_timeout_s: float, total_timeout_s: float) -> str:
         """Stream the multipart `file` part of `request` into a new slide folder; returns its id.
 
-        The body is counted as it arrives: over `max_bytes` the upload stops with 413. Whatever
-        fails, a partial upload leaves nothing behind.
+        The part goes straight to the slide's file as it arrives: Starlette's form parser would spool it
+        to the system temporary folder first (a second copy of gigabytes, on a pod's small /tmp). The
+        body is counted as it arrives: over `max_bytes` the upload stops with 413; a gap of more than
+        `idle_timeout_s` between two chunks, or more than `total_timeout_s` in all, stops it with 408.
+        Whatever ends it early (an error, a refusal, a cancelled request), a partial upload leaves
+        nothing behind.
         """
+        media_type, options = parse_options_header(request.headers.get("content-type", ""))
+        if media_type != b"multipart/form-data":
+            raise Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the slide in `file`")
+        if not options.get(b"boundary"):
+            raise Problem(HTTPStatus.BAD_REQUEST, "multipart/form-data without a boundary")
         self.expire()
         slide_id = secrets.token_hex(16)
         folder = self.folder / slide_id
+        folder.mkdir(parents=True)
+        part = _FilePart(folder / SLIDE_FILE)
+        parser = MultipartParser(options[b"boundary"], part.callbacks())
+        deadline = time.monotonic() + total_timeout_s
         received = 0
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await request.receive()
-            received += len(message.get("body", b""))
-            if received > max_bytes:
-                raise Problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"slide upload over the {max_bytes}-byte cap")
-            return message
-
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "multipart/form-data":
-            raise Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the slide in `file`")
+        complete = False
         try:
-            streamed = Request(request.scope, receive=counted)
-            async with streamed.form(max_files=1, max_fields=0) as form:
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile) or set(form) != {"file"}:
-                    raise Problem(HTTPStatus.BAD_REQUEST, "send one `file` part and nothing else")
-                folder.mkdir(parents=True)
-                with (folder / SLIDE_FILE).open("wb") as out:
-                    while chunk := await upload.read(COPY_CHUNK):
-                        out.write(chunk)
+            more = True
+            while more:
+                left = deadline - time.monotonic()
+                try:
+                    message = await asyncio.wait_for(request.receive(), max(0.0, min(idle_timeout_s, left)))
+                except TimeoutError:
+                    why = f"no data for {idle_timeout_s:g} s" if left > idle_timeout_s else (
+                        f"the upload took longer than {total_timeout_s:g} s")
+                    raise Problem(HTTPStatus.REQUEST_TIMEOUT, f"slide upload stopped: {why}") from None
+                if message["type"] == "http.disconnect":
+                    raise Problem(HTTPStatus.BAD_REQUEST, "the client went away before the upload ended")
+                received += len(message.get("body", b""))
+                if received > max_bytes:
+                    raise Problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"slide upload over the {max_bytes}-byte cap")
+                parser.write(message.get("body", b""))
+                more = message.get("more_body", False)
+            parser.finalize()
+            part.check_complete()
+            complete = True
         except Problem:
-            shutil.rmtree(folder, ignore_errors=True)
             raise
-        except Exception as exc:  # malformed multipart, a client gone mid-body, a full disk
-            shutil.rmtree(folder, ignore_errors=True)
+        except Exception as exc:  # malformed multipart, a full disk
             raise Problem(HTTPStatus.BAD_REQUEST, f"the upload did not complete: {type(exc).__name__}") from None
+        finally:  # also when the request is cancelled (a server timeout, a shutdown)
+            part.close()
+            if not complete:
+                shutil.rmtree(folder, ignore_errors=True)
         return slide_id
+
+
+class _FilePart:
+    """python-multipart callbacks that write the one `file` part straight to `path`; any other part, a
+    second file or a part without a file name is refused (400)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._out: BinaryIO | None = None
+        self._files = 0
+        self._ended = False
+        self._header_field = b""
+        self._header_value = b""
+        self._disposition = b""
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._part_begin, "on_header_field": self._header_field_data,
+            "on_header_value": self._header_value_data, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+            "on_part_end": self._part_end, "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+
+    def _header_field_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_field.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_field = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        self._files += 1
+        if options.get(b"name") != b"file" or not options.get(b"filename") or self._files > 1:
+            raise Problem(HTTPStatus.BAD_REQUEST, "send one `file` part and nothing else")
+        self._out = self.path.open("wb")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        assert self._out is not None  # a part's data only follows its headers
+        self._out.write(data[start:end])
+
+    def _part_end(self) -> None:
+        self.close()
+
+    def _end(self) -> None:
+        self._ended = True
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def check_complete(self) -> None:
+        if not (self._ended and self._files == 1):
+            raise Problem(HTTPStatus.BAD_REQUEST, "send one `file` part and nothing else")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -9,6 +10,8 @@ import os
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -26,6 +29,7 @@ from tests.helpers import (
     GRID_TILE,
     assert_problem,
     encode,
+    fresh_tile,
     grid_tile,
     serve_tiny_model,
     wait_until,
@@ -264,15 +268,18 @@ def test_slide_failures_are_problems_and_a_failed_task_ends(server):
 
 @pytest.fixture(scope="module")
 def slide_server(tiny_model_tag, tmp_path_factory, slide_path):
-    """A 1 MiB slide cap, a slide folder of its own, and a server-side slide root holding the grid."""
+    """A 1 MiB slide cap, a slide folder of its own, a server-side slide root holding the grid, short
+    request and body-idle timeouts."""
     folder = tmp_path_factory.mktemp("slide-server")
     root = folder / "root"
     root.mkdir()
     (root / "grid.tiff").write_bytes(slide_path.read_bytes())
     (root / "escape.tiff").symlink_to(slide_path)  # a link out of the root
+    # A 2 s request deadline made BentoML's own backstop timeout 12 s, which used to cut slide uploads too.
     for running in serve_tiny_model(tiny_model_tag, tmp_path_factory, "slides", HISTO_WORKERS="1",
                                     HISTO_MAX_SLIDE_BYTES=str(1024 * 1024), HISTO_SLIDE_DIR=str(folder / "uploads"),
-                                    HISTO_SLIDE_ROOT=str(root)):
+                                    HISTO_SLIDE_ROOT=str(root), HISTO_REQUEST_TIMEOUT_MS="2000",
+                                    HISTO_BODY_IDLE_TIMEOUT_MS="1500"):
         yield running, folder / "uploads"
 
 
@@ -296,6 +303,93 @@ def test_the_slide_cap_leaves_nothing_and_paths_stay_inside_the_root(slide_serve
         assert _finished(url, task["task_id"])["status"] == "failed", path
         answer = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30)
         assert answer.status_code in (400, 404), path
+
+
+def _trickled_multipart(content: bytes, pieces: int, gap_s: float, stall_s: float = 0.0) -> tuple[object, dict]:
+    """A multipart body with `content` as its `file` part, sent in `pieces` with `gap_s` between them; with
+    `stall_s`, it stops half way, waits that long and ends there."""
+    boundary = "trickled-slide"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="slide.jpeg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    step = math.ceil(len(content) / pieces)
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for index in range(pieces):
+            if stall_s and index == pieces // 2:
+                time.sleep(stall_s)
+                return
+            time.sleep(gap_s)
+            yield content[index * step : (index + 1) * step]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    return body(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.mark.service
+def test_a_slow_slide_upload_finishes_and_a_stalled_one_leaves_nothing(slide_server):
+    server, uploads = slide_server
+    image = fresh_tile("lung_aca", 752)  # a plain image under the pixel cap is a slide too
+    body, headers = _trickled_multipart(image, pieces=28, gap_s=0.5)  # 14 s: past BentoML's old 12 s cut
+    started = time.monotonic()
+    slow = httpx.post(f"{server.url}/slides", content=body, headers=headers, timeout=60)
+    assert slow.status_code == 201, slow.text
+    assert time.monotonic() - started > 12
+    before = set(uploads.iterdir())
+    body, headers = _trickled_multipart(image, pieces=10, gap_s=0.05, stall_s=4)  # stalls past 1.5 s
+    stalled = httpx.post(f"{server.url}/slides", content=body, headers=headers, timeout=60)
+    assert_problem(stalled, 408)
+    assert "no data for 1.5 s" in stalled.json()["detail"]
+    assert set(uploads.iterdir()) == before  # the partial upload is gone
+
+
+async def _chunks(pieces: list[bytes], gap_s: float) -> AsyncIterator[dict]:
+    for index, piece in enumerate(pieces):
+        await asyncio.sleep(gap_s)
+        yield {"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1}
+
+
+def test_a_slide_upload_goes_straight_to_its_folder_within_its_time_limit(tmp_path, monkeypatch):
+    import starlette.formparsers
+    from starlette.requests import Request
+
+    from serving.problems import Problem
+    from serving.slide_store import SLIDE_FILE, SlideStore
+
+    boundary = "b"
+    store = SlideStore(tmp_path / "slides", ttl_s=3600)
+
+    def part(name: str, filename: str | None, content: bytes) -> bytes:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+
+    async def upload(pieces: list[bytes], gap_s: float = 0.0, total_s: float = 10) -> str:
+        scope = {"type": "http", "method": "POST", "path": "/slides",
+                 "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]}
+        messages = _chunks([*pieces, f"--{boundary}--\r\n".encode()], gap_s)
+        request = Request(scope, receive=messages.__anext__)
+        return await store.receive(request, 10**6, idle_timeout_s=1, total_timeout_s=total_s)
+
+    def no_spooling(*_: object, **__: object) -> None:
+        raise AssertionError("the slide was spooled to the temporary folder")
+
+    # Starlette's form parser spools a file part to the system temporary folder: a pod's small /tmp.
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", no_spooling)
+    content = bytes(range(256)) * 40  # 10 KB, every byte value, split across messages below
+    first = part("file", "s.svs", content)
+    slide_id = asyncio.run(upload([first[:100], first[100:5000], first[5000:]], gap_s=0.01))
+    assert (store.folder / slide_id / SLIDE_FILE).read_bytes() == content
+    with pytest.raises(Problem, match=r"took longer than 0\.1 s") as slow:
+        asyncio.run(upload([first[i : i + 500] for i in range(0, len(first), 500)], gap_s=0.02, total_s=0.1))
+    assert slow.value.status == 408  # each gap is short, all of them are not
+    for refused in ([part("file", "a.svs", b"a"), part("file", "b.svs", b"b")],  # two files
+                    [part("file", None, b"a")],  # no file name
+                    [part("notes", None, b"a"), part("file", "a.svs", b"a")],  # another field
+                    []):  # no part at all
+        with pytest.raises(Problem, match="one `file` part") as problem:
+            asyncio.run(upload(refused))
+        assert problem.value.status == 400
+    assert [p.name for p in store.folder.iterdir()] == [slide_id]  # nothing kept of the others
 
 
 def tiff_claiming(width: int, height: int, tile: int) -> bytes:
