@@ -9,12 +9,13 @@ above a pixel cap first.
 A hostile file can claim what it likes in its header, so before any pixel is
 read a slide must stay inside caps on its side, its TIFF tiles (OpenSlide
 decodes a tile whole) and the level an overview is taken from; the overview
-is read in strips, so it never holds a whole level either. A slide that
+is read in blocks, so it never holds a whole level either. A slide that
 fails while being read (truncated, corrupt) raises :class:`SlideError` too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ from PIL import Image
 DEFAULT_MAX_PLAIN_PIXELS = 100_000_000  # a flat image above this must come as a pyramid
 MAX_SIDE = 500_000  # level-0 pixels: a whole 75 mm glass slide at 0.15 um per pixel
 MAX_TILE_SIDE = 8192  # pixels of one stored tile, which OpenSlide decodes whole
-MAX_OVERVIEW_PIXELS = 256_000_000  # the level an overview is read from (in strips); beyond: no usable pyramid
-STRIP_BYTES = 64 * 2**20  # RGBA bytes of one strip of that level
+# The level an overview is read from (in blocks): a 31,600 px slide without a pyramid still passes (its
+# overview takes about 30 s here); beyond, the slide must come with smaller levels.
+MAX_OVERVIEW_PIXELS = 1_000_000_000
+BLOCK_BYTES = 64 * 2**20  # RGBA bytes of one block of that level, read at a time
 
 
 class SlideError(ValueError):
@@ -90,7 +93,7 @@ class Slide:
         self._slide.close()
 
     def thumbnail(self, longest_side: int, at_least: int | None = None) -> np.ndarray:
-        """The whole slide as RGB uint8, its longest side at most `longest_side`, read in strips from the
+        """The whole slide as RGB uint8, its longest side at most `longest_side`, read in blocks from the
         level nearest above that scale (OpenSlide's own thumbnail reads the whole level at once). With
         `at_least`, a stored level whose longest side lies in [at_least, longest_side] is taken as it is
         (the coarsest such), so no larger level is read only to be shrunk."""
@@ -105,13 +108,19 @@ class Slide:
             raise SlideError(f"no pyramid level small enough for an overview (the nearest is {level_width} x "
                              f"{level_height} pixels; the cap is {MAX_OVERVIEW_PIXELS}): send a pyramidal slide")
         downsample = info.level_downsamples[level]
+        across, down = level_width / size[0], level_height / size[1]  # level pixels per view pixel
+        # Square blocks of the view whose level region stays within BLOCK_BYTES of RGBA, however wide the level.
+        block = max(1, math.isqrt(int(BLOCK_BYTES / (4 * across * down))))
         overview = Image.new("RGB", size, (255, 255, 255))
-        rows_per_strip = max(1, STRIP_BYTES // (4 * level_width * max(1, round(level_height / size[1]))))
-        for top in range(0, size[1], rows_per_strip):  # thumbnail rows [top, bottom) from whole level rows
-            bottom = min(size[1], top + rows_per_strip)
-            first, last = round(top * level_height / size[1]), round(bottom * level_height / size[1])
-            strip = self.region(0, round(first * downsample), level, level_width, max(1, last - first))
-            overview.paste(strip.resize((size[0], bottom - top), Image.Resampling.BOX), (0, top))
+        for top in range(0, size[1], block):
+            bottom = min(size[1], top + block)
+            first_row, last_row = round(top * down), max(round(top * down) + 1, round(bottom * down))
+            for left in range(0, size[0], block):
+                right = min(size[0], left + block)
+                first_col, last_col = round(left * across), max(round(left * across) + 1, round(right * across))
+                region = self.region(round(first_col * downsample), round(first_row * downsample), level,
+                                     last_col - first_col, last_row - first_row)
+                overview.paste(region.resize((right - left, bottom - top), Image.Resampling.BOX), (left, top))
         return np.asarray(overview)
 
     def region(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
