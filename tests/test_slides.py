@@ -56,6 +56,17 @@ def test_the_slide_is_read_by_level_with_its_pixel_size(slide_path):
     assert region.shape == (64, 64, 3) and region.min() >= 240
 
 
+def test_the_overview_read_in_small_blocks_equals_one_read_of_the_level(slide_path, monkeypatch):
+    import slides.reader
+
+    with Slide(slide_path) as slide:
+        whole = slide.thumbnail(700).astype(int)  # from level 1 (1152 px), shrunk: one block
+        monkeypatch.setattr(slides.reader, "BLOCK_BYTES", 4 * 40 * 40)  # blocks of a few view pixels
+        blocks = slide.thumbnail(700).astype(int)
+    assert blocks.shape == whole.shape == (467, 700, 3)
+    assert np.abs(blocks - whole).mean() < 3  # only block edges resample differently; no gaps
+
+
 def test_tissue_mask_finds_tissue_and_not_glass():
     glass = np.full((40, 60, 3), 244, np.uint8)
     glass[10:30, 10:30] = (150, 80, 160)  # a stained patch
