@@ -84,8 +84,7 @@ class Bounds:
     asgi_floor: LevelResult  # the plain Starlette route in the same server
 
     def server_core_ms(self, level: LevelResult) -> float:
-        """CPU time the server spent per request: the cores the load generator left, over the rate."""
-        return self.cores * (1 - level.client_cpu_share) * 1000 / max(level.requests_per_second, 1e-9)
+        return level.server_core_ms(self.cores)
 
     @property
     def compute_core_ms(self) -> float:

@@ -31,6 +31,14 @@ class LevelResult:
     p99_ms: float
     client_cpu_share: float  # of all cores: the generator shares them with the server
 
+    def server_core_ms(self, cores: int) -> float:
+        return server_core_ms(cores, self.requests_per_second, self.client_cpu_share)
+
+
+def server_core_ms(cores: int, requests_per_second: float, client_cpu_share: float) -> float:
+    """CPU time the server spent per request: the cores the load generator left, over the rate."""
+    return cores * (1 - client_cpu_share) * 1000 / max(requests_per_second, 1e-9)
+
 
 def session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(

@@ -15,6 +15,7 @@ what the decoder saves per image.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -50,8 +51,6 @@ def pillow_service(data: bytes, size: int) -> np.ndarray:
 
 def pillow_full(data: bytes, size: int) -> np.ndarray:
     """Pillow without DCT scaling: what the DCT scaling already saves."""
-    import io
-
     with Image.open(io.BytesIO(data)) as image:
         return _resized(image.convert("RGB"), size)
 

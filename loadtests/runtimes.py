@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from loadtests.client import server_core_ms
 from loadtests.inprocess import rate, sample_jpeg, served_model
 from loadtests.report import RESULTS_DIR, write_section
 from models.tf_environment import prefer_onednn
@@ -245,10 +246,9 @@ def service_core_ms(record: Path = BENCHMARK_RECORD) -> float | None:
     if not record.is_file():
         return None
     facts = json.loads(record.read_text())
-    cores = facts["bounds"]["cores"]
     for row in facts["rows"]:
         if row["target"].startswith(SERVICE_ROW) and row["concurrency"] == SERVICE_CLIENTS:
-            return cores * (1 - row["client_cpu_share"]) * 1000 / row["requests_per_second"]
+            return server_core_ms(facts["bounds"]["cores"], row["requests_per_second"], row["client_cpu_share"])
     return None
 
 

@@ -10,10 +10,12 @@ view) never reaches the model. Writes:
 * `analysis.geojson`: one feature per analysed tile in level-0 pixel
   coordinates (QuPath: File > Import objects), with its class (or
   `Uncertain`), probabilities, confidence, tissue share and reasons;
-* `overlay.png`: the slide's thumbnail with the tiles coloured by class and
-  the uncertain ones grey;
-* `summary.json`: the slide, the tissue found, tiles per class and their
-  share of the answered tissue, the uncertain tiles, the most suspicious.
+* `overlay.png`: the slide's overview with the tiles coloured by class, the
+  uncertain ones grey, and the tissue outlined;
+* `summary.json`: the slide, the tile grid, the tissue found, tiles per class
+  and their share of the answered tiles and of the tissue's area, the
+  uncertain and flagged counts, the most suspicious tiles, and every tile as
+  compact columns.
 
     python -m slides.analyze SLIDE [SLIDE ...] --out DIR [--model TAG] [--tile-size 768]
 """
@@ -81,12 +83,11 @@ class SlideAnalysis:
     thumbnail: np.ndarray  # the low-resolution view the mask was found on (the overlay's background)
 
 
-def check_readable(path: Path) -> SlideInfo:
+def check_readable(path: Path) -> None:
     """Open the slide and read the overview its analysis starts from: a slide over a cap, damaged where
     the overview reads, or no slide at all raises :class:`~slides.reader.SlideError` here, not later."""
     with Slide(path) as slide:
         slide.thumbnail(MASK_LONGEST_SIDE, MASK_AT_LEAST)
-        return slide.info
 
 
 def tile_size_for(card: ModelCard, info: SlideInfo, requested: int | None = None) -> int:

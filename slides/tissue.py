@@ -16,7 +16,7 @@ SPECK_FILTER = 3  # px of the low-resolution mask: opening and closing with this
 
 
 def _shifted(mask: np.ndarray, reduce: np.ufunc, pad_value: bool) -> np.ndarray:
-    """`reduce` (AND: erosion, OR: dilation) over the SPECK_FILTER x SPECK_FILTER square around each pixel."""
+    """`reduce` over the SPECK_FILTER x SPECK_FILTER square around each pixel."""
     reach = SPECK_FILTER // 2
     padded = np.pad(mask, reach, constant_values=pad_value)
     height, width = mask.shape
@@ -27,13 +27,27 @@ def _shifted(mask: np.ndarray, reduce: np.ufunc, pad_value: bool) -> np.ndarray:
     return out
 
 
+def _eroded(mask: np.ndarray, times: int = 1) -> np.ndarray:
+    """Tissue only where the whole square around a pixel is tissue (the image edge counts as tissue)."""
+    for _ in range(times):
+        mask = _shifted(mask, np.logical_and, True)
+    return mask
+
+
+def _dilated(mask: np.ndarray, times: int = 1) -> np.ndarray:
+    """Tissue wherever the square around a pixel holds any."""
+    for _ in range(times):
+        mask = _shifted(mask, np.logical_or, False)
+    return mask
+
+
 def tissue_mask(rgb: np.ndarray, grey_below: float = GREY_BELOW, spread_above: float = SPREAD_ABOVE) -> np.ndarray:
     """Boolean (H, W) mask of tissue in an RGB uint8 image."""
     grey_sum = rgb.sum(axis=2, dtype=np.uint16)  # integer sums: a 2048-pixel view in milliseconds
     spread = rgb.max(axis=2) - rgb.min(axis=2)
     raw = (grey_sum < 3 * grey_below) & (spread > spread_above)
-    opened = _shifted(_shifted(raw, np.logical_and, True), np.logical_or, False)
-    return _shifted(_shifted(opened, np.logical_or, False), np.logical_and, True)
+    opened = _dilated(_eroded(raw))  # specks gone
+    return _eroded(_dilated(opened))  # small holes filled
 
 
 OUTLINE_SMOOTHING = 4  # closings before the outline is drawn: holes up to ~8 view pixels are not outlined
@@ -42,12 +56,8 @@ OUTLINE_SMOOTHING = 4  # closings before the outline is drawn: holes up to ~8 vi
 def outline(mask: np.ndarray, smoothing: int = OUTLINE_SMOOTHING) -> np.ndarray:
     """The tissue's boundary, for drawing: the mask closed `smoothing` times (so the gaps inside tissue,
     such as alveolar air spaces, are not outlined), then its pixels with glass among their neighbours."""
-    closed = mask
-    for _ in range(smoothing):
-        closed = _shifted(closed, np.logical_or, False)
-    for _ in range(smoothing):
-        closed = _shifted(closed, np.logical_and, True)
-    return closed & ~_shifted(closed, np.logical_and, True)
+    closed = _eroded(_dilated(mask, smoothing), smoothing)
+    return closed & ~_eroded(closed)
 
 
 def tissue_fraction(mask: np.ndarray, box: tuple[int, int, int, int]) -> float:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from slides.analyze import UNCERTAIN
 from slides.reader import Slide
 from slides.tissue import tissue_mask
 from training.synthetic import LUNG_CLASSES
 from training.synthetic_slides import (
     CELL,
     GLASS,
-    UNCERTAIN,
     SlideTruth,
     generate_slide,
     plan_regions,

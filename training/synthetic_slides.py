@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from slides.analyze import UNCERTAIN
 from training.synthetic import LUNG_CLASSES, Difficulty, Recipe, Site, make_sites, render_recipe
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ TIFF_TILE = 256  # the TIFF's own tiles (CELL is a whole number of them)
 LEVEL_FACTORS = (1, 4, 16)  # pyramid levels, as a 40x SVS has them (40x, 10x, 2.5x)
 GLASS = "glass"
 GLASS_RGB = (242, 242, 244)  # bright, faintly blue, as empty glass scans
-UNCERTAIN = "Uncertain"  # slides.analyze's label for a tile that got no class
 TRUTH_SUFFIX = ".truth.json"
 DEFAULT_MICRONS_PER_PIXEL = 0.5  # LC25000's tiles, cut at about 20x
 
