@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import bentoml
 import numpy as np
@@ -34,6 +34,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from models.prediction import ExplainedPrediction, Prediction, Thresholds, TileClassifier, TileEvidence
 from models.preprocessing import (
     DecodeAbandonedError,
     DecodeCost,
@@ -43,7 +44,6 @@ from models.preprocessing import (
     finish_decode,
     prepare_decode,
 )
-from models.quality import QualityReport, assess_batch
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
 from serving import front_door
@@ -57,7 +57,6 @@ from serving.memory import release_heap
 from serving.metrics import ServiceMetrics, service_metrics
 from serving.model_check import check_model_can_serve
 from serving.openapi import OpenAPIDocument, corrected_document
-from serving.predictions import ExplainedPrediction, Prediction, TrustEvidence, to_prediction
 from serving.problems import Problem, answers_problems, problem
 from serving.request_log import RequestLog, note
 from serving.routes import route_facts
@@ -103,14 +102,6 @@ class _PixelBudget:
             self.left -= pixels
             if self.left < 0:
                 raise ImageTooLargeError(f"the parts decode to over {self.limit} pixels in all")
-
-
-class ModelRow(NamedTuple):
-    """What one batch run says about one tile."""
-
-    probabilities: np.ndarray
-    ood_score: float  # NaN when the gate is off
-    quality: QualityReport | None  # None when the gate is off
 
 
 SLIDES = SlideStore(SETTINGS.slide_dir, SETTINGS.slide_ttl_s, SETTINGS.slide_root)
@@ -248,7 +239,7 @@ class Histopathology:
         # TensorFlow loads here, in the worker only: the supervisor process stays small.
         prefer_onednn()
         from models.explain import GradCam
-        from models.inference import Predictor, configure_threads
+        from models.inference import configure_threads
 
         configure_logging(SETTINGS.log_format)
         init_error_tracking(SETTINGS.sentry_dsn, release=SETTINGS.model_tag)
@@ -256,16 +247,8 @@ class Histopathology:
         self.stored: StoredModel = load_model(str(self.bento_model.tag))
         card = self.stored.card
         self.input_size = card.input_size
-        self.abstain_threshold = (
-            SETTINGS.abstain_threshold if SETTINGS.abstain_threshold is not None else card.abstain_threshold
-        )
-        ood = card.out_of_distribution
-        self.ood_threshold = SETTINGS.ood_threshold if SETTINGS.ood_threshold is not None else ood.threshold
-        # The gate off taps no feature layer: the graph is then exactly the plain classifier (benchmarks).
-        feature_layers = ood.feature_layers if SETTINGS.ood_gate else ()
-        self.predictor: Predictor = Predictor(
-            self.stored.model, card.input_size, card.calibration_temperature, feature_layers
-        )
+        thresholds = Thresholds.resolve(card, SETTINGS.abstain_threshold, SETTINGS.ood_threshold)
+        self.classifier = TileClassifier(self.stored, thresholds, trust_checks=SETTINGS.ood_gate)
         self.grad_cam: GradCam = GradCam(self.stored.model, card.architecture, card.input_size)
         # One explanation at a time: a gradient pass costs several predictions, and /predict comes first.
         self._explaining = asyncio.Semaphore(1)
@@ -274,7 +257,7 @@ class Histopathology:
         self.metrics: ServiceMetrics = service_metrics()
         name, _, version = self.stored.tag.partition(":")
         self.metrics.model_info.labels(name=name, version=version, architecture=card.architecture).set(1)
-        self.batcher: MicroBatcher[ModelRow] = MicroBatcher(
+        self.batcher: MicroBatcher[TileEvidence] = MicroBatcher(
             self._run_model,
             max_batch_size=SETTINGS.max_batch_size,
             max_wait_s=SETTINGS.max_latency_ms / 1000,
@@ -289,7 +272,7 @@ class Histopathology:
         logger.info(
             "loaded %s (%s, %d classes); quality gate and out-of-distribution score %s (threshold %.3f)",
             self.stored.tag, card.architecture, len(card.class_names), "on" if SETTINGS.ood_gate else "OFF",
-            self.ood_threshold,
+            thresholds.out_of_distribution,
         )
 
     @bentoml.on_startup
@@ -300,7 +283,7 @@ class Histopathology:
         latency spikes and memory growth out of serving.
         """
         sizes = range(1, SETTINGS.max_batch_size + 1)
-        await asyncio.to_thread(self.predictor.warm_up, sizes)
+        await asyncio.to_thread(self.classifier.predictor.warm_up, sizes)
         blank = np.zeros((self.input_size, self.input_size, 3), np.uint8)
         await asyncio.to_thread(self.grad_cam.heat_map, blank, 0)
         self._warm.set()
@@ -315,19 +298,11 @@ class Histopathology:
     def __is_ready__(self) -> bool:
         return self._warm.is_set()
 
-    def _run_model(self, images: np.ndarray) -> list[ModelRow]:
+    def _run_model(self, images: np.ndarray) -> list[TileEvidence]:
         started = time.perf_counter()
-        outputs = self.predictor.outputs(images)
-        if SETTINGS.ood_gate:
-            # Batched, like the model: per tile, numpy's call overhead would cost more than the gate's arithmetic.
-            qualities: list[QualityReport | None] = list(assess_batch(images, self.stored.card.quality_gate))
-            scores = self.stored.ood_scorer(outputs.features)
-        else:
-            qualities, scores = [None] * len(images), np.full(len(images), np.nan)
+        evidence = self.classifier.evidence(images)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        return [
-            ModelRow(p, float(s), q) for p, s, q in zip(outputs.probabilities, scores, qualities, strict=True)
-        ]
+        return evidence
 
     def _start_decode(
         self, path: Path, size: int | None, deadline: float | None, budget: _PixelBudget | None
@@ -375,11 +350,8 @@ class Histopathology:
         finally:
             self.metrics.decode_seconds.observe(spent)
 
-    def _prediction(self, row: ModelRow) -> Prediction:
-        evidence = None if row.quality is None else TrustEvidence(row.quality, row.ood_score, self.ood_threshold)
-        prediction = to_prediction(
-            row.probabilities, self.stored.card.class_names, self.abstain_threshold, self.stored.tag, evidence
-        )
+    def _prediction(self, evidence: TileEvidence) -> Prediction:
+        prediction = self.classifier.answer(evidence)
         self.metrics.predictions.labels(predicted_class=prediction.predicted_class).inc()
         if prediction.uncertain:
             self.metrics.uncertain.inc()
@@ -398,7 +370,7 @@ class Histopathology:
         except DecodeAbandonedError as exc:  # its deadline passed: the guard has answered 504 already
             raise _too_slow(exc) from None
 
-    async def _model_rows(self, images: list[np.ndarray]) -> list[ModelRow]:
+    async def _model_rows(self, images: list[np.ndarray]) -> list[TileEvidence]:
         try:
             return await asyncio.gather(*(self.batcher.submit(image) for image in images))
         except BatchTimeoutError as exc:
@@ -489,7 +461,7 @@ class Histopathology:
         def run() -> dict[str, Any]:
             # The served graph taps the OOD features only with the gate on; otherwise analyze traces its own.
             analysis = analyze(slide, self.stored, tile_size, min_tissue, progress=report,
-                               predictor=self.predictor if SETTINGS.ood_gate else None)
+                               classifier=self.classifier)
             facts = write(analysis, outputs, self.stored.card.abstention.cancer_classes)
             SLIDES.write_progress(outputs, "done", len(analysis.tiles), len(analysis.tiles))
             return facts

@@ -49,7 +49,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("request log and metrics", ("serving/request_log.py", "serving/logs.py", "serving/metrics.py",
                                  "prometheus_client/", "logging/")),
     ("service glue (service.py, batcher, predictions)", ("service.py", "serving/batcher.py",
-                                                         "serving/predictions.py", "serving/admission.py",
+                                                         "models/prediction.py", "serving/admission.py",
                                                          "serving/front_door.py", "serving/problems.py")),
     ("response (pydantic, JSON)", ("pydantic", "json/", "starlette/responses.py")),
     ("BentoML input and API handling (temporary file, validation)", ("_bentoml_sdk/", "_bentoml_impl/",

@@ -46,7 +46,7 @@ METRIC_NAMES = (
 class ServiceMetrics:
     predictions: Any  # Counter{predicted_class}
     uncertain: Any  # Counter
-    flagged: Any  # Counter{reason}: why answers were uncertain (serving.predictions reasons)
+    flagged: Any  # Counter{reason}: why answers were uncertain (models.prediction reasons)
     rejected: Any  # Counter{reason}
     decode_seconds: Any  # Histogram
     inference_seconds: Any  # Histogram, per model call

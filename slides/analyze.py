@@ -32,20 +32,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from models.card import ModelCard
+from models.prediction import Prediction, Thresholds, TileClassifier
 from models.store import DEFAULT_MODEL_TAG, StoredModel
-from serving.predictions import Prediction, TrustEvidence, to_prediction
 from slides.outputs import GEOJSON, OVERLAY, SUMMARY
 from slides.reader import Slide, SlideError, SlideInfo
 from slides.tissue import outline, tissue_fraction, tissue_mask
-
-if TYPE_CHECKING:  # TensorFlow loads only when an analysis runs
-    from models.inference import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +125,19 @@ def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, input
 
 def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
             min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = 32,
-            progress: Callable[[int, int], None] | None = None, predictor: Predictor | None = None) -> SlideAnalysis:
+            progress: Callable[[int, int], None] | None = None,
+            classifier: TileClassifier | None = None) -> SlideAnalysis:
     """Classify every tissue tile of the slide at `path` with the stored model, in batches
     (`tile_size`: level-0 pixels, default from the card; see :func:`tile_size_for`); `progress` is
-    called with (tiles done, tiles to do) once the tissue is found and after every batch. `predictor`:
-    the caller's traced model, if it has one with the card's OOD feature layers (saves a trace).
+    called with (tiles done, tiles to do) once the tissue is found and after every batch. `classifier`:
+    the caller's (its traced model and its thresholds, so a tile is answered as `/predict` answers it);
+    else one with the card's thresholds.
 
     Tiles are read ahead on READERS threads while the model runs (OpenSlide and PIL release the
     GIL), so reading and the model overlap instead of taking turns.
     """
-    from models.inference import Predictor
-    from models.quality import assess_batch
-
     card = stored.card
-    ood = card.out_of_distribution
-    predictor = predictor or Predictor(stored.model, card.input_size, card.calibration_temperature,
-                                       ood.feature_layers)
+    classifier = classifier or TileClassifier(stored)
     with Slide(path) as slide, ThreadPoolExecutor(READERS, thread_name_prefix="slide-read") as readers:
         info = slide.info
         view = slide.thumbnail(MASK_LONGEST_SIDE, MASK_AT_LEAST)
@@ -168,14 +161,8 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
             images = reads.popleft().result()
             if number + READ_AHEAD < len(chunks):
                 reads.append(readers.submit(read, chunks[number + READ_AHEAD]))
-            outputs = predictor.outputs(images)
-            qualities = assess_batch(images, card.quality_gate)
-            scores = stored.ood_scorer(outputs.features)
-            for (x, y, share), row, quality, score in zip(chunk, outputs.probabilities, qualities, scores,
-                                                         strict=True):
-                evidence = TrustEvidence(quality, float(score), ood.threshold)
-                prediction = to_prediction(row, card.class_names, card.abstain_threshold, stored.tag, evidence)
-                answers.append(TileAnswer(x, y, tile_size, share, prediction))
+            for (x, y, share), evidence in zip(chunk, classifier.evidence(images), strict=True):
+                answers.append(TileAnswer(x, y, tile_size, share, classifier.answer(evidence)))
             if progress:
                 progress(len(answers), len(grid))
     return SlideAnalysis(info, stored.tag, card.class_names, tile_size, level, mask, downsample, answers, view)
@@ -332,15 +319,18 @@ def main(argv: list[str] | None = None) -> None:
                         "rescaled by microns per pixel when the card and the slide both declare it; else 768)")
     parser.add_argument("--min-tissue", type=float, default=DEFAULT_MIN_TISSUE,
                         help="share of a tile that must be tissue for it to be analysed (default: %(default)s)")
+    parser.add_argument("--abstain-threshold", type=float, default=None,
+                        help="answer `uncertain` below this confidence (default: the model card's)")
+    parser.add_argument("--ood-threshold", type=float, default=None,
+                        help="out-of-distribution score above which a tile is `uncertain` (default: the card's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from models.inference import Predictor
     from models.store import load_model
 
     stored = load_model(args.model)
     card = stored.card
-    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature,
-                          card.out_of_distribution.feature_layers)  # traced once for every slide
+    thresholds = Thresholds.resolve(card, args.abstain_threshold, args.ood_threshold)
+    classifier = TileClassifier(stored, thresholds)  # traced once for every slide
     names = [slide.stem for slide in args.slides]
     if len(set(names)) != len(names):
         parser.error("several slides share a name: their output folders would collide")
@@ -349,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out / slide.stem if len(args.slides) > 1 else args.out
         try:
             analysis = analyze(slide, stored, args.tile_size, args.min_tissue, progress=_progress_bar(slide.name),
-                               predictor=predictor)
+                               classifier=classifier)
         except (SlideError, OSError) as exc:  # one bad slide does not stop the others
             logger.error("%s: %s", slide, exc)
             failed += 1

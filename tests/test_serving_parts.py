@@ -14,7 +14,6 @@ import pytest
 from models.preprocessing import CorruptImageError, EmptyImageError, ImageTooLargeError, UnsupportedImageError
 from serving.batcher import BatchTimeoutError, MicroBatcher
 from serving.logs import JsonFormatter
-from serving.predictions import to_prediction
 from serving.problems import PROBLEM_MEDIA_TYPE, Problem, answers_problems
 from serving.settings import SettingsError, load_settings
 
@@ -158,14 +157,17 @@ def test_bad_settings_name_the_variable(name, value, message):
 
 
 def test_a_probability_row_becomes_a_prediction():
-    row = np.array([0.2, 0.45, 0.35], np.float32)
-    prediction = to_prediction(row, ["a", "b", "c"], abstain_threshold=0.5, model_tag="m:1")
+    from models.prediction import Thresholds, TileEvidence, answer
+
+    evidence = TileEvidence(np.array([0.2, 0.45, 0.35], np.float32), float("nan"), None)  # trust checks off
+    prediction = answer(evidence, ["a", "b", "c"], Thresholds(abstain=0.5, out_of_distribution=1.0), "m:1")
     assert prediction.predicted_class == "b" and prediction.confidence == pytest.approx(0.45)
-    assert prediction.uncertain  # 0.45 < 0.5
+    assert prediction.uncertain and prediction.reasons == ["low_confidence"]  # 0.45 < 0.5
     assert list(prediction.probabilities) == ["a", "b", "c"]
-    assert not to_prediction(row, ["a", "b", "c"], abstain_threshold=0.4, model_tag="m:1").uncertain
+    assert prediction.out_of_distribution is None and prediction.quality is None
+    assert not answer(evidence, ["a", "b", "c"], Thresholds(abstain=0.4, out_of_distribution=1.0), "m:1").uncertain
     with pytest.raises(ValueError, match="expected 2"):
-        to_prediction(row, ["a", "b"], 0.5, "m:1")
+        answer(evidence, ["a", "b"], Thresholds(abstain=0.5, out_of_distribution=1.0), "m:1")
 
 
 def test_json_log_lines_parse():

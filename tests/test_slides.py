@@ -159,8 +159,8 @@ def test_cli_takes_several_slides_and_one_bad_slide_stops_none_of_the_others(sli
 
 
 def test_geojson_and_summary_from_an_analysis_in_memory():
+    from models.prediction import Prediction
     from models.quality import QualityReport
-    from serving.predictions import Prediction
     from slides.analyze import SlideAnalysis, TileAnswer
     from slides.reader import SlideInfo
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from models.ood import FeatureScorer
+from models.prediction import Thresholds, TileEvidence, answer
 from models.quality import QualityGate, assess, measure
 from models.store import load_model
-from serving.predictions import TrustEvidence, to_prediction
 from tests.helpers import TINY_TILE
 from training import data
 from training.ood_sets import near_ood_sets
@@ -138,12 +138,13 @@ def test_prediction_is_flagged_exactly_when_the_score_passes_the_cards_threshold
     row = np.array([0.05, 0.9, 0.05])
     quality = assess(tiles(41, 1)[0], gate)
     assert quality.passed
-    below = to_prediction(row, ["a", "b", "c"], 0.5, "m:1", TrustEvidence(quality, 1.99, 2.0))
-    above = to_prediction(row, ["a", "b", "c"], 0.5, "m:1", TrustEvidence(quality, 2.01, 2.0))
+    thresholds = Thresholds(abstain=0.5, out_of_distribution=2.0)
+    below = answer(TileEvidence(row, 1.99, quality), ["a", "b", "c"], thresholds, "m:1")
+    above = answer(TileEvidence(row, 2.01, quality), ["a", "b", "c"], thresholds, "m:1")
     assert not below.uncertain and below.reasons == [] and below.out_of_distribution is False
     assert above.uncertain and above.reasons == ["out_of_distribution"] and above.out_of_distribution
     failed = assess(np.full((SIZE, SIZE, 3), 245, np.uint8), gate)
-    gated = to_prediction(row, ["a", "b", "c"], 0.5, "m:1", TrustEvidence(failed, 0.5, 2.0))
+    gated = answer(TileEvidence(row, 0.5, failed), ["a", "b", "c"], thresholds, "m:1")
     assert gated.uncertain and gated.reasons == failed.failed_checks and gated.quality == failed
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.inference import Predictor
+from models.prediction import TileClassifier, trust_reasons
 from models.preprocessing import ImageDecodeError, decode_image
-from models.quality import assess_batch
 from models.store import DEFAULT_MODEL_TAG, StoredModel, load_model
 from training import data
 from training.synthetic import generate_dataset
@@ -37,16 +36,11 @@ logger = logging.getLogger(__name__)
 
 def flag_reasons(stored: StoredModel, images: np.ndarray) -> list[list[str]]:
     """Per image (N, S, S, 3): the reasons it would be flagged (out_of_distribution, failed checks), in the
-    service's order; empty if not."""
-    card = stored.card
-    ood = card.out_of_distribution
-    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature, ood.feature_layers)
-    scores = stored.ood_scorer(predictor.outputs_in_batches(images).features)
-    reports = assess_batch(images, card.quality_gate)
-    return [
-        ["out_of_distribution"] * bool(score > ood.threshold) + report.failed_checks
-        for score, report in zip(scores, reports, strict=True)
-    ]
+    service's order (the answer rule's); empty if not."""
+    classifier = TileClassifier(stored)
+    threshold = classifier.thresholds.out_of_distribution
+    return [trust_reasons(evidence, threshold) for start in range(0, len(images), 64)
+            for evidence in classifier.evidence(images[start : start + 64])]
 
 
 def fresh_tiles(stored: StoredModel, per_class: int, seed: int) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 
 from models.ood import OOD_FILE, FeatureScorer, LayerScorer, OutOfDistribution
+from models.prediction import TileEvidence, trust_reasons
 from models.quality import (
     TISSUE_OD,
     QualityGate,
@@ -226,7 +227,10 @@ def fit_ood(
 
 
 def flagged(images: np.ndarray, scores: np.ndarray, gate: QualityGate, threshold: float) -> np.ndarray:
-    """Per image: does the gate fail it or the score exceed the threshold?"""
-    failures = gate_failures(images, gate)
-    return np.array([bool(failed) for failed in failures]) | (scores > threshold)
+    """Per image: would the answer rule flag it on trust (a failed gate check, or the score over the
+    threshold)? For a model not yet in the store: the gate and scores are fitted, the threshold chosen."""
+    reports = assess_batch(images, gate)
+    no_probabilities = np.empty(0)  # trust reasons do not look at the classes
+    return np.array([bool(trust_reasons(TileEvidence(no_probabilities, float(score), report), threshold))
+                     for score, report in zip(scores, reports, strict=True)], dtype=bool)
 
