@@ -46,20 +46,20 @@ from models.preprocessing import (
 )
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
-from serving import front_door
-from serving.admission import Admission
-from serving.batcher import BatchTimeoutError, MicroBatcher
-from serving.connections import bound_header_time, raise_open_file_limit
-from serving.error_tracking import init_error_tracking
-from serving.guard import REQUEST_DEADLINE, GuardPolicy, RequestGuard
-from serving.logs import configure_logging
-from serving.memory import release_heap
-from serving.metrics import ServiceMetrics, service_metrics
-from serving.model_check import check_model_can_serve
-from serving.openapi import OpenAPIDocument, corrected_document
+from serving.admission.capacity import Admission
+from serving.admission.connections import bound_header_time, raise_open_file_limit
+from serving.http import front_door
+from serving.http.guard import REQUEST_DEADLINE, GuardPolicy, RequestGuard
+from serving.http.openapi import OpenAPIDocument, corrected_document
+from serving.http.route_table import route_facts
+from serving.inference.batcher import BatchTimeoutError, MicroBatcher
+from serving.inference.heap import release_heap
+from serving.inference.model_check import check_model_can_serve
+from serving.observability.error_tracking import init_error_tracking
+from serving.observability.logs import configure_logging
+from serving.observability.metrics import ServiceMetrics, service_metrics
+from serving.observability.request_log import RequestLog, note
 from serving.problems import Problem, answers_problems, problem
-from serving.request_log import RequestLog, note
-from serving.routes import route_facts
 from serving.server_options import server_options
 from serving.settings import load_settings
 from serving.slide_store import SLIDE_FILE, SlideStore
@@ -72,7 +72,7 @@ T = TypeVar("T")
 # Read when BentoML imports this module: the decorators below need them.
 SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
-# BentoML's own routes; ours are read from the routes themselves (serving/routes.py).
+# BentoML's own routes; ours are read from the routes themselves (serving/http/route_table.py).
 BENTOML_ROUTES = {"/docs.json", "/"}
 PROBES = {"/healthz", "/livez", "/readyz", "/metrics"}
 BENTOML_PREFIXES = ("/static_content/",)

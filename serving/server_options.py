@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.observability.tracing import configured_exporter, service_tracing_config
 from serving.settings import Settings
-from serving.tracing import configured_exporter, service_tracing_config
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # every route, so it must let a slide upload (gigabytes, minutes) finish: POST /slides bounds
         # itself (HISTO_SLIDE_UPLOAD_TIMEOUT_S in all, HISTO_BODY_IDLE_TIMEOUT_MS between chunks).
         "traffic": {"timeout": max(settings.request_timeout_ms // 1000, settings.slide_upload_timeout_s) + 10},
-        # serving/request_log.py writes one line per request (with request id and predicted class)
+        # serving/observability/request_log.py writes one line per request (with request id and predicted class)
         # instead; BentoML's access log would double it and cost ~5-10% of throughput.
         "logging": {"access": {"enabled": False}},
         # BentoML records a span per request even with nothing to export it to (~8% of throughput).

@@ -15,10 +15,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
-from serving.admission import Admission
-from serving.guard import BOOLEAN, TEXT, GuardPolicy, RequestGuard
-from serving.request_log import RequestLog, note
-from serving.routes import route_facts
+from serving.admission.capacity import Admission
+from serving.http.guard import BOOLEAN, TEXT, GuardPolicy, RequestGuard
+from serving.http.route_table import route_facts
+from serving.observability.request_log import RequestLog, note
 from tests.helpers import PROBLEM, fresh_tile
 
 TOKEN = "in-process-token"  # noqa: S105 - a throwaway credential
@@ -119,7 +119,7 @@ def test_a_streamed_body_over_the_cap_is_cut_off():
 
 
 def test_request_log_writes_one_line_with_the_id_and_never_the_file_name(caplog):
-    with caplog.at_level(logging.INFO, logger="serving.request_log"), TestClient(guarded_app()) as client:
+    with caplog.at_level(logging.INFO, logger="serving.observability.request_log"), TestClient(guarded_app()) as client:
         ok = client.post("/predict", files={"file": ("secret-name.jpeg", TILE)}, headers={"X-Request-ID": "abc.1"})
         unknown = client.get("/patients/1234")  # an unknown path is never logged as sent
         generated = client.post("/predict", files={"file": ("t.jpeg", TILE)}, headers={"X-Request-ID": "bad id"})

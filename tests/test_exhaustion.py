@@ -35,7 +35,7 @@ from models.preprocessing import (
     decode_cost,
     decode_upload,
 )
-from serving.memory import TRIM_AFTER_BYTES, release_heap
+from serving.inference.heap import TRIM_AFTER_BYTES, release_heap
 from tests.helpers import PROBLEM, STRICT_TOKEN, assert_problem, fresh_tile, serve_tiny_model, wait_until
 
 
@@ -262,7 +262,7 @@ def test_bentoml_client_error_records_become_one_warning_line():
 
     from pydantic import BaseModel, ValidationError
 
-    from serving.logs import ClientErrorFilter
+    from serving.observability.logs import ClientErrorFilter
 
     class Upload(BaseModel):
         count: int

@@ -71,7 +71,7 @@ def test_cpu_budget_charges_samples_to_the_innermost_known_part_and_skips_waitin
     collapsed = "\n".join([
         "run (uvicorn/server.py:1);handle (service.py:2);decode_image (models/preprocessing.py:3);"
         "load (PIL/ImageFile.py:4) 7",
-        "run (uvicorn/server.py:1);__call__ (serving/guard.py:9);parse (multipart/multipart.py:5) 3",
+        "run (uvicorn/server.py:1);__call__ (serving/http/guard.py:9);parse (multipart/multipart.py:5) 3",
         "run (uvicorn/server.py:1);_run_once (asyncio/base_events.py:6) 2",
         "_bootstrap (threading.py:1);_worker (concurrent/futures/thread.py:81) 50",  # a decode thread waiting
         "main (somewhere.py:1) 1",

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.error_tracking import init_error_tracking, scrub_event
-from serving.metrics import METRIC_NAMES
+from serving.observability.error_tracking import init_error_tracking, scrub_event
+from serving.observability.metrics import METRIC_NAMES
 from tests.helpers import STRICT_TOKEN, fresh_tile, metric_delta, metric_samples, post_file, wait_until
 from training.synthetic import LUNG_CLASSES
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from models.preprocessing import CorruptImageError, EmptyImageError, ImageTooLargeError, UnsupportedImageError
-from serving.batcher import BatchTimeoutError, MicroBatcher
-from serving.logs import JsonFormatter
+from serving.inference.batcher import BatchTimeoutError, MicroBatcher
+from serving.observability.logs import JsonFormatter
 from serving.problems import PROBLEM_MEDIA_TYPE, Problem, answers_problems
 from serving.settings import SettingsError, load_settings
 

@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.metrics import service_metrics
+from serving.observability.metrics import service_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -198,7 +198,7 @@ def corrected_document(
             elif path in json_bodies:  # the guard refuses any other body
                 responses |= _problem_responses({415: "not a JSON body"})
             for status, response in responses.items():
-                if int(status) >= 400:  # every error leaves as problem+json (serving/guard.py)
+                if int(status) >= 400:  # every error leaves as problem+json (serving/http/guard.py)
                     response["content"] = problem
             operation["responses"] = responses
     document["paths"].update(_model_routes(token_routes))

@@ -12,7 +12,7 @@ its own JSON shape. The guard, for every request:
 and for uploads to the model routes:
 
 * refuses (503 with `Retry-After`, connection closed, body never read) when
-  the worker's :class:`~serving.admission.Admission` says it is full: too
+  the worker's :class:`~serving.admission.capacity.Admission` says it is full: too
   many admitted requests, too many bodies arriving, or images waiting too
   long for the model;
 * caps the body: a declared `Content-Length` over the cap is refused before
@@ -48,7 +48,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.admission import Admission
+from serving.admission.capacity import Admission
 from serving.problems import PROBLEM_MEDIA_TYPE, problem, problem_body
 
 logger = logging.getLogger(__name__)

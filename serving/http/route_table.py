@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Mount, Route
 
-from serving.guard import BOOLEAN, FILE_FIELD, TEXT
+from serving.http.guard import BOOLEAN, FILE_FIELD, TEXT
 
 _FIELD_KINDS = {str: TEXT, bool: BOOLEAN}
 TASK_ACTIONS = ("submit", "status", "get", "retry", "cancel")

@@ -29,9 +29,9 @@ from http import HTTPStatus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.admission import Admission
-from serving.guard import overload_response
-from serving.metrics import service_metrics
+from serving.admission.capacity import Admission
+from serving.http.guard import overload_response
+from serving.observability.metrics import service_metrics
 
 logger = logging.getLogger(__name__)
 
