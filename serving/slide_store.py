@@ -9,7 +9,6 @@ beside the slide.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from serving.admission.body import BodyLimits, capped_chunks
 from serving.problems import Problem
 
 SLIDE_FILE = "slide"  # an uploaded slide, in its folder
@@ -125,26 +125,11 @@ class SlideStore:
         folder.mkdir(parents=True)
         part = _FilePart(folder / SLIDE_FILE)
         parser = MultipartParser(options[b"boundary"], part.callbacks())
-        deadline = time.monotonic() + total_timeout_s
-        received = 0
+        limits = BodyLimits(max_bytes, total_timeout_s, idle_timeout_s, "slide upload")
         complete = False
         try:
-            more = True
-            while more:
-                left = deadline - time.monotonic()
-                try:
-                    message = await asyncio.wait_for(request.receive(), max(0.0, min(idle_timeout_s, left)))
-                except TimeoutError:
-                    why = f"no data for {idle_timeout_s:g} s" if left > idle_timeout_s else (
-                        f"the upload took longer than {total_timeout_s:g} s")
-                    raise Problem(HTTPStatus.REQUEST_TIMEOUT, f"slide upload stopped: {why}") from None
-                if message["type"] == "http.disconnect":
-                    raise Problem(HTTPStatus.BAD_REQUEST, "the client went away before the upload ended")
-                received += len(message.get("body", b""))
-                if received > max_bytes:
-                    raise Problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"slide upload over the {max_bytes}-byte cap")
-                parser.write(message.get("body", b""))
-                more = message.get("more_body", False)
+            async for chunk, _ in capped_chunks(request.receive, limits):
+                parser.write(chunk)
             parser.finalize()
             part.check_complete()
             complete = True

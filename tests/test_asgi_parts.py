@@ -16,9 +16,10 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from serving.admission.capacity import Admission
-from serving.http.guard import BOOLEAN, TEXT, GuardPolicy, RequestGuard
+from serving.admission.forms import BOOLEAN, TEXT
+from serving.http.guard import GuardPolicy, RequestGuard
 from serving.http.route_table import route_facts
-from serving.observability.request_log import RequestLog, note
+from serving.observability.request_log import RequestLog, add_log_fields
 from tests.helpers import PROBLEM, fresh_tile
 
 TOKEN = "in-process-token"  # noqa: S105 - a throwaway credential
@@ -29,7 +30,7 @@ async def _echo_upload(request: Request) -> JSONResponse:
     """Stands in for a BentoML API: what reached it, after the guard."""
     form = await request.form()
     upload = form["file"]
-    note(predicted_class="lung_n")
+    add_log_fields(predicted_class="lung_n")
     return JSONResponse({"bytes": len(await upload.read()), "fields": sorted(k for k in form if k != "file")})
 
 
@@ -137,7 +138,7 @@ def test_request_log_writes_one_line_with_the_id_and_never_the_file_name(caplog)
 def test_route_facts_come_from_the_service_routes():
     import service
 
-    facts = route_facts(service.Histopathology.apis.values(), service.http_routes.routes, 7)
+    facts = route_facts(service.Histopathology.apis.values(), service.PLAIN_ROUTES.routes, 7)
     assert facts.upload_routes == {"/predict": 1, "/predict_batch": 7, "/explain": 1}
     assert facts.form_fields == {"/explain": {"target_class": TEXT, "include_map": BOOLEAN}}
     tasks = {f"/analyze_slide/{action}" for action in ("submit", "status", "get", "retry", "cancel")}

@@ -81,7 +81,7 @@ def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working():
 def test_decode_errors_map_to_problem_details(error, status):
     @answers_problems
     async def route(part: str) -> str:
-        raise Problem.from_decode_error(error, part)
+        raise Problem.from_error(error, part)
 
     response = asyncio.run(route("file[3]"))
     assert response.status_code == status

@@ -61,7 +61,7 @@ class _RefusalLog:
         self.count = 0
         self.since = time.monotonic()
 
-    def note(self, reason: str) -> None:
+    def count(self, reason: str) -> None:
         self.count += 1
         now = time.monotonic()
         if now - self.since >= REFUSAL_LOG_INTERVAL_S:
@@ -105,7 +105,7 @@ def front_door_class(metrics_middleware: type) -> type:
             if is_upload and (reason := config.admission.refusal()) is not None:
                 await overload_response(reason, uuid.uuid4().hex)(scope, receive, send)
                 service_metrics().reject(HTTPStatus.SERVICE_UNAVAILABLE)
-                self._refusals.note(reason)
+                self._refusals.count(reason)
                 return
             if not config.known(path):
                 scope = {**scope, "path": OTHER_PATH, _ORIGINAL_PATH: path}

@@ -5,79 +5,51 @@ fetches a URL when a string is sent in a file field, and answers errors in
 its own JSON shape. The guard, for every request:
 
 * answers every error response (its own, BentoML's, Starlette's) as
-  `application/problem+json`, with a generic detail for 5xx;
+  `application/problem+json` (:mod:`serving.http.problem_errors`);
 * checks the optional API token (`Authorization: Bearer`, constant-time) on
   model routes; probes, metrics, docs and the web page stay open;
 
 and for uploads to the model routes:
 
 * refuses (503 with `Retry-After`, connection closed, body never read) when
-  the worker's :class:`~serving.admission.capacity.Admission` says it is full: too
-  many admitted requests, too many bodies arriving, or images waiting too
-  long for the model;
-* caps the body: a declared `Content-Length` over the cap is refused before
-  reading, a streamed body as soon as it crosses the cap (413);
-* bounds how slowly a body may arrive: all of it within `body_timeout_s`, and
-  no pause longer than `body_idle_timeout_s` (408, connection closed), so
-  stalled clients cannot hold what fast ones need;
-* parses the multipart body once and checks its shape: multipart only (415),
-  well-formed (400), only `file` parts, each an uploaded file and not a
-  string (so BentoML never fetches URLs), as many as the route takes, file
-  names short and printable, text fields short, plain and of their kind (400);
+  the worker's :class:`~serving.admission.capacity.Admission` says it is
+  full: too many admitted requests, too many bodies arriving, or images
+  waiting too long for the model;
+* reads the body through the one capped, deadlined reader
+  (:mod:`serving.admission.body`: 413, 408), a declared `Content-Length`
+  over the cap refused before reading;
+* checks the multipart form's shape (:mod:`serving.admission.forms`: 415
+  for anything but multipart, 400);
 * counts the request as in flight only once its body is complete, and answers
-  504 (problem+json) itself when the request is not answered within
-  `request_timeout_s`, before BentoML's own timeout could answer in its shape.
+  504 itself when the request is not answered in time
+  (:mod:`serving.http.deadline`).
 
 Then it replays the buffered body to BentoML.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.admission.body import BodyLimits, capped_chunks
 from serving.admission.capacity import Admission
-from serving.problems import PROBLEM_MEDIA_TYPE, problem, problem_body
+from serving.admission.forms import FILE_FIELD, check_form
+from serving.http.deadline import answer_in_time
+from serving.http.problem_errors import problem_errors
+from serving.problems import PROBLEM_MEDIA_TYPE, Problem, problem, problem_body
 
 logger = logging.getLogger(__name__)
 
-FILE_FIELD = "file"
 RETRY_AFTER_S = 1
-MAX_FILENAME_BYTES = 200  # BentoML keeps the name in a temporary file's name: 255 bytes in all on Linux
-MAX_TEXT_FIELD_CHARS = 128
-TEXT = "text"
-BOOLEAN = "boolean"
-BOOLEAN_VALUES = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})
-
-# When the request being served must be answered by (time.monotonic()); work can stop after it.
-REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)
-
-
-class _RejectedError(Exception):
-    def __init__(self, response: ASGIApp) -> None:
-        self.response = response
-
-
-def _bad_request(detail: str) -> _RejectedError:
-    return _RejectedError(problem(HTTPStatus.BAD_REQUEST, detail))
-
-
-def _closing(response: JSONResponse) -> JSONResponse:
-    """The response, telling the client the connection ends: an unread body is never drained."""
-    response.headers["Connection"] = "close"
-    return response
 
 
 @dataclass(frozen=True)
@@ -116,10 +88,10 @@ def overload_response(reason: str, request_id: str | None = None) -> ASGIApp:
     return respond
 
 
-def overloaded(admission: Admission) -> ASGIApp | None:
-    """The 503 for an upload the worker cannot take now, or None."""
-    reason = admission.refusal()
-    return None if reason is None else overload_response(reason)
+class _Overloaded(Exception):  # noqa: N818 - a control-flow signal inside the guard, answered there
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class RequestGuard:
@@ -128,6 +100,7 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, policy: GuardPolicy) -> None:
         self.app = app
         self.policy = policy
+        self.body_limits = BodyLimits(policy.max_body_bytes, policy.body_timeout_s, policy.body_idle_timeout_s)
 
     def _needs_token(self, path: str) -> bool:
         return any(path == route or path.startswith(f"{route}/") for route in self.policy.token_routes)
@@ -136,7 +109,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        send = _problem_errors(send)
+        send = problem_errors(send)
         path = scope["path"]
         if self._needs_token(path) and not self._authorized(scope):
             await _unauthorized()(scope, receive, send)
@@ -152,52 +125,32 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         admission = self.policy.admission
-        if (busy := overloaded(admission)) is not None:
-            await busy(scope, receive, send)
+        if (reason := admission.refusal()) is not None:
+            await overload_response(reason)(scope, receive, send)
             return
         started = time.monotonic()
         admission.open_uploads += 1
         try:
             text_fields = self.policy.text_fields.get(path, {})
             body = await self._checked_body(scope, receive, max_files, text_fields)
-        except _RejectedError as rejected:
-            await rejected.response(scope, receive, send)
+        except Problem as refused:
+            await refused.response()(scope, receive, send)
+            return
+        except _Overloaded as overloaded:
+            await overload_response(overloaded.reason)(scope, receive, send)
             return
         finally:
             admission.open_uploads -= 1
         # Again now that the body is here: requests whose bodies arrived together all passed the first check.
-        if (busy := overloaded(admission)) is not None:
-            await busy(scope, receive, send)
+        if (reason := admission.refusal()) is not None:
+            await overload_response(reason)(scope, receive, send)
             return
         admission.in_flight += 1
         try:
-            await self._answer_in_time(scope, _replay(body, receive), send, started)
+            await answer_in_time(self.app, scope, _replay(body, receive), send, started,
+                                 self.policy.request_timeout_s)
         finally:
             admission.in_flight -= 1
-
-    async def _answer_in_time(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        """Run the app; if it has not started answering by the deadline, cancel it and answer 504."""
-        deadline = started + self.policy.request_timeout_s
-        answered = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal answered
-            answered = True
-            await send(message)
-
-        token = REQUEST_DEADLINE.set(deadline)
-        try:
-            await asyncio.wait_for(self.app(scope, receive, tracking_send), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            if answered:  # too late to change the status; the connection ends with the incomplete answer
-                raise
-            timeout = problem(
-                HTTPStatus.GATEWAY_TIMEOUT,
-                f"the request was not answered within {self.policy.request_timeout_s:g} s; retry later",
-            )
-            await timeout(scope, receive, send)
-        finally:
-            REQUEST_DEADLINE.reset(token)
 
     def _authorized(self, scope: Scope) -> bool:
         if not self.policy.api_token:
@@ -213,24 +166,31 @@ class RequestGuard:
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "multipart/form-data":
-            raise _RejectedError(
-                _closing(
-                    problem(
-                        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                        f"send multipart/form-data with the image in a `{FILE_FIELD}` field, "
-                        f"not {media_type or 'no type'}",
-                    )
-                )
-            )
+            raise Problem(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"send multipart/form-data with the image in a "
+                          f"`{FILE_FIELD}` field, not {media_type or 'no type'}", close=True)
         cap = self.policy.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
-            raise _RejectedError(_too_large(cap))
-        body = await _read_body(
-            receive, cap, self.policy.body_timeout_s, self.policy.body_idle_timeout_s, self.policy.admission
-        )
-        await _check_multipart(headers, body, max_files, text_fields)
+            raise Problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the {cap}-byte cap", close=True)
+        body = await self._read_body(receive)
+        await check_form(headers, body, max_files, text_fields)
         return body
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, counted against the worker's budget of bytes of arriving uploads (503 once
+        it is spent while more is to come)."""
+        admission = self.policy.admission
+        chunks: list[bytes] = []
+        try:
+            async for chunk, more in capped_chunks(receive, self.body_limits):
+                admission.buffered_bytes += len(chunk)
+                chunks.append(chunk)
+                if more and admission.buffered_bytes > admission.max_buffered_bytes:
+                    # The byte budget is spent, so the admission names it (or an earlier limit it hit first).
+                    raise _Overloaded(admission.refusal() or "over capacity")
+            return b"".join(chunks)
+        finally:
+            admission.buffered_bytes -= sum(map(len, chunks))
 
 
 def _is_json(scope: Scope) -> bool:
@@ -238,111 +198,12 @@ def _is_json(scope: Scope) -> bool:
     return media_type == "application/json"
 
 
-def _unauthorized() -> JSONResponse:
+def _unauthorized() -> ASGIApp:
     return problem(
         HTTPStatus.UNAUTHORIZED,
         "missing or wrong API token; send `Authorization: Bearer <token>`",
         headers={"WWW-Authenticate": "Bearer"},
     )
-
-
-def _too_large(cap: int) -> JSONResponse:
-    return _closing(problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the {cap}-byte cap"))
-
-
-def _too_slow(detail: str) -> _RejectedError:
-    return _RejectedError(_closing(problem(HTTPStatus.REQUEST_TIMEOUT, detail)))
-
-
-async def _read_body(receive: Receive, cap: int, total_s: float, idle_s: float, admission: Admission) -> bytes:
-    """The whole body; _RejectedError 413 as soon as it crosses `cap`, 408 when it arrives too slowly,
-    503 when the worker already holds as many bytes of arriving uploads as it may."""
-    chunks: list[bytes] = []
-    size = 0
-    deadline = time.monotonic() + total_s
-    try:
-        while True:
-            message = await _next_chunk(receive, deadline, total_s, idle_s)
-            if message["type"] == "http.disconnect":
-                raise _bad_request("client disconnected before the body was complete")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            admission.buffered_bytes += len(chunk)
-            if size > cap:
-                raise _RejectedError(_too_large(cap))
-            if admission.buffered_bytes > admission.max_buffered_bytes and message.get("more_body", False):
-                # The byte budget is spent, so the admission names it (or an earlier limit it hit first).
-                raise _RejectedError(overload_response(admission.refusal() or "over capacity"))
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-    finally:
-        admission.buffered_bytes -= size
-
-
-async def _next_chunk(receive: Receive, deadline: float, total_s: float, idle_s: float) -> Message:
-    """The next body message, or _RejectedError 408 past the body's deadline or its idle limit."""
-    wait = min(idle_s, deadline - time.monotonic())
-    if wait <= 0:
-        raise _too_slow(f"the request body did not arrive within {total_s:g} s")
-    try:
-        return await asyncio.wait_for(receive(), wait)
-    except TimeoutError:
-        if time.monotonic() >= deadline:
-            raise _too_slow(f"the request body did not arrive within {total_s:g} s") from None
-        raise _too_slow(f"the request body stalled for {idle_s:g} s") from None
-
-
-def _check_filename(name: str | None) -> None:
-    if name is None:
-        return
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
-        raise _bad_request(f"the file name is longer than {MAX_FILENAME_BYTES} bytes")
-    if any(ord(character) < 32 or ord(character) == 127 for character in name):
-        raise _bad_request("the file name contains control characters")
-
-
-def _check_text_field(name: str, value: str, kind: str) -> None:
-    if len(value) > MAX_TEXT_FIELD_CHARS:
-        raise _bad_request(f"`{name}` is longer than {MAX_TEXT_FIELD_CHARS} characters")
-    if kind == BOOLEAN and value.strip().lower() not in BOOLEAN_VALUES:
-        raise _bad_request(f"`{name}` must be true or false")
-    if kind == TEXT and value.lstrip()[:1] in ("[", "{", '"'):  # BentoML would parse JSON, to any depth
-        raise _bad_request(f"`{name}` must be plain text, not JSON")
-
-
-async def _check_multipart(headers: Headers, body: bytes, max_files: int, text_fields: Mapping[str, str]) -> None:
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
-
-    try:
-        form = await MultiPartParser(headers, stream(), max_files=max_files + 1, max_fields=16).parse()
-    except MultiPartException as exc:
-        raise _bad_request(f"malformed multipart body: {exc}") from None
-    try:
-        names = [name for name, _ in form.multi_items()]
-        unexpected = sorted(set(names) - {FILE_FIELD, *text_fields})
-        if unexpected:
-            allowed = ", ".join(f"`{name}`" for name in [FILE_FIELD, *sorted(text_fields)])
-            shown = [name[:40] for name in unexpected[:5]]
-            raise _bad_request(f"unexpected field(s) {shown}; this route takes {allowed}")
-        for name, kind in text_fields.items():
-            values = form.getlist(name)
-            if len(values) > 1 or any(isinstance(value, UploadFile) for value in values):
-                raise _bad_request(f"`{name}` must be a single text field")
-            for value in values:
-                _check_text_field(name, value, kind)
-        values = form.getlist(FILE_FIELD)
-        if not values:
-            raise _bad_request(f"no `{FILE_FIELD}` part in the multipart body")
-        if any(not isinstance(value, UploadFile) for value in values):
-            raise _bad_request(f"`{FILE_FIELD}` must be an uploaded file (a part with a filename), not a string or URL")
-        if len(values) > max_files:
-            raise _bad_request(f"{len(values)} `{FILE_FIELD}` parts; the route takes at most {max_files}")
-        for value in values:
-            _check_filename(value.filename)
-    finally:
-        await form.close()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -357,51 +218,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-def _problem_errors(send: Send) -> Send:
-    """Wrap `send` so that every error response leaves as problem+json."""
-    held: Message | None = None
-    chunks: list[bytes] = []
-
-    async def wrapped(message: Message) -> None:
-        nonlocal held
-        if message["type"] == "http.response.start":
-            headers = Headers(raw=message.get("headers", []))
-            if message["status"] >= 400 and not headers.get("content-type", "").startswith(PROBLEM_MEDIA_TYPE):
-                held = message  # rewrite once the whole body is known
-                return
-            await send(message)
-            return
-        if held is None or message["type"] != "http.response.body":
-            await send(message)
-            return
-        chunks.append(message.get("body", b""))
-        if message.get("more_body", False):
-            return
-        status = HTTPStatus(held["status"])
-        body = json.dumps(problem_body(status, _detail(status, b"".join(chunks)))).encode()
-        kept = [(k, v) for k, v in held.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
-        headers = [*kept, (b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
-        await send({**held, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    return wrapped
-
-
-def _detail(status: HTTPStatus, original: bytes) -> str:
-    """A client-safe detail for a rewritten error: never internals of a 5xx."""
-    if status >= HTTPStatus.INTERNAL_SERVER_ERROR and status != HTTPStatus.SERVICE_UNAVAILABLE:
-        return "an unexpected error occurred; it has been logged"
-    try:
-        parsed = json.loads(original)
-    except ValueError:
-        return original.decode("utf-8", "replace").strip()[:500] or status.description
-    if isinstance(parsed, dict):
-        error = str(parsed.get("error") or parsed.get("detail") or status.description)
-        fields = parsed.get("detail")
-        if isinstance(fields, list):  # pydantic errors as BentoML reports them
-            where = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg', '')}" for e in fields[:5])
-            error = f"{error}: {where}" if where else error
-        return error[:500]
-    return str(parsed)[:500]

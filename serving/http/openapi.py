@@ -19,23 +19,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.card import ModelCard
 from models.store import REPORT_FILES, REPORT_MARKDOWN
-from serving.problems import PROBLEM_MEDIA_TYPE
+from serving.problems import PROBLEM_MEDIA_TYPE, REFUSALS
 from slides.outputs import OUTPUT_FILES
 
 DOCUMENT_PATH = "/docs.json"
 SCHEMAS = "#/components/schemas/{model}"
 # What an upload route can answer besides 200 (README.md's error table; docs/http-contract.md).
-UPLOAD_ERRORS: dict[int, str] = {
-    400: "request shape: missing, extra or wrong fields, an empty file, malformed multipart",
-    401: "missing or wrong API token (only when one is set)",
-    408: "the body did not arrive in time",
-    413: "body over its cap; image over the pixel, decode-memory or JPEG scan budgets",
-    415: "not multipart, or not an image of an allowed format (JPEG, PNG, WebP, TIFF)",
-    422: "truncated or corrupt image",
-    500: "an unexpected server error (never a stack trace)",
-    503: "the worker is full; retry after `Retry-After` seconds",
-    504: "not answered before the request deadline",
-}
+UPLOAD_ERRORS: dict[int, str] = {int(status): refusal.meaning for status, refusal in REFUSALS.items()}
 PROBLEM_SCHEMA = {
     "type": "object",
     "title": "Problem",

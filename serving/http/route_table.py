@@ -18,10 +18,13 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Mount, Route
 
-from serving.http.guard import BOOLEAN, FILE_FIELD, TEXT
+from serving.admission.forms import BOOLEAN, FILE_FIELD, TEXT
 
 _FIELD_KINDS = {str: TEXT, bool: BOOLEAN}
 TASK_ACTIONS = ("submit", "status", "get", "retry", "cancel")
+PROBES = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # BentoML's probes and metrics: always open
+BENTOML_ROUTES = frozenset({"/docs.json", "/"})  # BentoML's own pages
+BENTOML_PREFIXES = ("/static_content/",)
 
 
 @dataclass(frozen=True)

@@ -5,30 +5,19 @@ worker: BentoML sets up its multi-process registry after the service module
 is imported, and metrics made earlier would never reach `/metrics`.
 
 Labels are bounded: class names come from the model card, reasons from
-:data:`REJECTION_REASONS`; nothing from clients (file names, ids) is a label.
+:data:`serving.problems.REFUSALS`; nothing from clients (file names, ids) is a label.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from http import HTTPStatus
 from typing import Any
+
+from serving.problems import REFUSALS
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-# Why an upload was refused, by the status it got.
-REJECTION_REASONS: dict[int, str] = {
-    HTTPStatus.BAD_REQUEST: "bad_request",
-    HTTPStatus.UNAUTHORIZED: "unauthorized",
-    HTTPStatus.REQUEST_TIMEOUT: "slow_upload",
-    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "too_large",
-    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: "format",
-    HTTPStatus.UNPROCESSABLE_ENTITY: "corrupt",
-    HTTPStatus.SERVICE_UNAVAILABLE: "overload",
-    HTTPStatus.GATEWAY_TIMEOUT: "timeout",
-}
 
 METRIC_NAMES = (
     "histopathology_predictions_total",
@@ -55,8 +44,9 @@ class ServiceMetrics:
 
     def reject(self, status: int) -> None:
         """Count a refused upload under the reason its status stands for (others are not counted)."""
-        if (reason := REJECTION_REASONS.get(status)) is not None:
-            self.rejected.labels(reason=reason).inc()
+        refusal = REFUSALS.get(status)
+        if refusal is not None and refusal.reason is not None:
+            self.rejected.labels(reason=refusal.reason).inc()
 
 
 @cache

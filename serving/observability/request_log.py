@@ -26,13 +26,12 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-QUIET_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # probes: counted by BentoML, not logged
 
 # Facts the endpoint learns (the predicted class) for the request's log line.
 _request_notes: ContextVar[dict[str, object] | None] = ContextVar("request_notes", default=None)
 
 
-def note(**facts: object) -> None:
+def add_log_fields(**facts: object) -> None:
     """Attach facts to the current request's log line (no-op outside a request)."""
     notes = _request_notes.get()
     if notes is not None:
@@ -48,10 +47,12 @@ def request_id_from(headers: Headers) -> str:
 class RequestLog:
     """ASGI middleware: request id in and out, a log line per request, refused uploads counted."""
 
-    def __init__(self, app: ASGIApp, known_routes: Iterable[str], upload_routes: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, known_routes: Iterable[str], upload_routes: Iterable[str],
+                 quiet_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.known_routes = frozenset(known_routes)
         self.upload_routes = frozenset(upload_routes)
+        self.quiet_paths = frozenset(quiet_paths)  # probes: counted by BentoML, not logged
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,7 +78,7 @@ class RequestLog:
             path = scope["path"]
             if path in self.upload_routes and status >= 400:
                 service_metrics().reject(status)
-            if path not in QUIET_PATHS:
+            if path not in self.quiet_paths:
                 self._log(scope["method"], path, status, time.perf_counter() - started, request_id, notes)
 
     def _log(self, method: str, path: str, status: int, seconds: float, request_id: str, notes: dict) -> None:
