@@ -15,7 +15,7 @@ from pathlib import Path
 
 from models.store import ModelLoadError, store_entry
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent  # where `models/` is importable from
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository root, where `models/` is importable from
 CHECK_TIMEOUT_S = 300
 
 
