@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 logger = logging.getLogger(__name__)
 
 # buildah's storage and configuration (build/ is git-ignored); the base image is kept here between builds.
@@ -270,33 +272,20 @@ def run_container(
 
 
 def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants, from /proc (the container's server and its workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # the process ended while we looked
-        children.setdefault(parent, []).append(int(entry.name))
-    tree, stack = [root], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            tree.append(child)
-            stack.append(child)
-    return tree
+    """`root` and all its descendants (the container's server and its workers)."""
+    try:
+        return [root] + [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [root]
 
 
 def alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # zombies are gone
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies are gone
+    except psutil.AccessDenied:
+        return True  # another user's process, but it exists
 
 
 def stop_container(running: RunningContainer, timeout_s: float = 30.0) -> list[int]:

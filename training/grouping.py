@@ -7,8 +7,8 @@ the test score measures memory, not generalisation. Here every image gets a
 grey thumbnail against their median) in each of its eight orientations (the
 dihedral group D4: four rotations, each optionally mirrored). Two images are
 near-duplicates when some orientation of one is within ``max_distance`` bits
-of the other; near-duplicates are merged transitively (union-find) into
-groups.
+of the other; near-duplicates are merged transitively (the connected components of the
+near-duplicate graph) into groups.
 
 The hash is 256 bits (16x16 coefficients of a 64x64 thumbnail) rather than
 pHash's usual 64: tissue tiles are self-similar textures, and on the synthetic
@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy.fft import dctn
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 logger = logging.getLogger(__name__)
 
@@ -79,43 +81,29 @@ def hash_distance(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.bitwise_count(a ^ b[0]).sum(axis=-1).min())
 
 
-class _UnionFind:
-    def __init__(self, size: int) -> None:
-        self.parent = np.arange(size)
-
-    def find(self, item: int) -> int:
-        root = item
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[item] != root:  # path compression
-            self.parent[item], item = root, self.parent[item]
-        return int(root)
-
-    def union(self, a: int, b: int) -> None:
-        root_a, root_b = self.find(a), self.find(b)
-        if root_a != root_b:
-            self.parent[max(root_a, root_b)] = min(root_a, root_b)
-
-
 def group_hashes(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE) -> np.ndarray:
     """Group ids 0..G-1 (numbered by first member) for (N, 8, 4) orientation hashes.
 
     Images i and j join one group when min over orientations o of
-    popcount(hash_o(i) XOR hash_identity(j)) <= max_distance, transitively.
+    popcount(hash_o(i) XOR hash_identity(j)) <= max_distance, transitively:
+    the groups are the connected components of the near-duplicate graph.
     """
     count = len(hashes)
-    union_find = _UnionFind(count)
+    if count == 0:
+        return np.zeros(0, np.int64)
     identity = hashes[:, 0]
+    sources, targets = [], []
     for start in range(0, count, _COMPARE_CHUNK):
         block = hashes[start : start + _COMPARE_CHUNK]
         xor = block[:, :, None, :] ^ identity[None, None, :, :]
         distances = np.bitwise_count(xor).sum(axis=-1, dtype=np.int64).min(axis=1)
         rows, columns = np.nonzero(distances <= max_distance)
-        for row, column in zip(rows + start, columns, strict=True):
-            if row < column:
-                union_find.union(int(row), int(column))
-    roots = np.array([union_find.find(i) for i in range(count)], dtype=np.int64)
-    _, first_index, inverse = np.unique(roots, return_index=True, return_inverse=True)
+        sources.append(rows + start)
+        targets.append(columns)
+    edges = np.concatenate(sources), np.concatenate(targets)
+    graph = coo_array((np.ones(len(edges[0]), np.int8), edges), shape=(count, count))
+    _, components = connected_components(graph, directed=False)
+    _, first_index, inverse = np.unique(components, return_index=True, return_inverse=True)
     # Renumber so that group ids follow the order in which groups first appear.
     order = np.argsort(np.argsort(first_index))
     return order[inverse].astype(np.int64)

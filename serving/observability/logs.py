@@ -13,10 +13,11 @@ their traceback.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
+
+import pythonjsonlogger.json
 
 APP_LOGGERS = ("service", "models", "serving")
 BENTOML_REQUEST_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs a request's exception
@@ -24,20 +25,17 @@ TEXT_FORMAT = "%(asctime)s [%(levelname)s] [%(name)s] %(message)s"
 TEXT_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # as BentoML's own log lines
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and exception)."""
+class JsonFormatter(pythonjsonlogger.json.JsonFormatter):
+    """One JSON object per line: time, level, logger, message, a record's `extra` fields, and exception."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))  # structured fields, e.g. of a request's log line
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+    def __init__(self) -> None:
+        super().__init__(
+            ["asctime", "levelname", "name", "message"],
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "exc_info": "exception"},
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
 
 
 def _is_client_error(error: BaseException | None) -> bool:

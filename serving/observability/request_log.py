@@ -83,8 +83,9 @@ class RequestLog:
 
     def _log(self, method: str, path: str, status: int, seconds: float, request_id: str, notes: dict) -> None:
         route = path if path in self.known_routes else "(other)"
+        # `extra` keys become the JSON line's fields; none may be a LogRecord attribute (name, msg, ...).
         fields = {"request_id": request_id, "method": method, "route": route, "status": status,
                   "latency_ms": round(seconds * 1000, 1), **notes}
         extra = " ".join(f"{key}={value}" for key, value in notes.items())
         logger.info("%s %s %d %.1f ms id=%s%s", method, route, status, seconds * 1000, request_id,
-                    f" {extra}" if extra else "", extra={"fields": fields})
+                    f" {extra}" if extra else "", extra=fields)
