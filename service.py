@@ -30,7 +30,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -59,10 +59,11 @@ from serving.model_check import check_model_can_serve
 from serving.openapi import OpenAPIDocument, corrected_document
 from serving.predictions import ExplainedPrediction, Prediction, TrustEvidence, to_prediction
 from serving.problems import Problem, answers_problems, problem
+from serving.report_page import report_page
 from serving.request_log import RequestLog, note
 from serving.routes import route_facts
 from serving.server_options import server_options
-from serving.settings import load_settings
+from serving.settings import load_settings_or_exit
 from serving.slide_store import SLIDE_FILE, SlideStore
 from slides.outputs import OUTPUT_FILES
 from slides.reader import NotASlideError, SlideError
@@ -71,7 +72,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Read when BentoML imports this module: the decorators below need them.
-SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
+SETTINGS = load_settings_or_exit(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 # BentoML's own routes; ours are read from the routes themselves (serving/routes.py).
 BENTOML_ROUTES = {"/docs.json", "/"}
@@ -194,9 +195,14 @@ async def _model_card(request: Request) -> Response:
 
 
 async def _model_report(request: Request) -> Response:
-    """GET /model/report[/{name}]: the evaluation report stored with the model (Markdown, JSON, figures)."""
+    """GET /model/report: the evaluation report as HTML; /model/report/{name}: its files (Markdown, JSON, figures)."""
     service: Histopathology = bentoml.get_current_service()
-    name = request.path_params.get("name", REPORT_MARKDOWN)
+    name = request.path_params.get("name")
+    if name is None:  # the page a browser shows; the Markdown stays at /model/report/report.md
+        if not (service.stored.path / REPORT_MARKDOWN).is_file():
+            return problem(HTTPStatus.NOT_FOUND, f"this model has no report file {REPORT_MARKDOWN!r}")
+        page = await asyncio.to_thread(report_page, service.stored.path, service.stored.tag)
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
     path = service.stored.path / name
     if name not in REPORT_FILES or not path.is_file():
         return problem(HTTPStatus.NOT_FOUND, f"this model has no report file {name!r}; see {sorted(REPORT_FILES)}")
