@@ -7,7 +7,7 @@ innermost outwards, that belongs to a known part (TensorFlow, decoding, the
 multipart parser, the request guard, BentoML's input handling, ...), and
 samples are turned into core-ms per request. The load generator's own CPU is
 measured by the client (it runs on the same cores). Writes
-loadtests/results/cpu_budget.md, a section of BENCHMARKS.md.
+cpu_budget.md, a section of BENCHMARKS.md (loadtests.report says where).
 
     python -m loadtests.cpu_budget [--model TAG] [--seconds 15] [--clients 32]
 """
