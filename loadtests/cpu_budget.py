@@ -135,7 +135,7 @@ def measure(model_tag: str, seconds: float, clients: int, workdir: Path) -> Budg
         for process, out in profiles:
             process.wait(timeout=seconds + 60)
             samples += charge(out.read_text(), unknown)
-        logger.info("unclaimed frames: %s", unknown.most_common(12))
+        logger.debug("unclaimed frames (for extending the charge rules): %s", unknown.most_common(12))
         return Budget(level, samples, usable_cpus(), worker_cpu_s)
     finally:
         stop_server(server)
