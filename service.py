@@ -39,14 +39,14 @@ from serving.observability.metrics import ServiceMetrics, service_metrics
 from serving.observability.request_log import add_log_fields
 from serving.problems import Problem, answers_problems
 from serving.server_options import server_options
-from serving.settings import load_settings
+from serving.settings import load_settings_or_exit
 from serving.slide_store import SlideStore
 from slides.reader import SlideError
 
 logger = logging.getLogger(__name__)
 
 # Read when BentoML imports this module: the decorators below need them.
-SETTINGS = load_settings(bento_arguments=vars(bentoml.use_arguments()))
+SETTINGS = load_settings_or_exit(bento_arguments=vars(bentoml.use_arguments()))
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 UI_FOLDER = Path(__file__).resolve().parent / "ui"
 # Per worker process: what it has admitted, shared by the front door, the guard and the batcher.

@@ -25,7 +25,8 @@ JPEG tiles: requests/s, p50/p95/p99, errors, and the load generator's own
 share of the CPU (it runs on the same cores). Every row gives its share of
 the attainable bound and of the compute limit. Prints one table and the
 per-request CPU costs (core-ms), checks the targets, and writes
-loadtests/results/benchmark.{json,csv,png} and BENCHMARKS.md. How the bounds
+benchmark.{json,csv,png} and its BENCHMARKS.md section (loadtests.report: under
+artifacts/benchmarks/, or the tracked files with UPDATE_DOCS=1). How the bounds
 are defined: docs/performance.md.
 
     python -m loadtests.benchmark [--model TAG] [--seconds 10]
@@ -48,7 +49,7 @@ from pathlib import Path
 
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import all_core_limit, measure, sample_jpeg
-from loadtests.report import RESULTS_DIR, write_section
+from loadtests.report import figure_link, results_dir, write_section
 from loadtests.servers import REPO_ROOT, free_port, start_server, stop_server, wait_ready
 from models.store import DEFAULT_MODEL_TAG
 from serving.cpus import usable_cpus
@@ -263,7 +264,8 @@ def run(model_tag: str, seconds: float) -> tuple[list[str], list[tuple[str, bool
 
 def _write(rows: list[Row], limit: object, bounds: Bounds, model_tag: str, table: list[str],
            checks: list[tuple[str, bool]]) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     machine = (f"{platform.machine()}, {bounds.cores} usable CPUs, Python {platform.python_version()}, "
                f"{platform.system()}")
     record = {
@@ -278,12 +280,12 @@ def _write(rows: list[Row], limit: object, bounds: Bounds, model_tag: str, table
         "rows": [{"target": r.target, **asdict(r.level)} for r in rows],
         "checks": [{"check": text, "met": ok} for text, ok in checks],
     }
-    (RESULTS_DIR / "benchmark.json").write_text(json.dumps(record, indent=2))
-    with (RESULTS_DIR / "benchmark.csv").open("w", newline="") as handle:
+    (folder / "benchmark.json").write_text(json.dumps(record, indent=2))
+    with (folder / "benchmark.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(record["rows"][0]))
         writer.writeheader()
         writer.writerows(record["rows"])
-    _plot(rows, bounds, RESULTS_DIR / "benchmark.png")
+    _plot(rows, bounds, folder / "benchmark.png")
     lines = [
         "## Service under load",
         "",
@@ -298,7 +300,7 @@ def _write(rows: list[Row], limit: object, bounds: Bounds, model_tag: str, table
         "",
         *[f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks],
         "",
-        "![throughput and p95](loadtests/results/benchmark.png)",
+        f"![throughput and p95]({figure_link('benchmark.png')})",
         "",
     ]
     write_section("benchmark.md", lines)

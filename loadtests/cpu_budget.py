@@ -7,7 +7,7 @@ innermost outwards, that belongs to a known part (TensorFlow, decoding, the
 multipart parser, the request guard, BentoML's input handling, ...), and
 samples are turned into core-ms per request. The load generator's own CPU is
 measured by the client (it runs on the same cores). Writes
-loadtests/results/cpu_budget.md, a section of BENCHMARKS.md.
+cpu_budget.md, a section of BENCHMARKS.md (loadtests.report says where).
 
     python -m loadtests.cpu_budget [--model TAG] [--seconds 15] [--clients 32]
 """
@@ -135,7 +135,7 @@ def measure(model_tag: str, seconds: float, clients: int, workdir: Path) -> Budg
         for process, out in profiles:
             process.wait(timeout=seconds + 60)
             samples += charge(out.read_text(), unknown)
-        logger.info("unclaimed frames: %s", unknown.most_common(12))
+        logger.debug("unclaimed frames (for extending the charge rules): %s", unknown.most_common(12))
         return Budget(level, samples, usable_cpus(), worker_cpu_s)
     finally:
         stop_server(server)

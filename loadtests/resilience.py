@@ -163,7 +163,7 @@ def run(model_tag: str | None, soak_requests: int, overload_factor: float, workd
         figures.soak_rss_after_mb = total_rss()
         figures.soak_requests = sum(outcomes.values())
         figures.soak_errors = figures.soak_requests - outcomes["200"]
-        logger.info("warm-up: %d requests, workers' RSS +%.1f MB; soak: %s, workers' RSS %.1f -> %.1f MB",
+        logger.info("warm-up: %d requests, workers' RSS %+.1f MB; soak: %s, workers' RSS %.1f -> %.1f MB",
                     WARMUP_REQUESTS, figures.warmup_rss_growth_mb, dict(outcomes), figures.soak_rss_before_mb,
                     figures.soak_rss_after_mb)
 

@@ -12,7 +12,7 @@ The decision rule: serve another runtime only if it makes the service at
 least 1.25x faster end to end. A runtime changes only the model's share of a
 request's CPU; decode, HTTP and BentoML's input handling stay. So the gain is
 bounded by the service's CPU per request (at 32 clients, from the latest
-`make benchmark`, loadtests/results/benchmark.json) over that CPU less what
+`make benchmark`, loadtests.report.latest_record) over that CPU less what
 the runtime saves per image. Without a benchmark record, the worker pipeline
 (decode + model at one thread, per image) stands in for the request.
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from loadtests.client import server_core_ms
 from loadtests.inprocess import rate, sample_jpeg, served_model
-from loadtests.report import RESULTS_DIR, write_section
+from loadtests.report import latest_record, results_dir, write_section
 from models.tf_environment import prefer_onednn
 from training.synthetic import LUNG_CLASSES
 
@@ -53,7 +53,7 @@ BATCH_SIZES = (1, 8, 16, 32)
 AGREEMENT_TILES_PER_CLASS = 8
 MAX_ABS_DIFFERENCE = 1e-4
 REQUIRED_END_TO_END_GAIN = 1.25
-BENCHMARK_RECORD = RESULTS_DIR / "benchmark.json"
+BENCHMARK_RECORD = "benchmark.json"  # `make benchmark`'s record (loadtests.report.latest_record)
 SERVICE_ROW = "service (defaults"  # the benchmark row whose CPU per request is the end-to-end base
 SERVICE_CLIENTS = 32
 ONNX_OPSET = 17
@@ -241,8 +241,9 @@ class Decision:
     adopt: bool
 
 
-def service_core_ms(record: Path = BENCHMARK_RECORD) -> float | None:
+def service_core_ms(record: Path | None = None) -> float | None:
     """The service's CPU per request at SERVICE_CLIENTS clients in the latest `make benchmark`, if any."""
+    record = record or latest_record(BENCHMARK_RECORD)
     if not record.is_file():
         return None
     facts = json.loads(record.read_text())
@@ -328,7 +329,7 @@ def run(model_tag: str | None, seconds: float) -> list[str]:
     decision = decide(results, decode_ms, service_core_ms())
     when = datetime.now(UTC).isoformat(timespec="seconds")
     lines = markdown(results, decode_ms, decision, when, model)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results_dir().mkdir(parents=True, exist_ok=True)
     record = {
         "when": when,
         "model": model,
@@ -336,7 +337,7 @@ def run(model_tag: str | None, seconds: float) -> list[str]:
         "decision": asdict(decision),
         "results": [asdict(r) for r in results],
     }
-    (RESULTS_DIR / "runtimes.json").write_text(json.dumps(record, indent=2))
+    (results_dir() / "runtimes.json").write_text(json.dumps(record, indent=2))
     return write_section("runtimes.md", lines)
 
 

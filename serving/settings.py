@@ -46,7 +46,7 @@ def one_of(*choices: str) -> Rule:
 
 
 PROBABILITY = Rule(lambda value: 0.0 <= value <= 1.0, "between 0 and 1")
-POSITIVE = Rule(lambda value: value > 0.0, "positive")
+POSITIVE = Rule(lambda value: value > 0.0, "above 0")
 _TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
@@ -57,12 +57,13 @@ def _read(
     raw = env.get(name, "")
     if raw == "":
         return default
+    wanted = ", ".join(part for part in (_TYPE_NAMES.get(parse), rule and rule.says) if part)
     try:
         value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not {_TYPE_NAMES.get(parse, 'valid')}") from None
+        raise SettingsError(f"{name}={raw!r} is not {_TYPE_NAMES.get(parse, 'valid')}: it must be {wanted}") from None
     if rule is not None and not rule.valid(value):
-        raise SettingsError(f"{name}={value!r} must be {rule.says}")
+        raise SettingsError(f"{name}={raw!r} must be {wanted}")
     return value
 
 
@@ -160,3 +161,102 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         slide_ttl_s=_read(env, "HISTO_SLIDE_TTL_S", 24 * 3600, rule=at_least(60)),
         slide_upload_timeout_s=_read(env, "HISTO_SLIDE_UPLOAD_TIMEOUT_S", 3600, rule=at_least(10)),
     )
+
+
+def load_settings_or_exit(bento_arguments: Mapping[str, str] | None = None) -> Settings:
+    """:func:`load_settings` for the service's start: a bad value ends it with one line, not a traceback."""
+    try:
+        return load_settings(bento_arguments=bento_arguments)
+    except SettingsError as exc:
+        raise SystemExit(f"histopathology service cannot start: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One row of the README's settings table: the variables, their default as shown, what they do.
+
+    ``default`` is the text shown; when empty, it is read from ``load_settings({})`` (field ``field``),
+    so the table cannot disagree with the code.
+    """
+
+    names: tuple[str, ...]
+    what: str
+    fields: tuple[str, ...] = ()
+    default: str = ""
+
+
+# Documentation of every variable load_settings reads (a test checks the list is complete and the
+# README's table is this one), in the README's order.
+VARIABLES: tuple[Variable, ...] = (
+    Variable(("HISTO_MODEL_TAG",), "model to serve (a built Bento ignores it and serves its pinned model)",
+             ("model_tag",)),
+    Variable(("HISTO_MAX_PIXELS",), "decoded-image pixel cap (413 above it)", ("max_pixels",)),
+    Variable(("HISTO_MAX_BODY_BYTES",), "request-body cap (413)", ("max_body_bytes",)),
+    Variable(("HISTO_ABSTAIN_THRESHOLD",), "`uncertain` below this confidence", default="from the model card"),
+    Variable(("HISTO_OOD_GATE",), "the quality gate and the out-of-distribution score on every tile; `off` only to "
+             "measure their cost (answers then carry `null` trust fields)", default="`on`"),
+    Variable(("HISTO_OOD_THRESHOLD",), "out-of-distribution score above which a tile is flagged",
+             default="from the model card"),
+    Variable(("HISTO_MAX_BATCH_SIZE",), "largest batch per model call", ("max_batch_size",)),
+    Variable(("HISTO_MAX_LATENCY_MS",), "total wait for a result before 504", ("max_latency_ms",)),
+    Variable(("HISTO_WORKERS",), "BentoML worker processes (about 1 GB resident each under load): by default one per "
+             "CPU the process may use (its affinity mask, capped by a container's CPU quota, e.g. `--cpus` or a "
+             "pod's CPU limit; `serving/cpus.py`)", default="one per usable CPU"),
+    Variable(("HISTO_TF_INTRA_OP_THREADS", "HISTO_TF_INTER_OP_THREADS"), "TensorFlow thread pools per worker (0: "
+             "TensorFlow decides); one worker per core with one thread each beat one worker with more threads here",
+             ("tf_intra_op_threads", "tf_inter_op_threads")),
+    Variable(("TF_ENABLE_ONEDNN_OPTS",), "TensorFlow's oneDNN CPU kernels (read by TensorFlow; "
+             "`models/tf_environment.py` sets the default); TensorFlow's own default turns them on only on CPUs with "
+             "AVX-512 VNNI/BF16 or AMX, and on an AVX2-only EPYC they gave the model about 35% more images/s on one "
+             "thread; 0 opts out", default="1"),
+    Variable(("HISTO_LOG_FORMAT",), "`text` or `json` for the service's own log lines", default="`text`"),
+    Variable(("HISTO_MAX_IN_FLIGHT",), "admitted uploads (body received) served at once per worker; more get 503 + "
+             "`Retry-After`", ("max_in_flight",)),
+    Variable(("HISTO_MAX_OPEN_UPLOADS", "HISTO_MAX_BUFFERED_BYTES"), "upload bodies still arriving per worker, and "
+             "their bytes held; more get 503", ("max_open_uploads", "max_buffered_bytes")),
+    Variable(("HISTO_MAX_QUEUE_DELAY_MS",), "new uploads get 503 while images wait longer than this for the model",
+             ("max_queue_delay_ms",)),
+    Variable(("HISTO_REQUEST_TIMEOUT_MS",), "the service answers 504 (problem+json, request id) when a request is not "
+             "answered by then", ("request_timeout_ms",)),
+    Variable(("HISTO_BODY_TIMEOUT_MS", "HISTO_BODY_IDLE_TIMEOUT_MS"), "an upload's body must arrive within the first "
+             "and never pause longer than the second (408)", ("body_timeout_ms", "body_idle_timeout_ms")),
+    Variable(("HISTO_HEADER_TIMEOUT_MS",), "a connection that has not sent a request's headers by then is closed",
+             ("header_timeout_ms",)),
+    Variable(("HISTO_MAX_DECODE_BYTES",), "estimated peak memory of one decode (413 above it)", ("max_decode_bytes",)),
+    Variable(("HISTO_MAX_JPEG_SCANS", "HISTO_MAX_SCAN_PIXELS"), "JPEG scans, and scans x pixels (the decoding work), "
+             "one upload may have (413)", ("max_jpeg_scans", "max_scan_pixels")),
+    Variable(("HISTO_DECODE_THREADS",), "decoding threads per worker (plus one for decodes over 32 MB or 20 M "
+             "scan-pixels)", ("decode_threads",)),
+    Variable(("HISTO_MAX_FILES_PER_REQUEST",), "most `file` parts in one `/predict_batch`", ("max_files_per_request",)),
+    Variable(("HISTO_API_TOKEN",), "when set, `/predict`, `/predict_batch`, `/explain`, `/model` (with "
+             "`/model/report`) and the slide routes need `Authorization: Bearer <token>` (compared in constant "
+             "time); probes, `/metrics`, `/docs.json` and the page at `/ui/` stay open", default="none"),
+    Variable(("HISTO_CORS_ORIGINS",), "comma-separated browser origins allowed to call the API", default="none"),
+    Variable(("SENTRY_DSN",), "optional Sentry error tracking (`sentry-sdk` is in the Bento; off unless set)",
+             default="none"),
+    Variable(("HISTO_SLIDE_DIR",), "where uploaded slides and their analyses go (one folder per slide)",
+             default="`histopathology-slides` in the system temporary folder"),
+    Variable(("HISTO_SLIDE_ROOT",), "a server-side folder `analyze_slide` may name slides in by relative path",
+             default="none"),
+    Variable(("HISTO_MAX_SLIDE_BYTES",), "slide upload cap (413 as soon as the body crosses it)",
+             ("max_slide_bytes",)),
+    Variable(("HISTO_SLIDE_TTL_S",), "seconds slides and their analyses are kept", ("slide_ttl_s",)),
+    Variable(("HISTO_SLIDE_UPLOAD_TIMEOUT_S",), "seconds one slide upload may take in all (a pause longer than "
+             "`HISTO_BODY_IDLE_TIMEOUT_MS` still ends it with 408)", ("slide_upload_timeout_s",)),
+)
+
+
+def settings_table() -> str:
+    """The README's settings table (Markdown), defaults read from the code."""
+    defaults = load_settings({})
+    rows = ["| variable | default | what |", "|---|---|---|"]
+    for variable in VARIABLES:
+        values = [getattr(defaults, name) for name in variable.fields]
+        shown = variable.default or ", ".join(f"`{v}`" if isinstance(v, str) else str(v) for v in values)
+        names = ", ".join(f"`{name}`" for name in variable.names)
+        rows.append(f"| {names} | {shown} | {variable.what} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())  # `make settings-table` puts it into the README

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import bentoml
@@ -9,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.servers import start_server, stop_server
+from loadtests.servers import REPO_ROOT, start_server, stop_server
 from models.store import load_model, save_model
 from tests.helpers import TINY_MODEL_NAME, fresh_tile
 
@@ -34,6 +36,26 @@ def test_bento_pins_the_model_version_and_ships_serving_code_only(bento_tag, tin
         assert training_only not in requirements, training_only
     envs = {env["name"]: env["value"] for env in info["envs"]}
     assert envs["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_building_again_without_changes_reuses_the_bento_and_a_change_builds_a_new_one(bento_tag, tmp_path):
+    from deploy.bento_build import source_digest
+
+    again = subprocess.run(["make", "-s", "build", f"MODEL_NAME={TINY_MODEL_NAME}"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300, check=True)
+    assert again.stdout.strip().splitlines()[-1] == bento_tag
+    assert "nothing changed" in again.stdout
+    digests = [bento.info.labels.get("source_digest") for bento in bentoml.list("histopathology")]
+    assert len(digests) == len(set(digests))  # never two Bentos of the same sources and model
+    # Any change to what the Bento ships, or another model, is another digest (so another Bento).
+    model_tag = bentoml.bentos.get(bento_tag).info.args["model_tag"]
+    assert source_digest(model_tag) != source_digest(model_tag + "x")
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "data", "artifacts", "build",
+                                                                  "__pycache__", ".*cache"))
+    assert source_digest(model_tag, copy) == source_digest(model_tag)
+    (copy / "serving" / "settings.py").write_text((copy / "serving" / "settings.py").read_text() + "\n")
+    assert source_digest(model_tag, copy) != source_digest(model_tag)
 
 
 def test_built_bento_serves_its_pinned_model_even_when_a_newer_one_exists(

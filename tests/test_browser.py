@@ -214,3 +214,48 @@ def test_a_file_that_is_no_slide_gets_the_reason(page, tmp_path):
     page.set_input_files("#slide-file", notes)
     expect(page.locator("#slide-error")).to_contain_text("415")
     expect(page.locator("#slide-result")).to_be_hidden()
+
+
+def test_the_evaluation_report_opens_as_a_page_with_its_five_figures(browser, page, strict_server, server):
+    from playwright.sync_api import expect
+
+    # Without JavaScript (and without a token): /model/report itself is the rendered report.
+    context = browser.new_context(java_script_enabled=False, viewport={"width": 1200, "height": 1100})
+    plain = context.new_page()
+    plain.goto(f"{server.url}/model/report")
+    assert_report_page(plain)
+    context.close()
+
+    # From the web page with a token: the link fetches the page with it and opens it in a new tab.
+    enter_token(page)
+    expect(page.locator("#card")).to_be_visible()
+    with page.context.expect_page() as opened:
+        page.click("#report-link")
+    report = opened.value
+    report.wait_for_load_state()
+    assert_report_page(report)
+    screenshot(report, "model_report")
+
+
+def assert_report_page(report) -> None:
+    from playwright.sync_api import expect
+
+    expect(report.locator("h1")).to_contain_text("Model report")
+    expect(report.locator("table").first).to_be_visible()
+    figures = report.locator("img")
+    expect(figures).to_have_count(5)
+    for figure in figures.all():
+        figure.scroll_into_view_if_needed()
+        assert figure.evaluate("image => image.complete && image.naturalWidth > 0"), figure.get_attribute("alt")
+    assert "![" not in report.inner_text("body")
+
+
+def test_the_page_asks_for_nothing_the_service_lacks(browser, strict_server):
+    context = browser.new_context()
+    ui = context.new_page()
+    missing = []
+    ui.on("response", lambda response: missing.append(response.url) if response.status == 404 else None)
+    ui.goto(f"{strict_server.url}/ui/")
+    ui.wait_for_load_state("networkidle")
+    context.close()
+    assert missing == []  # the favicon included

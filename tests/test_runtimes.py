@@ -104,3 +104,28 @@ def test_benchmarks_page_keeps_each_harness_section(tmp_path):
     write_benchmarks_markdown(tmp_path, page)
     text = page.read_text()
     assert text.index("http table") < text.index("runtime table")
+
+
+def test_a_benchmark_changes_tracked_results_only_when_asked(tmp_path, monkeypatch):
+    from loadtests import report
+
+    tracked, local, page = tmp_path / "results", tmp_path / "artifacts", tmp_path / "BENCHMARKS.md"
+    tracked.mkdir()
+    (tracked / "benchmark.md").write_text("## Service under load\n\ncommitted table\n")
+    page.write_text("committed page\n")
+    monkeypatch.setattr(report, "TRACKED_RESULTS", tracked)
+    monkeypatch.setattr(report, "LOCAL_RESULTS", local)
+    monkeypatch.setattr(report, "TRACKED_PAGE", page)
+    monkeypatch.setattr(report, "REPO_ROOT", tmp_path)
+
+    monkeypatch.delenv("UPDATE_DOCS", raising=False)
+    report.write_section("runtimes.md", ["## Inference runtimes", "", "my table"])
+    assert page.read_text() == "committed page\n" and not (tracked / "runtimes.md").exists()
+    local_page = (local / "BENCHMARKS.md").read_text()
+    assert "my table" in local_page and "committed table" in local_page  # complete: the rest from the tracked
+    assert report.latest_record("runtimes.md") == local / "runtimes.md"
+
+    monkeypatch.setenv("UPDATE_DOCS", "1")
+    report.write_section("runtimes.md", ["## Inference runtimes", "", "published table"])
+    assert "published table" in page.read_text() and "committed table" in page.read_text()
+    assert (tracked / "runtimes.md").read_text().endswith("published table")

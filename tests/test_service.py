@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +21,8 @@ from tests.helpers import PROBLEM, assert_problem, encode, fresh_tile, post_file
 from training.synthetic import LUNG_CLASSES
 
 pytestmark = pytest.mark.service
+REPORT_FIGURES = ("confusion_matrix.png", "roc_curves.png", "reliability_diagram.png", "risk_coverage.png",
+                  "ood_detection.png")
 
 
 def batch_size_histogram(url: str) -> tuple[float, float, float]:
@@ -125,14 +128,22 @@ def test_model_card_and_builtin_endpoints_answer(server, tiny_model_tag):
 
 def test_model_report_is_served_from_the_store_entry(server, tiny_model_tag):
     stored = load_model(tiny_model_tag)
-    report = httpx.get(f"{server.url}/model/report", timeout=10)
+    report = httpx.get(f"{server.url}/model/report/report.md", timeout=10)
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/markdown")
     assert report.text == (stored.path / "report.md").read_text()
     assert temperature_text(stored.card) in report.text
-    for figure in ("confusion_matrix.png", "roc_curves.png", "reliability_diagram.png"):
+    for figure in REPORT_FIGURES:
         response = httpx.get(f"{server.url}/model/report/{figure}", timeout=10)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
         assert response.content == (stored.path / figure).read_bytes()
+    # The page a browser opens: the Markdown rendered, every figure inline, the Markdown linked.
+    page = httpx.get(f"{server.url}/model/report", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<table>" in page.text and "![" not in page.text and 'href="report/report.md"' in page.text
+    assert temperature_text(stored.card) in page.text
+    for figure in REPORT_FIGURES:
+        inline = base64.b64encode((stored.path / figure).read_bytes()).decode("ascii")
+        assert f'src="data:image/png;base64,{inline}"' in page.text, figure
     # Only report files: not the model, not the card file, no path tricks.
     for name in ("model.keras", "split_manifest.json", "..%2Fcard.json", "nothing.png"):
         assert_problem(httpx.get(f"{server.url}/model/report/{name}", timeout=10), 404)
@@ -214,6 +225,15 @@ def test_starting_without_the_model_exits_fast_with_a_clear_message():
     output = result.stdout + result.stderr
     assert "no_such_model" in output and "could not be found" in output
     assert "Traceback" not in output
+
+
+def test_a_bad_setting_stops_the_service_with_one_line_naming_it(tiny_model_tag):
+    result = run_server_until_exit("service:Histopathology", {"HISTO_MODEL_TAG": tiny_model_tag,
+                                                              "HISTO_MAX_BATCH_SIZE": "abc"}, 30)
+    assert result.returncode != 0
+    output = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert output == ["histopathology service cannot start: HISTO_MAX_BATCH_SIZE='abc' is not an integer: "
+                      "it must be an integer, at least 1"], output
 
 
 def test_starting_with_an_invalid_card_exits_fast_with_a_clear_message(tiny_model_tag, tmp_path):

@@ -147,7 +147,7 @@ def test_a_bento_pinned_model_tag_wins_over_the_environment():
     ("name", "value", "message"),
     [("HISTO_MAX_BATCH_SIZE", "abc", "not an integer"), ("HISTO_MAX_BATCH_SIZE", "0", "at least 1"),
      ("HISTO_ABSTAIN_THRESHOLD", "1.5", "between 0 and 1"), ("HISTO_LOG_FORMAT", "xml", "text, json"),
-     ("HISTO_OOD_GATE", "maybe", "on, off"), ("HISTO_OOD_THRESHOLD", "0", "positive"),
+     ("HISTO_OOD_GATE", "maybe", "on, off"), ("HISTO_OOD_THRESHOLD", "0", "above 0"),
      ("HISTO_OOD_THRESHOLD", "x", "not a number")],
 )
 def test_bad_settings_name_the_variable(name, value, message):

@@ -161,7 +161,7 @@ def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag, synthetic_r
     assert intervals is not None and intervals.accuracy.estimate == pytest.approx(card.metrics.accuracy)
     assert intervals.accuracy.low <= card.metrics.accuracy <= intervals.accuracy.high
     assert set(intervals.recall) == set(card.class_names)
-    # The Markdown report is the card's numbers, with its three figures beside it.
+    # The Markdown report is the card's numbers, with its figures beside it.
     markdown = (stored.path / REPORT_MARKDOWN).read_text()
     assert temperature_text(card) in markdown
     assert f"{card.abstain_threshold:.3f}" in markdown and "Not for diagnosis" in markdown

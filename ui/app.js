@@ -203,17 +203,20 @@ async function loadCard() {
   }
 }
 
-// The report may need the token too, so it is fetched here and shown from a blob.
-async function openReport(event) {
+// With a token the link cannot send it, so the report is fetched here and shown from a blob: the
+// HTML page (figures inline, so it needs nothing more) or the Markdown as text. Without a token the
+// plain link opens it.
+async function openReport(event, path, type) {
+  if (!authHeaders().Authorization) return;
   event.preventDefault();
-  const response = await fetch(new URL("model/report", api), { headers: authHeaders() });
+  const response = await fetch(new URL(path, api), { headers: authHeaders() });
   if (!response.ok) {
     $("card-error").textContent = await problemMessage(response);
     $("card-error").hidden = false;
     return;
   }
   const text = await response.text();
-  window.open(URL.createObjectURL(new Blob([text], { type: "text/plain; charset=utf-8" })), "_blank", "noopener");
+  window.open(URL.createObjectURL(new Blob([text], { type })), "_blank", "noopener");
 }
 
 // ---- Whole slides: upload, analyse as a BentoML task, show the map ----
@@ -419,7 +422,9 @@ function setUp() {
     if (event.dataTransfer.files[0]) classify(event.dataTransfer.files[0]);
   });
   zone.addEventListener("keydown", (event) => { if (event.key === "Enter") $("file").click(); });
-  $("report-link").addEventListener("click", openReport);
+  $("report-link").addEventListener("click", (event) => openReport(event, "model/report", "text/html; charset=utf-8"));
+  $("report-markdown-link").addEventListener("click",
+    (event) => openReport(event, "model/report/report.md", "text/plain; charset=utf-8"));
   $("slide-file").addEventListener("change", () => { if ($("slide-file").files[0]) analyseSlide($("slide-file").files[0]); });
   $("slide-tile-heatmap").addEventListener("change", showTileImage);
   loadCard();

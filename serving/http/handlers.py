@@ -18,11 +18,12 @@ from pathlib import Path
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from models.store import REPORT_FILES, REPORT_MARKDOWN
+from serving.http.report_page import report_page
 from serving.problems import Problem, answers_problems
 from serving.settings import Settings
 from serving.slide_store import SLIDE_FILE, SlideStore
@@ -45,9 +46,16 @@ def plain_routes(settings: Settings, slides: SlideStore, ui_folder: Path) -> Sta
 
     @answers_problems
     async def model_report(request: Request) -> Response:
-        """GET /model/report[/{name}]: the evaluation report stored with the model (Markdown, JSON, figures)."""
-        name = request.path_params.get("name", REPORT_MARKDOWN)
-        path = bentoml.get_current_service().stored.path / name
+        """GET /model/report: the evaluation report as HTML; /model/report/{name}: its files (Markdown, JSON,
+        figures)."""
+        stored = bentoml.get_current_service().stored
+        name = request.path_params.get("name")
+        if name is None:  # the page a browser shows; the Markdown stays at /model/report/report.md
+            if not (stored.path / REPORT_MARKDOWN).is_file():
+                raise Problem(HTTPStatus.NOT_FOUND, f"this model has no report file {REPORT_MARKDOWN!r}")
+            page = await asyncio.to_thread(report_page, stored.path, stored.tag)
+            return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+        path = stored.path / name
         if name not in REPORT_FILES or not path.is_file():
             raise Problem(HTTPStatus.NOT_FOUND, f"this model has no report file {name!r}; see {sorted(REPORT_FILES)}")
         return FileResponse(path, media_type=REPORT_FILES[name], headers={"Cache-Control": "no-cache"})

@@ -79,9 +79,10 @@ def _model_routes(token_routes: Iterable[str]) -> dict[str, dict]:
         }},
         "/model/report": {"get": {
             "tags": ["Service APIs"], "operationId": "model_report",
-            "description": f"The evaluation report stored with the model ({REPORT_MARKDOWN}).",
+            "description": f"The evaluation report stored with the model as one HTML page ({REPORT_MARKDOWN} "
+                           "rendered, its figures inline).",
             "responses": {
-                "200": {"description": "the report", "content": _content("text/markdown", {"type": "string"})},
+                "200": {"description": "the report page", "content": _content("text/html", {"type": "string"})},
                 **_problem_responses({**errors, 404: "this model has no report"}),
             },
         }},

@@ -1,0 +1,1 @@
+"""Keeping the README true: its checked code blocks, and the blocks generated from the code."""
