@@ -65,7 +65,7 @@ system-deps: ## Debian packages the tests need (apt-get, once)
 data: $(SYNTHETIC_DIR)/.complete ## synthetic LC25000-layout tiles (PER_CLASS per class)
 
 $(SYNTHETIC_DIR)/.complete: | setup
-	$(PY) -m training.synthetic --out $(SYNTHETIC_DIR) --per-class $(PER_CLASS) --seed $(SEED)
+	$(PY) -m synthetic.tiles --out $(SYNTHETIC_DIR) --per-class $(PER_CLASS) --seed $(SEED)
 	touch $@
 
 model: setup ## the default model in the BentoML store, trained if the store has none

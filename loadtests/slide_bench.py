@@ -1,6 +1,6 @@
 """Whole slides through the running service, measured in one run and written to BENCHMARKS.md.
 
-On a synthetic slide with ground truth (:mod:`training.synthetic_slides`,
+On a synthetic slide with ground truth (:mod:`synthetic.slides`,
 20,000 pixels a side by default), through the flow a client uses (`POST
 /slides`, `/analyze_slide/submit`, `/status`, `/get`, the GeoJSON):
 
@@ -39,7 +39,7 @@ from loadtests.inprocess import sample_jpeg
 from loadtests.report import results_dir, write_section
 from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server
 from models.store import DEFAULT_MODEL_TAG, load_model
-from training.synthetic_slides import CELL, SlideTruth, generate_slide, plan_regions, score, truth_path
+from synthetic.slides import CELL, SlideTruth, generate_slide, plan_regions, score, truth_path
 
 logger = logging.getLogger(__name__)
 

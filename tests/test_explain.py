@@ -13,8 +13,8 @@ from PIL import Image
 from models.explain import GradCam, jet, overlay
 from models.preprocessing import decode_image
 from models.store import load_model
+from synthetic.tiles import LUNG_CLASSES
 from tests.helpers import TINY_TILE, assert_problem, encode, fresh_tile
-from training.synthetic import LUNG_CLASSES
 
 pytestmark = pytest.mark.service
 

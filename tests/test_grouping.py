@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from synthetic.tiles import LUNG_CLASSES, generate_dataset
 from tests.helpers import TINY_TILE
 from training import data
 from training.grouping import group_files, hash_distance, hash_files, orientations, summarise
-from training.synthetic import LUNG_CLASSES, generate_dataset
 
 ORIGINALS_PER_CLASS = 12
 COPIES = 4  # each original plus 4 rotated/mirrored copies: groups of 5

@@ -14,6 +14,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from loadtests.servers import start_server
+from synthetic.tiles import render_tile
 from tests.helpers import (
     PROBLEM,
     STRICT_ORIGIN,
@@ -25,7 +26,6 @@ from tests.helpers import (
     post_file,
     wait_until,
 )
-from training.synthetic import render_tile
 
 pytestmark = pytest.mark.service
 

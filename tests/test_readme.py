@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from docscheck.readme import README, Block, checked_blocks, generated_block
 from loadtests.servers import REPO_ROOT
 from serving.settings import VARIABLES, load_settings, settings_table
-from training.synthetic import LUNG_CLASSES
+from synthetic.tiles import LUNG_CLASSES
 
 README_HOST = "localhost:3000"
 TILE_PATH = re.compile(r"data/synthetic/lung_image_sets/(\w+)/(\w+\.jpeg)")
@@ -93,7 +93,7 @@ def test_make_help_lists_every_verb_aligned_and_the_readme_table_has_them_all():
 
 
 def test_the_synthetic_options_the_readme_names_exist(blocks):
-    result = subprocess.run([str(REPO_ROOT / ".venv/bin/python"), "-m", "training.synthetic", "--help"],
+    result = subprocess.run([str(REPO_ROOT / ".venv/bin/python"), "-m", "synthetic.tiles", "--help"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=True)
     named = blocks["synthetic-options"].text.split()
     assert named and all(option.startswith("--") for option in named)

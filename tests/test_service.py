@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.servers import run_server_until_exit
 from models.store import load_model
+from synthetic.tiles import LUNG_CLASSES
 from tests.helpers import PROBLEM, assert_problem, encode, fresh_tile, post_file, temperature_text
-from training.synthetic import LUNG_CLASSES
 
 pytestmark = pytest.mark.service
 REPORT_FIGURES = ("confusion_matrix.png", "roc_curves.png", "reliability_diagram.png", "risk_coverage.png",

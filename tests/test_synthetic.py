@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import data
-from training.synthetic import (
+from synthetic.tiles import (
     EASY,
     GENERATION_FILE,
     LUNG_CLASSES,
@@ -22,6 +21,7 @@ from training.synthetic import (
     generate_dataset,
     make_sites,
 )
+from training import data
 
 QUIET = replace(EASY, sites=3)  # clean tiles from three sites: one knob at a time is turned up from here
 

@@ -8,8 +8,7 @@ import pytest
 from slides.analyze import UNCERTAIN
 from slides.reader import Slide
 from slides.tissue import tissue_mask
-from training.synthetic import LUNG_CLASSES
-from training.synthetic_slides import (
+from synthetic.slides import (
     CELL,
     GLASS,
     SlideTruth,
@@ -18,6 +17,7 @@ from training.synthetic_slides import (
     score,
     truth_path,
 )
+from synthetic.tiles import LUNG_CLASSES
 
 
 @pytest.fixture(scope="module")

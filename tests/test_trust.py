@@ -13,10 +13,10 @@ from models.ood import FeatureScorer
 from models.prediction import Thresholds, TileEvidence, answer
 from models.quality import QualityGate, assess, measure
 from models.store import load_model
+from synthetic.tiles import LUNG_CLASSES, render_tile, tile_seed
 from tests.helpers import TINY_TILE
 from training import data
 from training.ood_sets import near_ood_sets
-from training.synthetic import LUNG_CLASSES, render_tile, tile_seed
 from training.trust import choose_threshold, cross_fitted_distances, fit_layer, fit_quality_gate, fit_scorer
 
 SIZE = 64
@@ -173,7 +173,7 @@ def flagged_share(stored, images: np.ndarray) -> float:
 def clean_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Clean tiles from one site: with the default difficulty, adenocarcinomas drift towards squamous
     architecture, so a held-out squamous class would not be unseen."""
-    from training.synthetic import EASY, generate_dataset
+    from synthetic.tiles import EASY, generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("clean"), per_class=60, size=TINY_TILE, seed=7, difficulty=EASY)
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from loadtests.servers import RunningServer
+from synthetic.tiles import render_tile
 from tests.helpers import encode, fresh_tile, metric_delta, metric_samples, serve_tiny_model
-from training.synthetic import render_tile
 
 pytestmark = pytest.mark.service
 

@@ -4,7 +4,7 @@ Runs the service's own decode, quality gate, traced graph and score in-process
 (the service tests prove the server answers the same), so it measures what
 `/predict` would answer:
 
-* fresh synthetic tiles the model never saw, drawn by `training.synthetic`
+* fresh synthetic tiles the model never saw, drawn by `synthetic.tiles`
   with a seed of your choice (for models trained on the synthetic tiles):
   the share flagged should stay near 1 - the card's target acceptance;
 * every image in `--images` (e.g. photographs, other stains, other
@@ -28,8 +28,8 @@ import numpy as np
 from models.prediction import TileClassifier, trust_reasons
 from models.preprocessing import ImageDecodeError, decode_image
 from models.store import DEFAULT_MODEL_TAG, StoredModel, load_model
+from synthetic.tiles import generate_dataset
 from training import data
-from training.synthetic import generate_dataset
 
 logger = logging.getLogger(__name__)
 

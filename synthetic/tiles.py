@@ -45,7 +45,7 @@ exists to prevent.
 
 CLI::
 
-    python -m training.synthetic --out data/synthetic --per-class 300 --seed 0
+    python -m synthetic.tiles --out data/synthetic --per-class 300 --seed 0
 """
 
 from __future__ import annotations
@@ -603,7 +603,7 @@ def _generation_summary(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m training.synthetic",
+        prog="python -m synthetic.tiles",
         description="Generate synthetic H&E-like lung tiles in the LC25000 layout.",
     )
     parser.add_argument(

@@ -2,7 +2,7 @@
 
 A slide is a grid of 768-pixel cells (LC25000's tile size). Tissue comes in
 rectangular regions of one class each, drawn cell by cell with the tile
-generator (:mod:`training.synthetic`: the default :class:`Difficulty`'s
+generator (:mod:`synthetic.tiles`: the default :class:`Difficulty`'s
 stain, blur, illumination and site variation, one site per slide, every cell
 JPEG round-tripped as a scanner's compression would), surrounded by
 background glass. The ground truth is the label of every cell; it is written
@@ -17,8 +17,8 @@ Cells are drawn as clean tissue of their region's class: the tile dataset's
 ambiguity knobs (poorly differentiated drift, border tiles, label noise)
 describe how tiles are filed, not what a region of a slide is.
 
-    python -m training.synthetic_slides generate --out data/slides/synthetic.tiff --size 20000 --seed 0
-    python -m training.synthetic_slides score --truth data/slides/synthetic.tiff.truth.json \\
+    python -m synthetic.slides generate --out data/slides/synthetic.tiff --size 20000 --seed 0
+    python -m synthetic.slides score --truth data/slides/synthetic.tiff.truth.json \\
         --geojson out/analysis.geojson
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from slides.analyze import UNCERTAIN
-from training.synthetic import LUNG_CLASSES, Difficulty, Recipe, Site, make_sites, render_recipe
+from synthetic.tiles import LUNG_CLASSES, Difficulty, Recipe, Site, make_sites, render_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def score(truth: SlideTruth, analysis_geojson: dict, tile_size: int, pure: float
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.synthetic_slides", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m synthetic.slides", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
     make = verbs.add_parser("generate", help="write a synthetic slide and its truth")
     make.add_argument("--out", type=Path, required=True, help="the slide's path (.tiff); the truth goes beside it")
