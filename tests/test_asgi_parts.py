@@ -132,7 +132,7 @@ def test_request_log_writes_one_line_with_the_id_and_never_the_file_name(caplog)
     assert lines[0].endswith("predicted_class=lung_n")  # what the route noted
     assert lines[1].startswith("GET (other) 404") and "1234" not in lines[1]
     assert not [line for line in lines if "secret-name" in line]
-    assert caplog.records[0].fields["route"] == "/predict" and caplog.records[0].fields["status"] == 200
+    assert caplog.records[0].route == "/predict" and caplog.records[0].status == 200  # the JSON line's fields
 
 
 def test_route_facts_come_from_the_service_routes():
