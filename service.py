@@ -153,8 +153,9 @@ TILE_READERS = ThreadPoolExecutor(2, thread_name_prefix="slide-tile")
 
 @answers_problems
 async def _slide_tile(request: Request) -> Response:
-    """GET /slides/{slide_id}/tile?x=&y=&size=: a square of the slide at full resolution, as PNG."""
-    from slides.analyze import read_tile
+    """GET /slides/{slide_id}/tile?x=&y=&size=[&as_analysed=true]: a square of the slide as PNG, at full
+    resolution, or with `as_analysed` as the analysis gave it to the model (its level, resized to the input)."""
+    from slides.analyze import read_analysed_tile, read_tile
 
     slide = SLIDES.slide_of(request.path_params["slide_id"])
     try:
@@ -163,10 +164,16 @@ async def _slide_tile(request: Request) -> Response:
         raise Problem(HTTPStatus.BAD_REQUEST, "give x, y and size as whole level-0 pixels") from None
     if not 1 <= size <= MAX_TILE_VIEW:
         raise Problem(HTTPStatus.BAD_REQUEST, f"size is 1-{MAX_TILE_VIEW} pixels")
+    as_analysed = request.query_params.get("as_analysed", "false")
+    if as_analysed not in ("true", "false"):
+        raise Problem(HTTPStatus.BAD_REQUEST, "as_analysed is true or false")
+    input_size = bentoml.get_current_service().stored.card.input_size
 
     def png() -> bytes:
         buffer = io.BytesIO()
-        read_tile(slide, x, y, size).save(buffer, format="PNG", compress_level=1)
+        image = (read_analysed_tile(slide, x, y, size, input_size) if as_analysed == "true"
+                 else read_tile(slide, x, y, size))
+        image.save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
 
     try:
@@ -472,13 +479,14 @@ class Histopathology:
     @answers_problems
     async def analyze_slide(
         self, slide_id: str | None = None, path: str | None = None, tile_size: int | None = None,
-        min_tissue: float = 0.5,
+        min_tissue: float | None = None,
     ) -> dict[str, Any]:
         """Analyse a whole slide uploaded with POST /slides (`slide_id`) or in the service's slide folder
         (`path`, relative): tissue tiles through the same gate, model and OOD score as /predict. The result
         is the summary; GeoJSON and overlay are at GET /slides/{slide_id}/analysis.geojson and overlay.png."""
-        from slides.analyze import analyze, write
+        from slides.analyze import DEFAULT_MIN_TISSUE, analyze, write
 
+        min_tissue = DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue
         if not 0.0 <= min_tissue <= 1.0 or (tile_size is not None and not 16 <= tile_size <= 16384):
             raise Problem(HTTPStatus.BAD_REQUEST, "min_tissue is a share (0-1) and tile_size 16-16384 pixels")
         slide, outputs = SLIDES.resolve(slide_id, path)
