@@ -189,10 +189,13 @@ COVERAGE_STEP = 8  # level-0 pixels per pixel of the rasters the tissue coverage
 def tissue_coverage(truth: SlideTruth, analysis_geojson: dict) -> dict[str, float | None]:
     """Shares of the true tissue's area (its class cells) inside the analysed tiles and inside the answered
     (not uncertain) ones, measured on rasters of COVERAGE_STEP px; None for a slide without tissue."""
-    labels = np.asarray(truth.cells)
-    cell = np.isin(labels, truth.classes)
-    tissue = np.repeat(np.repeat(cell, truth.cell_size // COVERAGE_STEP, axis=0), truth.cell_size // COVERAGE_STEP,
-                       axis=1)
+    cell = np.isin(np.asarray(truth.cells), truth.classes)
+
+    def cell_of(length: int) -> np.ndarray:  # the cell under the centre of each raster pixel
+        centres = np.arange(math.ceil(length / COVERAGE_STEP)) * COVERAGE_STEP + COVERAGE_STEP / 2
+        return np.minimum(centres // truth.cell_size, length // truth.cell_size - 1).astype(int)
+
+    tissue = cell[np.ix_(cell_of(truth.height), cell_of(truth.width))]
     analysed, answered = np.zeros_like(tissue), np.zeros_like(tissue)
     for feature in analysis_geojson["features"]:
         ring = feature["geometry"]["coordinates"][0]
