@@ -233,13 +233,14 @@ class Histopathology:
     @answers_problems
     async def analyze_slide(
         self, slide_id: str | None = None, path: str | None = None, tile_size: int | None = None,
-        min_tissue: float = 0.5,
+        min_tissue: float | None = None,
     ) -> dict[str, Any]:
         """Analyse a whole slide uploaded with POST /slides (`slide_id`) or in the service's slide folder
         (`path`, relative): tissue tiles through the same gate, model and OOD score as /predict. The result
         is the summary; GeoJSON and overlay are at GET /slides/{slide_id}/analysis.geojson and overlay.png."""
-        from slides.analyze import analyze, write
+        from slides.analyze import DEFAULT_MIN_TISSUE, analyze, write
 
+        min_tissue = DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue
         if not 0.0 <= min_tissue <= 1.0 or (tile_size is not None and not 16 <= tile_size <= 16384):
             raise Problem(HTTPStatus.BAD_REQUEST, "min_tissue is a share (0-1) and tile_size 16-16384 pixels")
         slide, outputs = SLIDES.resolve(slide_id, path)

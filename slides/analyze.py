@@ -12,10 +12,17 @@ view) never reaches the model. Writes:
   `Uncertain`), probabilities, confidence, tissue share and reasons;
 * `overlay.png`: the slide's overview with the tiles coloured by class, the
   uncertain ones grey, and the tissue outlined;
-* `summary.json`: the slide, the tile grid, the tissue found, tiles per class
-  and their share of the answered tiles and of the tissue's area, the
-  uncertain and flagged counts, the most suspicious tiles, and every tile as
-  compact columns.
+* `summary.json`: the slide, the tile grid and how its scale was chosen, the
+  tissue found and how much of it the analysed tiles cover and answer, tiles
+  per class and their share of the answered tiles and of the tissue's area,
+  the uncertain and flagged counts, the most suspicious tiles, and every tile
+  as compact columns.
+
+The grid covers the whole slide: the tiles along the right and bottom edges
+run past it and are read with the outside as glass (white), so the tissue
+there is analysed too. A tile is analysed when the tissue mask covers at
+least DEFAULT_MIN_TISSUE of it; the quality gate then declines a mostly-glass
+one (uncertain, reason `background`).
 
     python -m slides.analyze SLIDE [SLIDE ...] --out DIR [--model TAG] [--tile-size 768]
 """
@@ -46,7 +53,7 @@ from slides.tissue import outline, tissue_fraction, tissue_mask
 logger = logging.getLogger(__name__)
 
 DEFAULT_TILE_SIZE = 768  # level-0 pixels: LC25000's tiles are 768x768 crops of slides
-DEFAULT_MIN_TISSUE = 0.5  # share of a tile the tissue mask must cover for it to be analysed
+DEFAULT_MIN_TISSUE = 0.01  # share of a tile the tissue mask must cover for it to be analysed (docs/slides.md)
 MASK_LONGEST_SIDE = 2048  # the low-resolution view tissue is found on: at most this long,
 MASK_AT_LEAST = 1024  # and a stored level this long or longer is used as it is (about 1.25x on a 40x scan)
 READERS = 2  # threads reading tiles while the model runs
@@ -55,6 +62,13 @@ UNCERTAIN = "Uncertain"
 PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152)]
 GREY = (147, 161, 161)
 TISSUE_OUTLINE = (20, 20, 20)
+
+
+# How the tile size was chosen (summary: `tile_size_basis`).
+REQUESTED = "requested"  # given by the caller
+PIXEL_SIZE = "microns_per_pixel"  # the training images' size rescaled by the card's and the slide's pixel sizes
+TRAINING_SIZE = "training_tile_size"  # the training images' size in pixels as it is: a pixel size is missing
+DEFAULT_SIZE = "default"  # nothing known: LC25000's 768
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,7 @@ class SlideAnalysis:
     model: str
     class_names: list[str]
     tile_size: int
+    tile_size_basis: str  # REQUESTED, PIXEL_SIZE, TRAINING_SIZE or DEFAULT_SIZE
     level: int
     mask: np.ndarray  # tissue, on the low-resolution view
     mask_downsample: float  # level-0 pixels per mask pixel
@@ -97,25 +112,43 @@ def tile_size_for(card: ModelCard, info: SlideInfo, requested: int | None = None
     return trained
 
 
+def tile_size_basis(card: ModelCard, info: SlideInfo, requested: int | None = None) -> str:
+    """How :func:`tile_size_for` chose the size: REQUESTED, PIXEL_SIZE, TRAINING_SIZE or DEFAULT_SIZE."""
+    if requested is not None:
+        return REQUESTED
+    if card.dataset.microns_per_pixel and info.microns_per_pixel:
+        return PIXEL_SIZE
+    return TRAINING_SIZE if card.dataset.tile_size else DEFAULT_SIZE
+
+
 def choose_level(info: SlideInfo, tile_size: int, input_size: int) -> int:
     """The coarsest level that still has at least `input_size` pixels across a tile (fewer pixels read)."""
     usable = [k for k, downsample in enumerate(info.level_downsamples) if tile_size / downsample >= input_size]
     return max(usable, default=0)
 
 
+def mask_box(x: int, y: int, size: int, downsample: float) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of a level-0 tile on the mask: the mask pixels whose centres lie
+    in the tile, so the boxes of a grid's tiles share no pixel and miss none."""
+    return (round(x / downsample), round(y / downsample), round((x + size) / downsample),
+            round((y + size) / downsample))
+
+
 def tile_grid(info: SlideInfo, mask: np.ndarray, downsample: float, tile_size: int,
               min_tissue: float) -> Iterator[tuple[int, int, float]]:
-    """(x, y, tissue share) of every whole tile whose tissue share reaches `min_tissue`."""
-    for y in range(0, info.height - tile_size + 1, tile_size):
-        for x in range(0, info.width - tile_size + 1, tile_size):
-            box = (int(x / downsample), int(y / downsample), math.ceil((x + tile_size) / downsample),
-                   math.ceil((y + tile_size) / downsample))
-            share = tissue_fraction(mask, box)
-            if share >= min_tissue:
+    """(x, y, tissue share) of every tile of the grid over the whole slide (the last column and row run
+    past its right and bottom edges; that part counts as glass) whose tissue share is above zero and
+    reaches `min_tissue`."""
+    for y in range(0, info.height, tile_size):
+        for x in range(0, info.width, tile_size):
+            share = tissue_fraction(mask, mask_box(x, y, tile_size, downsample))
+            if share > 0 and share >= min_tissue:
                 yield x, y, share
 
 
 def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, input_size: int) -> np.ndarray:
+    """The tile as the model gets it. Past the slide's edge OpenSlide returns transparent pixels, which
+    the reader turns to white: glass."""
     downsample = slide.info.level_downsamples[level]
     side = max(1, round(tile_size / downsample))
     region = slide.region(x, y, level, side, side)
@@ -143,11 +176,12 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
         view = slide.thumbnail(MASK_LONGEST_SIDE, MASK_AT_LEAST)
         mask = tissue_mask(view)
         downsample = info.width / view.shape[1]
+        basis = tile_size_basis(card, info, tile_size)
         tile_size = tile_size_for(card, info, tile_size)
         level = choose_level(info, tile_size, card.input_size)
         grid = list(tile_grid(info, mask, downsample, tile_size, min_tissue))
-        logger.info("%s: %dx%d, tissue %.1f%% of the view, %d tiles of %d px at level %d",
-                    path.name, info.width, info.height, 100 * mask.mean(), len(grid), tile_size, level)
+        logger.info("%s: %dx%d, tissue %.1f%% of the view, %d tiles of %d px (%s) at level %d",
+                    path.name, info.width, info.height, 100 * mask.mean(), len(grid), tile_size, basis, level)
 
         def read(chunk: list[tuple[int, int, float]]) -> np.ndarray:
             return np.stack([_tile_pixels(slide, x, y, level, tile_size, card.input_size) for x, y, _ in chunk])
@@ -165,16 +199,31 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
                 answers.append(TileAnswer(x, y, tile_size, share, classifier.answer(evidence)))
             if progress:
                 progress(len(answers), len(grid))
-    return SlideAnalysis(info, stored.tag, card.class_names, tile_size, level, mask, downsample, answers, view)
+    return SlideAnalysis(info, stored.tag, card.class_names, tile_size, basis, level, mask, downsample, answers,
+                         view)
+
+
+def _check_corner(info: SlideInfo, x: int, y: int, size: int) -> None:
+    """A tile starts inside the slide; it may run past the right and bottom edges, as the grid's last ones do."""
+    if not (0 <= x < info.width and 0 <= y < info.height) or size < 1:
+        raise ValueError(f"the tile ({x}, {y}, {size}) does not start inside the {info.width} x {info.height} slide")
 
 
 def read_tile(path: Path, x: int, y: int, size: int) -> Image.Image:
-    """The level-0 pixels of a `size`-pixel square at (x, y), which must lie inside the slide."""
+    """The level-0 pixels of a `size`-pixel square at (x, y), which must start inside the slide (the
+    part past its edge is glass: white)."""
     with Slide(path) as slide:
-        info = slide.info
-        if x < 0 or y < 0 or x + size > info.width or y + size > info.height:
-            raise ValueError(f"the tile ({x}, {y}, {size}) is not inside the {info.width} x {info.height} slide")
+        _check_corner(slide.info, x, y, size)
         return slide.region(x, y, 0, size, size)
+
+
+def read_analysed_tile(path: Path, x: int, y: int, size: int, input_size: int) -> Image.Image:
+    """The pixels the analysis gave the model for the tile at (x, y) of `size` level-0 pixels: read from the
+    same level and resized the same way, `input_size` a side. Their Grad-CAM explains the slide's answer."""
+    with Slide(path) as slide:
+        _check_corner(slide.info, x, y, size)
+        level = choose_level(slide.info, size, input_size)
+        return Image.fromarray(_tile_pixels(slide, x, y, level, size, input_size))
 
 
 def _label(prediction: Prediction) -> str:
@@ -186,13 +235,19 @@ def class_colours(class_names: list[str]) -> dict[str, tuple[int, int, int]]:
     return {**{name: PALETTE[i % len(PALETTE)] for i, name in enumerate(class_names)}, UNCERTAIN: GREY}
 
 
+def clipped(analysis: SlideAnalysis, tile: TileAnswer) -> tuple[int, int, int, int]:
+    """The tile's level-0 (left, top, right, bottom) cut at the slide's edges."""
+    return tile.x, tile.y, min(tile.x + tile.size, analysis.info.width), min(tile.y + tile.size, analysis.info.height)
+
+
 def geojson(analysis: SlideAnalysis) -> dict[str, object]:
-    """A GeoJSON FeatureCollection of the tiles (level-0 pixel coordinates), as QuPath imports it."""
+    """A GeoJSON FeatureCollection of the tiles (level-0 pixel coordinates, cut at the slide's edges), as
+    QuPath imports it."""
     colours = class_colours(analysis.class_names)
     features = []
     for tile in analysis.tiles:
         p = tile.prediction
-        x0, y0, x1, y1 = tile.x, tile.y, tile.x + tile.size, tile.y + tile.size
+        x0, y0, x1, y1 = clipped(analysis, tile)
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
@@ -228,9 +283,35 @@ def tile_columns(analysis: SlideAnalysis) -> dict[str, list]:
     }
 
 
+def tissue_inside(analysis: SlideAnalysis, tiles: list[TileAnswer]) -> float | None:
+    """Share of the detected tissue (the mask's pixels) that lies inside these tiles; None without tissue."""
+    total = int(analysis.mask.sum())
+    if not total:
+        return None
+    inside = np.zeros_like(analysis.mask)
+    for tile in tiles:
+        left, top, right, bottom = mask_box(tile.x, tile.y, tile.size, analysis.mask_downsample)
+        inside[top:bottom, left:right] = True
+    return round(int((analysis.mask & inside).sum()) / total, 4)
+
+
+def coverage(analysis: SlideAnalysis) -> dict[str, object]:
+    """How much of the detected tissue was looked at and answered, and on what scale (see docs/slides.md)."""
+    tiles = analysis.tiles
+    return {
+        "tissue_coverage": tissue_inside(analysis, tiles),
+        "tissue_answered": tissue_inside(analysis, [t for t in tiles if not t.prediction.uncertain]),
+        "tissue_uncertain_background": tissue_inside(
+            analysis, [t for t in tiles if t.prediction.uncertain and "background" in t.prediction.reasons]),
+        "scale_declared": analysis.info.microns_per_pixel is not None,
+        "tile_size_basis": analysis.tile_size_basis,
+    }
+
+
 def summary(analysis: SlideAnalysis, cancer_classes: list[str], most: int = 5) -> dict[str, object]:
-    """The grid, tiles per class and their share of the answered tiles and of the tissue's area, the
-    uncertain and flagged counts, the most suspicious tiles, and every tile as compact columns."""
+    """The grid, the tissue's coverage and the scale (:func:`coverage`), tiles per class and their share of
+    the answered tiles and of the tissue's area, the uncertain and flagged counts, the most suspicious
+    tiles, and every tile as compact columns."""
     answered = [t for t in analysis.tiles if not t.prediction.uncertain]
     counts = {name: sum(t.prediction.predicted_class == name for t in answered) for name in analysis.class_names}
     tissue = sum(t.tissue_fraction for t in analysis.tiles)
@@ -245,10 +326,12 @@ def summary(analysis: SlideAnalysis, cancer_classes: list[str], most: int = 5) -
     return {
         "slide": asdict(analysis.info),
         "model": analysis.model,
-        "grid": {"origin": [0, 0], "tile_size": size, "columns": analysis.info.width // size,
-                 "rows": analysis.info.height // size, "level": analysis.level},
+        "grid": {"origin": [0, 0], "tile_size": size, "columns": math.ceil(analysis.info.width / size),
+                 "rows": math.ceil(analysis.info.height / size), "level": analysis.level},
         "tissue_share_of_slide": round(float(analysis.mask.mean()), 4),
+        **coverage(analysis),
         "tiles_analysed": len(analysis.tiles),
+        "tiles_past_edge": sum(clipped(analysis, t)[2:] != (t.x + t.size, t.y + t.size) for t in analysis.tiles),
         "tiles_uncertain": len(analysis.tiles) - len(answered),
         "tiles_flagged": {reason: sum(reason in t.prediction.reasons for t in analysis.tiles) for reason in flags},
         "tiles_per_class": counts,
@@ -275,7 +358,8 @@ def overlay(analysis: SlideAnalysis) -> Image.Image:
     colours = class_colours(analysis.class_names)
     for tile in analysis.tiles:
         colour = colours[_label(tile.prediction)]
-        box = [tile.x * scale, tile.y * scale, (tile.x + tile.size) * scale - 1, (tile.y + tile.size) * scale - 1]
+        x0, y0, x1, y1 = clipped(analysis, tile)
+        box = [x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1]
         draw.rectangle(box, fill=(*colour, 110), outline=(*colour, 255))
     image = np.array(Image.alpha_composite(base, layer).convert("RGB"))
     image[outline(analysis.mask)] = TISSUE_OUTLINE  # the mask was found on this very view: same pixels
@@ -292,6 +376,9 @@ def write(analysis: SlideAnalysis, out: Path, cancer_classes: list[str]) -> dict
     facts = summary(analysis, cancer_classes)
     (out / SUMMARY).write_text(json.dumps(facts, indent=1))
     return facts
+
+
+PRINTED = ("tiles_analysed", "tissue_coverage", "tissue_answered", "scale_declared")  # summary fields on the CLI's line
 
 
 def _progress_bar(name: str) -> Callable[[int, int], None]:
@@ -344,11 +431,13 @@ def main(argv: list[str] | None = None) -> None:
             logger.error("%s: %s", slide, exc)
             failed += 1
             continue
-        write(analysis, out, card.abstention.cancer_classes)
-        # Where the outputs are is this command's result: stdout, one JSON line per slide, for scripts.
+        facts = write(analysis, out, card.abstention.cancer_classes)
+        # Where the outputs are and how much tissue was looked at is this command's result: stdout, one JSON
+        # line per slide, for scripts.
         files = {"geojson": GEOJSON, "overlay": OVERLAY, "summary": SUMMARY}
-        sys.stdout.write(json.dumps({"slide": str(slide), **{key: str(out / name) for key, name in files.items()}})
-                         + "\n")
+        line = {"slide": str(slide), **{key: facts[key] for key in PRINTED},
+                **{key: str(out / name) for key, name in files.items()}}
+        sys.stdout.write(json.dumps(line) + "\n")
     if failed:
         raise SystemExit(f"{failed} of {len(args.slides)} slides could not be analysed")
 

@@ -48,6 +48,7 @@ class SlideInfo:
     level_downsamples: tuple[float, ...]
     microns_per_pixel: float | None  # at level 0, when the slide declares it
     vendor: str | None
+    objective_power: float | None = None  # the scan's magnification (20, 40), when the slide declares it
 
 
 class Slide:
@@ -77,13 +78,15 @@ class Slide:
         properties = self._slide.properties
         _check_limits(path.name, self._slide.level_dimensions, properties)
         mpp_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
+        power = properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
         self.info = SlideInfo(
             width=self._slide.dimensions[0],
             height=self._slide.dimensions[1],
             level_dimensions=tuple(self._slide.level_dimensions),
             level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
-            microns_per_pixel=float(mpp_x) if mpp_x else None,
+            microns_per_pixel=_positive(mpp_x),
             vendor=properties.get(openslide.PROPERTY_NAME_VENDOR),
+            objective_power=_positive(power),
         )
 
     def __enter__(self) -> Slide:
@@ -142,6 +145,15 @@ def _check_limits(name: str, level_dimensions: tuple[tuple[int, int], ...], prop
         tile = [int(properties.get(f"openslide.level[{level}].tile-{side}", 0)) for side in ("width", "height")]
         if max(tile) > MAX_TILE_SIDE:
             raise SlideError(f"{name}: level {level} is stored in {tile[0]} x {tile[1]} tiles; over {MAX_TILE_SIDE}")
+
+
+def _positive(value: str | None) -> float | None:
+    """A declared positive number, or None when the property is missing or not one (a header can say anything)."""
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def _on_white(image: Image.Image) -> Image.Image:

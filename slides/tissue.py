@@ -61,7 +61,9 @@ def outline(mask: np.ndarray, smoothing: int = OUTLINE_SMOOTHING) -> np.ndarray:
 
 
 def tissue_fraction(mask: np.ndarray, box: tuple[int, int, int, int]) -> float:
-    """Share of tissue in the mask's (left, top, right, bottom) box; 0 for an empty box."""
+    """Share of tissue in the mask's (left, top, right, bottom) box, the part of the box past the mask's
+    edge counted as glass (an edge tile is read that way); 0 for an empty box."""
     left, top, right, bottom = box
+    area = max(0, right - left) * max(0, bottom - top)
     window = mask[max(0, top) : max(0, bottom), max(0, left) : max(0, right)]
-    return float(window.mean()) if window.size else 0.0
+    return float(window.sum()) / area if area else 0.0

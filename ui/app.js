@@ -342,6 +342,9 @@ async function showSlide(name) {
     (Object.keys(s.tiles_flagged).length
       ? `; flagged: ${Object.entries(s.tiles_flagged).map(([why, n]) => `${n} ${why.replaceAll("_", " ")}`).join(", ")}.`
       : ".");
+  $("slide-coverage").textContent = coverageText(s);
+  $("slide-scale").textContent = scaleNote(s);
+  $("slide-scale").hidden = !$("slide-scale").textContent;
   fillTable($("slide-fractions"), ["class", "tiles", "of answered tiles", "of tissue area"],
     Object.entries(s.tiles_per_class).map(([label, count]) => [label, String(count),
       percent(s.share_of_answered[label]), percent(s.tissue_area_fraction[label])]));
@@ -356,6 +359,28 @@ async function showSlide(name) {
     return item;
   }));
   $("slide-result").hidden = false;
+}
+
+// How much of the tissue found the analysed tiles cover, and how much of it got a class.
+function coverageText(s) {
+  if (s.tissue_coverage === null) return "No tissue found: nothing analysed.";
+  const background = s.tissue_uncertain_background
+    ? ` (${percent(s.tissue_uncertain_background)} in mostly-glass tiles the gate declined: tissue edges)` : "";
+  return `Tissue looked at: ${percent(s.tissue_coverage)} of the tissue found lies in analysed tiles, ` +
+    `${percent(s.tissue_answered)} in tiles given a class${background}.`;
+}
+
+// The tile size is a guess when the slide or the model does not say how large a pixel is.
+function scaleNote(s) {
+  if (!s.scale_declared) {
+    return `This slide declares no pixel size: its tiles are ${s.grid.tile_size} px, the model's training ` +
+      "tile size in pixels, so their scale is a guess. Check the scan's magnification before relying on the map.";
+  }
+  if (s.tile_size_basis === "training_tile_size" || s.tile_size_basis === "default") {
+    return `The model card declares no pixel size for its training images: tiles are ${s.grid.tile_size} px ` +
+      "as trained, not rescaled to this slide's pixel size.";
+  }
+  return "";
 }
 
 function markTile(tile) {
@@ -373,7 +398,15 @@ function showTileImage() {
   $("slide-tile").src = useHeatMap ? slide.heatMap : slide.tile;
 }
 
-// The tile at full resolution, then its Grad-CAM from /explain (the same answer a tile upload gets).
+async function slideTile(tile, asAnalysed) {
+  const path = `slides/${slide.id}/tile?x=${tile.x}&y=${tile.y}&size=${tile.size}&as_analysed=${asAnalysed}`;
+  const response = await fetch(new URL(path, api), { headers: authHeaders() });
+  if (!response.ok) throw new Error(await problemMessage(response));
+  return response.blob();
+}
+
+// The tile at full resolution to look at, then the Grad-CAM from /explain of the pixels the analysis gave
+// the model (its level, resized to the model input), so the heat map explains the slide's answer.
 async function showSlideTile(tile) {
   slideError("");
   markTile(tile);
@@ -381,24 +414,22 @@ async function showSlideTile(tile) {
   $("slide-tile-heatmap").disabled = true;
   $("slide-tile-explained").textContent = "-";
   try {
-    const path = `slides/${slide.id}/tile?x=${tile.x}&y=${tile.y}&size=${tile.size}`;
-    const response = await fetch(new URL(path, api), { headers: authHeaders() });
-    if (!response.ok) throw new Error(await problemMessage(response));
-    const pixels = await response.blob();
+    const pixels = await slideTile(tile, false);
     slide.tile = URL.createObjectURL(pixels);
     slide.urls.push(slide.tile);
     slide.heatMap = null;
-    $("slide-tile-caption").textContent = `Tile at (${tile.x}, ${tile.y}), ${tile.size} px at full resolution`;
+    $("slide-tile-caption").textContent = `Tile at (${tile.x}, ${tile.y}), ${tile.size} px at full ` +
+      "resolution; the heat map is drawn on the pixels the analysis gave the model";
     $("slide-tile-figure").hidden = false;
     showTileImage();
     const form = new FormData();
-    form.append("file", pixels, "tile.png");
+    form.append("file", await slideTile(tile, true), "tile.png");
     const explained = await fetch(new URL("explain", api), { method: "POST", body: form, headers: authHeaders() });
     if (!explained.ok) throw new Error(await problemMessage(explained));
     const result = await explained.json();
     slide.heatMap = `data:image/png;base64,${result.overlay_png}`;
     const outOfScope = (result.reasons || []).some((reason) => reason !== "low_confidence");
-    $("slide-tile-explained").textContent = outOfScope ? "no class: out of scope at full resolution" : result.explained_class;
+    $("slide-tile-explained").textContent = outOfScope ? `no class: ${result.reasons.join(", ")}` : result.explained_class;
     $("slide-tile-heatmap").disabled = false;
   } catch (error) {
     slideError(error.message);

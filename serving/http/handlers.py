@@ -82,8 +82,9 @@ def plain_routes(settings: Settings, slides: SlideStore, ui_folder: Path) -> Sta
 
     @answers_problems
     async def slide_tile(request: Request) -> Response:
-        """GET /slides/{slide_id}/tile?x=&y=&size=: a square of the slide at full resolution, as PNG."""
-        from slides.analyze import read_tile
+        """GET /slides/{slide_id}/tile?x=&y=&size=[&as_analysed=true]: a square of the slide as PNG, at full
+        resolution, or with `as_analysed` as the analysis gave it to the model (its level, resized to the input)."""
+        from slides.analyze import read_analysed_tile, read_tile
 
         slide = slides.slide_of(request.path_params["slide_id"])
         try:
@@ -92,10 +93,16 @@ def plain_routes(settings: Settings, slides: SlideStore, ui_folder: Path) -> Sta
             raise Problem(HTTPStatus.BAD_REQUEST, "give x, y and size as whole level-0 pixels") from None
         if not 1 <= size <= MAX_TILE_VIEW:
             raise Problem(HTTPStatus.BAD_REQUEST, f"size is 1-{MAX_TILE_VIEW} pixels")
+        as_analysed = request.query_params.get("as_analysed", "false")
+        if as_analysed not in ("true", "false"):
+            raise Problem(HTTPStatus.BAD_REQUEST, "as_analysed is true or false")
+        input_size = bentoml.get_current_service().stored.card.input_size
 
         def png() -> bytes:
             buffer = io.BytesIO()
-            read_tile(slide, x, y, size).save(buffer, format="PNG", compress_level=1)
+            image = (read_analysed_tile(slide, x, y, size, input_size) if as_analysed == "true"
+                     else read_tile(slide, x, y, size))
+            image.save(buffer, format="PNG", compress_level=1)
             return buffer.getvalue()
 
         try:

@@ -137,15 +137,18 @@ def _slide_routes(token_routes: Iterable[str]) -> dict[str, dict]:
         }},
         "/slides/{slide_id}/tile": {"get": {
             "tags": ["Service APIs"], "operationId": "slide_tile",
-            "description": "A square of the slide at full (level-0) resolution, as PNG: a tile to look at or to "
-                           "send to /explain.",
+            "description": "A square of the slide as PNG, starting inside it (the part past its edge is glass): at "
+                           "full (level-0) resolution to look at, or with as_analysed=true the pixels the analysis "
+                           "gave the model (its level, resized to the model's input), to send to /explain.",
             "parameters": [slide_id, *({"name": key, "in": "query", "required": True,
                                         "schema": {"type": "integer", "minimum": minimum}}
-                                       for key, minimum in (("x", 0), ("y", 0), ("size", 1)))],
+                                       for key, minimum in (("x", 0), ("y", 0), ("size", 1))),
+                           {"name": "as_analysed", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["true", "false"], "default": "false"}}],
             "responses": {
                 "200": {"description": "the tile", "content": {"image/png": {
                     "schema": {"type": "string", "format": "binary"}}}},
-                **_problem_responses({**errors, 400: "not a slide id, or a square not inside the slide",
+                **_problem_responses({**errors, 400: "not a slide id, or a square not starting inside the slide",
                                       404: "no such slide", 422: "the slide is damaged there"}),
             },
         }},
