@@ -14,7 +14,7 @@ from pathlib import Path
 from loadtests.servers import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "loadtests" / "results"
-SECTIONS = ("benchmark.md", "cpu_budget.md", "slides.md", "runtimes.md", "decoders.md")  # in page order
+SECTIONS = ("benchmark.md", "cpu_budget.md", "slides.md", "engine.md", "runtimes.md", "decoders.md")  # in page order
 BENCHMARKS_PAGE = REPO_ROOT / "BENCHMARKS.md"
 
 

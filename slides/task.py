@@ -2,7 +2,8 @@
 
 It runs on a Dask worker (or in any process) and takes only strings and
 numbers: the model is loaded by tag once per process (:func:`loaded_model`),
-never shipped. Progress goes to the store after every batch, with a heartbeat,
+never shipped. Progress goes to the store after every batch (at most once a
+second: on S3 each write is a PUT), with a heartbeat,
 and the summary is written last, so its presence means done. A bad slide
 (:class:`~slides.reader.SlideError`) ends ``failed`` with its reason and is
 never retried; any other error is raised for Dask to retry, up to
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # TensorFlow loads only when a slide is analysed
     from models.store import StoredModel
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 1.0  # progress after every batch, but at most this often: on S3 each write is a PUT
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,15 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
                           reason=None, model=stored.tag)
     store.write_progress(job.slide_id, running)
     lock = threading.Lock()  # progress comes from the analysis' thread only, but stay safe
+    written = 0.0
 
     def report(done: int, total: int) -> None:
-        nonlocal running
+        nonlocal running, written
         with lock:
             running = running.beat(tiles_done=done, tiles_total=total)
-            store.write_progress(job.slide_id, running)
+            if done in (0, total) or time.monotonic() - written >= PROGRESS_EVERY_S:
+                store.write_progress(job.slide_id, running)
+                written = time.monotonic()
 
     try:
         with store.local_copy(source) as path:
