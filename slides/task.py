@@ -2,8 +2,8 @@
 
 It runs on a Dask worker (or in any process) and takes only strings and
 numbers: the model is loaded by tag once per process (:func:`loaded_model`),
-never shipped. Progress goes to the store after every batch (at most once a
-second: on S3 each write is a PUT), with a heartbeat,
+never shipped. Progress goes to the store after every batch (on S3, where each
+write is a PUT, at most once a second), with a heartbeat,
 and the summary is written last, so its presence means done. A bad slide
 (:class:`~slides.reader.SlideError`) ends ``failed`` with its reason and is
 never retried; any other error is raised for Dask to retry, up to
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # TensorFlow loads only when a slide is analysed
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 1.0  # progress after every batch, but at most this often: on S3 each write is a PUT
+REMOTE_PROGRESS_EVERY_S = 1.0  # progress after every batch, but on S3 (each write a PUT) at most this often
 
 
 @dataclass(frozen=True)
@@ -115,13 +115,13 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
                           reason=None, model=stored.tag)
     store.write_progress(job.slide_id, running)
     lock = threading.Lock()  # progress comes from the analysis' thread only, but stay safe
-    written = 0.0
+    written, every_s = 0.0, 0.0 if store.local else REMOTE_PROGRESS_EVERY_S
 
     def report(done: int, total: int) -> None:
         nonlocal running, written
         with lock:
             running = running.beat(tiles_done=done, tiles_total=total)
-            if done in (0, total) or time.monotonic() - written >= PROGRESS_EVERY_S:
+            if done in (0, total) or time.monotonic() - written >= every_s:
                 store.write_progress(job.slide_id, running)
                 written = time.monotonic()
 
