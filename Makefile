@@ -39,7 +39,7 @@ DURATION ?= 30s
 # Seconds `make loadtest` waits for the service's /readyz before starting Locust.
 READY_TIMEOUT ?= 300
 
-.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark cpu-budget slide-benchmark decoders runtimes loadtest resilience settings-table docs-check clean
+.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark cpu-budget slide-benchmark engine decoders runtimes loadtest resilience settings-table docs-check clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
@@ -55,8 +55,10 @@ $(VENV)/.installed: requirements/serving.txt requirements/runtimes.txt requireme
 	touch $@
 
 # Debian packages the browser test (Playwright drives Debian's Chromium: no browser download) and
-# the container test (buildah, debootstrap: no Docker daemon) need.
-DEBIAN_TEST_PACKAGES ?= chromium fonts-dejavu-core buildah runc debootstrap uidmap
+# the container test (buildah, debootstrap: no Docker daemon) need, and kubectl (Debian's
+# kubernetes-client) unless one is installed: the engine manifests are rendered with `kubectl kustomize`.
+DEBIAN_TEST_PACKAGES ?= chromium fonts-dejavu-core buildah runc debootstrap uidmap \
+	$(shell command -v kubectl >/dev/null || echo kubernetes-client)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 system-deps: ## Debian packages the tests need (apt-get, once)
@@ -113,8 +115,12 @@ benchmark: model ## service vs compute limit, BentoML floor and attainable bound
 cpu-budget: model ## where a request's CPU goes: py-spy samples of every worker under load; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)
 	$(PY) -m loadtests.cpu_budget --model $(MODEL_NAME):latest
 
-slide-benchmark: model ## whole slides: accuracy on a synthetic slide with ground truth, tiles/s vs /predict, /predict under slides, memory on a 1 GB slide; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)
+slide-benchmark: model ## whole slides: accuracy on a synthetic slide with ground truth, tiles/s vs /predict, /predict under slides, memory on a 1 GB slide, the Dask engine vs in process; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)
 	$(PY) -m loadtests.slide_bench --model $(MODEL_NAME):latest
+	$(PY) -m loadtests.engine_bench --model $(MODEL_NAME):latest
+
+engine: setup ## a Dask scheduler at HISTO_DASK_SCHEDULER (default tcp://127.0.0.1:8786) and one slide worker per core, in the foreground
+	$(PY) -m slides.cluster
 
 decoders: model ## JPEG decoders (Pillow with DCT scaling, simplejpeg) for the model input: agreement, CPU, end-to-end bound, decision; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)
 	$(PY) -m loadtests.decoders --model $(MODEL_NAME):latest

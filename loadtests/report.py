@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 TRACKED_RESULTS = REPO_ROOT / "loadtests" / "results"
 TRACKED_PAGE = REPO_ROOT / "BENCHMARKS.md"
 LOCAL_RESULTS = REPO_ROOT / "artifacts" / "benchmarks"
-SECTIONS = ("benchmark.md", "cpu_budget.md", "slides.md", "runtimes.md", "decoders.md")  # in page order
+SECTIONS = ("benchmark.md", "cpu_budget.md", "slides.md", "engine.md", "runtimes.md", "decoders.md")  # in page order
 UPDATE_DOCS = "UPDATE_DOCS"
 
 

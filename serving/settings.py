@@ -99,6 +99,13 @@ class Settings:
     max_slide_bytes: int  # a slide upload over this gets 413
     slide_ttl_s: int  # slides and their analyses are removed after this
     slide_upload_timeout_s: int  # a slide upload may take this long in all (BentoML's timeout is set above it)
+    slide_store: str  # folder path or fsspec URL (s3://...) of the shared slide store (slides.store)
+    dask_scheduler: str | None  # tcp://host:port of a Dask cluster for slide analyses; None: an embedded one
+    dask_workers: int  # workers of the embedded cluster (per service process)
+    dask_worker_nice: int  # OS niceness of slide workers (0: normal priority); they yield to /predict
+    slide_stale_s: int  # a queued or running slide whose heartbeat is older than this may be resubmitted
+    slide_max_attempts: int  # runs of one slide (lost workers and errors included) before it is failed
+    slide_reconcile_s: int  # how often the service looks for slides to resubmit
     api_token: str | None = field(repr=False)  # when set, model routes need `Authorization: Bearer <token>`
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (default: none)
     sentry_dsn: str | None = field(default=None, repr=False)  # optional error tracking
@@ -160,6 +167,15 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         max_slide_bytes=_read(env, "HISTO_MAX_SLIDE_BYTES", 4 * 1024**3, rule=at_least(MEGABYTE)),
         slide_ttl_s=_read(env, "HISTO_SLIDE_TTL_S", 24 * 3600, rule=at_least(60)),
         slide_upload_timeout_s=_read(env, "HISTO_SLIDE_UPLOAD_TIMEOUT_S", 3600, rule=at_least(10)),
+        # HISTO_SLIDE_DIR, the older name, still works when HISTO_SLIDE_STORE is unset.
+        slide_store=env.get("HISTO_SLIDE_STORE") or env.get("HISTO_SLIDE_DIR") or str(DEFAULT_SLIDE_DIR),
+        dask_scheduler=env.get("HISTO_DASK_SCHEDULER") or None,
+        # One per service process: with one service worker per core, one slide worker per core in all.
+        dask_workers=_read(env, "HISTO_DASK_WORKERS", 1, rule=at_least(1)),
+        dask_worker_nice=_read(env, "HISTO_DASK_WORKER_NICE", 10, rule=Rule(lambda v: 0 <= v <= 19, "0-19")),
+        slide_stale_s=_read(env, "HISTO_SLIDE_STALE_S", 120, rule=at_least(1)),
+        slide_max_attempts=_read(env, "HISTO_SLIDE_MAX_ATTEMPTS", 3, rule=at_least(1)),
+        slide_reconcile_s=_read(env, "HISTO_SLIDE_RECONCILE_S", 30, rule=at_least(1)),
     )
 
 

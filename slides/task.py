@@ -1,0 +1,151 @@
+"""The one task the engine runs: analyse one slide of the store, into the store.
+
+It runs on a Dask worker (or in any process) and takes only strings and
+numbers: the model is loaded by tag once per process (:func:`loaded_model`),
+never shipped. Progress goes to the store after every batch (on S3, where each
+write is a PUT, at most once a second), with a heartbeat,
+and the summary is written last, so its presence means done. A bad slide
+(:class:`~slides.reader.SlideError`) ends ``failed`` with its reason and is
+never retried; any other error is raised for Dask to retry, up to
+``max_attempts`` runs in all (a run cut by a lost worker counts too).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slides.reader import SlideError
+from slides.store import Progress, SlideStore
+
+if TYPE_CHECKING:  # TensorFlow loads only when a slide is analysed
+    from models.inference import Predictor
+    from models.store import StoredModel
+
+logger = logging.getLogger(__name__)
+
+REMOTE_PROGRESS_EVERY_S = 1.0  # progress after every batch, but on S3 (each write a PUT) at most this often
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """What one analysis needs, small enough to send anywhere."""
+
+    store_url: str
+    slide_id: str
+    model_tag: str
+    tile_size: int | None = None
+    min_tissue: float = 0.5
+    max_attempts: int = 3
+
+
+def lower_priority(nice: int) -> None:
+    """Give every thread of this process at least `nice` (Linux niceness is per thread; threads started
+    later inherit their creator's), so slides yield the CPU to the service on a shared host."""
+    if nice <= 0:
+        return
+    tasks = Path("/proc/self/task")
+    threads = [int(tid.name) for tid in tasks.iterdir()] if tasks.is_dir() else [0]
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:  # the thread ended meanwhile
+            continue
+
+
+@functools.cache
+def loaded_model(tag: str) -> tuple[StoredModel, Predictor]:
+    """The stored model and its traced predictor, loaded once per process (TensorFlow's threads as the
+    service's settings say: one worker, one core)."""
+    from models.inference import Predictor, configure_threads
+    from models.store import load_model
+    from serving.settings import load_settings
+
+    settings = load_settings()
+    configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
+    stored = load_model(tag)
+    card = stored.card
+    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature,
+                          card.out_of_distribution.feature_layers)
+    logger.info("model %s loaded in process %d", stored.tag, os.getpid())
+    return stored, predictor
+
+
+def _whoami() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def analyse_slide(job: SlideJob, nice: int = 0) -> str:
+    """Analyse `job`'s slide into its store folder; returns the final state (`done` or `failed`).
+
+    Safe to run twice: a slide already done or failed is left as it is.
+    """
+    from slides.analyze import analyze, write
+
+    store = SlideStore(job.store_url)
+    before = store.progress(job.slide_id) or Progress("queued")
+    if before.state == "failed":
+        return "failed"
+    if before.state == "done" or store.summary(job.slide_id) is not None:
+        if before.state != "done":  # the run died between its summary and its last progress write
+            store.write_progress(job.slide_id, before.beat(state="done"))
+        return "done"
+    attempt = before.attempt + 1
+    if attempt > job.max_attempts:
+        store.write_progress(job.slide_id, before.beat(
+            state="failed", reason=f"gave up after {job.max_attempts} runs; last: {before.reason or 'worker lost'}"))
+        return "failed"
+    source = store.source(job.slide_id)
+    if source is None:
+        store.write_progress(job.slide_id, before.beat(state="failed", reason="no such slide in the store"))
+        return "failed"
+    lower_priority(nice)
+    stored, predictor = loaded_model(job.model_tag)
+    started = time.time()
+    running = before.beat(state="running", attempt=attempt, worker=_whoami(), started=started, tiles_done=0,
+                          reason=None, model=stored.tag)
+    store.write_progress(job.slide_id, running)
+    lock = threading.Lock()  # progress comes from the analysis' thread only, but stay safe
+    written, every_s = 0.0, 0.0 if store.local else REMOTE_PROGRESS_EVERY_S
+
+    def report(done: int, total: int) -> None:
+        nonlocal running, written
+        with lock:
+            running = running.beat(tiles_done=done, tiles_total=total)
+            if done in (0, total) or time.monotonic() - written >= every_s:
+                store.write_progress(job.slide_id, running)
+                written = time.monotonic()
+
+    try:
+        with store.local_copy(source) as path:
+            analysis = analyze(path, stored, job.tile_size, job.min_tissue, progress=report, predictor=predictor)
+        with tempfile.TemporaryDirectory(prefix="histo-outputs-") as scratch:
+            write(analysis, Path(scratch), stored.card.abstention.cancer_classes)
+            store.put_outputs(job.slide_id, Path(scratch))
+    except SlideError as exc:  # the slide itself: another run would fail the same way
+        logger.warning("slide %s failed: %s", job.slide_id, exc)
+        store.write_progress(job.slide_id, running.beat(state="failed", reason=str(exc)))
+        return "failed"
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.exception("slide %s, run %d of %d failed", job.slide_id, attempt, job.max_attempts)
+        last = attempt >= job.max_attempts
+        store.write_progress(job.slide_id, running.beat(
+            state="failed" if last else "queued",
+            reason=f"gave up after {attempt} runs; last: {reason}" if last else reason))
+        if last:
+            return "failed"
+        raise  # for Dask's retries
+    total = len(analysis.tiles)
+    store.write_progress(job.slide_id, running.beat(state="done", tiles_done=total, tiles_total=total,
+                                                    seconds=round(time.time() - started, 3)))
+    return "done"

@@ -1,0 +1,57 @@
+"""The slide store on a local folder, and the settings that name it (the S3 store: tests/test_engine.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from serving.settings import SettingsError, load_settings
+from slides.outputs import GEOJSON, OVERLAY, SUMMARY
+from slides.store import Progress, SlideStore, StoreError
+
+
+def test_a_slide_is_recorded_by_source_once_and_ids_stay_folder_names(tmp_path):
+    store = SlideStore(str(tmp_path / "store"))
+    assert store.ids() == [] and store.source("a") is None and store.progress("a") is None
+    store.add_source("a", "/scans/a.svs")
+    store.add_source("a", "/scans/a.svs")  # the same again: nothing
+    with pytest.raises(StoreError, match="already"):
+        store.add_source("a", "/scans/other.svs")
+    for bad in ("..", "a/b", "", ".hidden", "x" * 129):
+        with pytest.raises(StoreError):
+            store.path(bad)
+    (tmp_path / "upload.tiff").write_bytes(b"pixels")
+    store.put_slide("b", tmp_path / "upload.tiff")
+    assert store.source("b") == str(tmp_path / "store" / "b" / "slide")
+    assert store.ids() == ["a", "b"]
+    with store.local_copy(store.source("b")) as path:  # local: the file itself, no copy
+        assert path == tmp_path / "store" / "b" / "slide"
+
+
+def test_progress_is_replaced_whole_and_the_summary_comes_last(tmp_path):
+    store = SlideStore(str(tmp_path))
+    queued = Progress("queued", submission=1).beat()
+    store.write_progress("s", queued)
+    assert store.progress("s") == queued and not queued.stale(60)
+    assert queued.stale(60, now=time.time() + 61)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["progress.json"]  # no partial file left
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for name in (GEOJSON, OVERLAY, SUMMARY):
+        (outputs / name).write_bytes(json.dumps({"name": name}).encode())
+    store.put_outputs("s", outputs)
+    assert store.summary("s") == {"name": SUMMARY}
+    assert (tmp_path / "s" / SUMMARY).stat().st_mtime_ns >= (tmp_path / "s" / GEOJSON).stat().st_mtime_ns
+    assert store.read_output("s", "missing.png") is None
+
+
+def test_the_store_setting_keeps_the_old_name_as_an_alias():
+    assert load_settings({"HISTO_SLIDE_STORE": "s3://lab/slides", "HISTO_SLIDE_DIR": "/x"}).slide_store == \
+        "s3://lab/slides"
+    assert load_settings({"HISTO_SLIDE_DIR": "/x"}).slide_store == "/x"
+    settings = load_settings({})
+    assert settings.dask_scheduler is None and settings.dask_workers == 1 and settings.dask_worker_nice == 10
+    with pytest.raises(SettingsError, match="HISTO_DASK_WORKER_NICE"):
+        load_settings({"HISTO_DASK_WORKER_NICE": "25"})
