@@ -143,7 +143,7 @@ test: setup system-deps ## every test group, as CI runs them
 lint: setup ## ruff (style, imports, bandit security rules)
 	$(VENV)/bin/ruff check .
 
-settings-table: setup ## rewrite the README's settings table from serving/settings.py
+settings-table: setup ## rewrite the README's settings table from config/settings.py
 	$(PY) -m docscheck settings-table
 
 docs-check: setup ## the README's runnable commands and example outputs against the real ones (tests/test_readme.py)

@@ -23,6 +23,7 @@ from typing import Any
 import bentoml
 import numpy as np
 
+from config.settings import load_settings_or_exit
 from models.prediction import ExplainedPrediction, Prediction, Thresholds, TileClassifier, TileEvidence
 from models.store import ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
@@ -39,7 +40,6 @@ from serving.observability.metrics import ServiceMetrics, service_metrics
 from serving.observability.request_log import add_log_fields
 from serving.problems import Problem, answers_problems
 from serving.server_options import server_options
-from serving.settings import load_settings_or_exit
 from serving.slide_store import SlideStore
 from slides.reader import SlideError
 
@@ -238,7 +238,8 @@ class Histopathology:
         """Analyse a whole slide uploaded with POST /slides (`slide_id`) or in the service's slide folder
         (`path`, relative): tissue tiles through the same gate, model and OOD score as /predict. The result
         is the summary; GeoJSON and overlay are at GET /slides/{slide_id}/analysis.geojson and overlay.png."""
-        from slides.analyze import DEFAULT_MIN_TISSUE, analyze, write
+        from slides.analysis import DEFAULT_MIN_TISSUE, analyze
+        from slides.outputs import write_outputs
 
         min_tissue = DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue
         if not 0.0 <= min_tissue <= 1.0 or (tile_size is not None and not 16 <= tile_size <= 16384):
@@ -251,7 +252,7 @@ class Histopathology:
         def run() -> dict[str, Any]:
             analysis = analyze(slide, self.stored, tile_size, min_tissue, progress=on_progress,
                                classifier=self.classifier)
-            facts = write(analysis, outputs, self.stored.card.abstention.cancer_classes)
+            facts = write_outputs(analysis, outputs, self.stored.card.abstention.cancer_classes)
             SLIDES.write_progress(outputs, "done", len(analysis.tiles), len(analysis.tiles))
             return facts
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from config.settings import settings_table
 from docscheck.readme import README, with_generated_block
-from serving.settings import settings_table
 
 GENERATORS = {"settings-table": settings_table}
 

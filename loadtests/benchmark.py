@@ -47,12 +47,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from config.cpus import usable_cpus
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import all_core_limit, measure, sample_jpeg
 from loadtests.report import figure_link, results_dir, write_section
 from loadtests.servers import REPO_ROOT, free_port, start_server, stop_server, wait_ready
 from models.store import DEFAULT_MODEL_TAG
-from serving.cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 

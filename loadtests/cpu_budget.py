@@ -112,7 +112,7 @@ class Budget:
 
 
 def measure(model_tag: str, seconds: float, clients: int, workdir: Path) -> Budget:
-    from serving.cpus import usable_cpus
+    from config.cpus import usable_cpus
 
     server = start_server("service:Histopathology", workdir / "serve.log", env={"HISTO_MODEL_TAG": model_tag})
     try:

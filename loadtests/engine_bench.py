@@ -3,7 +3,7 @@
 A cohort of synthetic slides (:mod:`training.synthetic_slides`, generated once
 under artifacts/slides/, each used under several names) is analysed twice:
 
-* **in process**: `slides.analyze.analyze` slide after slide with one traced
+* **in process**: `slides.analysis.analyze` slide after slide with one traced
   model, TensorFlow's threads left to TensorFlow (what `python -m
   slides.analyze` does);
 * **engine**: a `LocalCluster` of `--workers` single-threaded workers (models
@@ -73,7 +73,7 @@ def cohort_slides(size: int, distinct: int, copies: int, folder: Path) -> list[P
 def in_process(slides: list[Path], model_tag: str) -> Run:
     from models.inference import Predictor
     from models.store import load_model
-    from slides.analyze import analyze
+    from slides.analysis import analyze
 
     stored = load_model(model_tag)
     card = stored.card

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from config.settings import load_settings
 from serving.server_options import server_options
-from serving.settings import load_settings
 
 SETTINGS = load_settings()
 ASGI_ROUTE = "/asgi_predict"

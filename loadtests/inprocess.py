@@ -151,7 +151,7 @@ def all_core_limit(model_tag: str | None, seconds: float, batch_size: int, proce
     once, their images/s summed. A single process leaves a core idle while it decodes."""
     import multiprocessing
 
-    from serving.cpus import usable_cpus
+    from config.cpus import usable_cpus
 
     count = processes or usable_cpus()
     context = multiprocessing.get_context("spawn")  # a fresh TensorFlow per process

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from config.settings import Settings
 from serving.observability.tracing import configured_exporter, service_tracing_config
-from serving.settings import Settings
 
 
 def server_options(settings: Settings) -> dict[str, Any]:

@@ -97,8 +97,8 @@ def supervise(children: list[Child], stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from serving.cpus import usable_cpus
-    from serving.settings import load_settings
+    from config.cpus import usable_cpus
+    from config.settings import load_settings
 
     settings = load_settings()
     parser = argparse.ArgumentParser(prog="python -m slides.cluster", description=__doc__.splitlines()[0])

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from slides.analysis import DEFAULT_MIN_TISSUE
 from slides.engine import SlideEngine
 from slides.store import ACTIVE, SLIDE_ID, Progress, SlideStore
 
@@ -142,8 +143,8 @@ def run(sources: list[str], engine: SlideEngine, tile_size: int | None, min_tiss
 
 
 def main(argv: list[str] | None = None) -> None:
-    from serving.cpus import usable_cpus
-    from serving.settings import load_settings
+    from config.cpus import usable_cpus
+    from config.settings import load_settings
 
     settings = load_settings()
     parser = argparse.ArgumentParser(prog="python -m slides.cohort", description=__doc__.splitlines()[0])
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="LocalCluster workers, one thread each (default: one per usable core, %(default)s)")
     parser.add_argument("--model", default=settings.model_tag, help="model tag (default: %(default)s)")
     parser.add_argument("--tile-size", type=int, default=None, help="as for python -m slides.analyze")
-    parser.add_argument("--min-tissue", type=float, default=0.5, help="as for python -m slides.analyze")
+    parser.add_argument("--min-tissue", type=float, default=DEFAULT_MIN_TISSUE, help="as for python -m slides.analyze")
     parser.add_argument("--reconcile-s", type=float, default=settings.slide_reconcile_s,
                         help="how often to look for slides a lost scheduler dropped (default: %(default)s s)")
     parser.add_argument("--stale-s", type=float, default=settings.slide_stale_s,

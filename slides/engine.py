@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from slides.analysis import DEFAULT_MIN_TISSUE
 from slides.store import ACTIVE, Progress, SlideStore
 from slides.task import SlideJob, analyse_slide, loaded_model, lower_priority
 
@@ -129,7 +130,7 @@ class SlideEngine:
 
     # Submitting.
 
-    def submit(self, slide_id: str, tile_size: int | None = None, min_tissue: float = 0.5) -> Progress:
+    def submit(self, slide_id: str, tile_size: int | None = None, min_tissue: float = DEFAULT_MIN_TISSUE) -> Progress:
         """Have the slide analysed unless it is done, failed, or already on its way; returns its progress."""
         progress = self.store.progress(slide_id)
         if progress is not None and progress.state not in ACTIVE:

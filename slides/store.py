@@ -28,6 +28,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from slides.analysis import DEFAULT_MIN_TISSUE
 from slides.outputs import GEOJSON, OVERLAY, SUMMARY
 
 SLIDE_FILE = "slide"
@@ -58,7 +59,7 @@ class Progress:
     seconds: float | None = None  # the successful attempt's duration
     model: str | None = None
     tile_size: int | None = None  # the analysis' options, kept for a resubmission
-    min_tissue: float = 0.5
+    min_tissue: float = DEFAULT_MIN_TISSUE
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slides.analysis import DEFAULT_MIN_TISSUE
 from slides.reader import SlideError
 from slides.store import Progress, SlideStore
 
 if TYPE_CHECKING:  # TensorFlow loads only when a slide is analysed
-    from models.inference import Predictor
-    from models.store import StoredModel
+    from models.prediction import TileClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SlideJob:
     slide_id: str
     model_tag: str
     tile_size: int | None = None
-    min_tissue: float = 0.5
+    min_tissue: float = DEFAULT_MIN_TISSUE
     max_attempts: int = 3
 
 
@@ -63,21 +63,21 @@ def lower_priority(nice: int) -> None:
 
 
 @functools.cache
-def loaded_model(tag: str) -> tuple[StoredModel, Predictor]:
-    """The stored model and its traced predictor, loaded once per process (TensorFlow's threads as the
-    service's settings say: one worker, one core)."""
-    from models.inference import Predictor, configure_threads
+def loaded_model(tag: str) -> TileClassifier:
+    """The stored model's classifier, loaded once per process, with the thresholds and TensorFlow threads
+    the settings say (the same HISTO_* variables as the service: a tile is answered as /predict answers it)."""
+    from config.settings import load_settings
+    from models.inference import configure_threads
+    from models.prediction import Thresholds, TileClassifier
     from models.store import load_model
-    from serving.settings import load_settings
 
     settings = load_settings()
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
     stored = load_model(tag)
-    card = stored.card
-    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature,
-                          card.out_of_distribution.feature_layers)
+    thresholds = Thresholds.resolve(stored.card, settings.abstain_threshold, settings.ood_threshold)
+    classifier = TileClassifier(stored, thresholds, trust_checks=settings.ood_gate)
     logger.info("model %s loaded in process %d", stored.tag, os.getpid())
-    return stored, predictor
+    return classifier
 
 
 def _whoami() -> str:
@@ -89,7 +89,8 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
 
     Safe to run twice: a slide already done or failed is left as it is.
     """
-    from slides.analyze import analyze, write
+    from slides.analysis import analyze
+    from slides.outputs import write_outputs
 
     store = SlideStore(job.store_url)
     before = store.progress(job.slide_id) or Progress("queued")
@@ -109,7 +110,8 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
         store.write_progress(job.slide_id, before.beat(state="failed", reason="no such slide in the store"))
         return "failed"
     lower_priority(nice)
-    stored, predictor = loaded_model(job.model_tag)
+    classifier = loaded_model(job.model_tag)
+    stored = classifier.stored
     started = time.time()
     running = before.beat(state="running", attempt=attempt, worker=_whoami(), started=started, tiles_done=0,
                           reason=None, model=stored.tag)
@@ -127,9 +129,10 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
 
     try:
         with store.local_copy(source) as path:
-            analysis = analyze(path, stored, job.tile_size, job.min_tissue, progress=report, predictor=predictor)
+            analysis = analyze(path, stored, job.tile_size, job.min_tissue, progress=report,
+                               classifier=classifier)
         with tempfile.TemporaryDirectory(prefix="histo-outputs-") as scratch:
-            write(analysis, Path(scratch), stored.card.abstention.cancer_classes)
+            write_outputs(analysis, Path(scratch), stored.card.abstention.cancer_classes)
             store.put_outputs(job.slide_id, Path(scratch))
     except SlideError as exc:  # the slide itself: another run would fail the same way
         logger.warning("slide %s failed: %s", job.slide_id, exc)

@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from slides.analyze import UNCERTAIN
 from synthetic.tiles import LUNG_CLASSES, Difficulty, Recipe, Site, make_sites, render_recipe
 
 logger = logging.getLogger(__name__)
@@ -47,6 +46,7 @@ logger = logging.getLogger(__name__)
 CELL = 768  # level-0 pixels of one drawn cell
 TIFF_TILE = 256  # the TIFF's own tiles (CELL is a whole number of them)
 LEVEL_FACTORS = (1, 4, 16)  # pyramid levels, as a 40x SVS has them (40x, 10x, 2.5x)
+UNCERTAIN = "uncertain"  # an analysed tile given no class, in the score's counts and confusion
 GLASS = "glass"
 GLASS_RGB = (242, 242, 244)  # bright, faintly blue, as empty glass scans
 TRUTH_SUFFIX = ".truth.json"
@@ -202,13 +202,20 @@ def tissue_coverage(truth: SlideTruth, analysis_geojson: dict) -> dict[str, floa
         left, top, right, bottom = (round(value / COVERAGE_STEP) for value in (
             min(p[0] for p in ring), min(p[1] for p in ring), max(p[0] for p in ring), max(p[1] for p in ring)))
         analysed[top:bottom, left:right] = True
-        if feature["properties"]["classification"]["name"] != UNCERTAIN:
+        if _given_class(feature) is not None:
             answered[top:bottom, left:right] = True
     total = int(tissue.sum())
     if not total:
         return {"tissue_coverage": None, "tissue_answered": None}
     return {"tissue_coverage": round(int((tissue & analysed).sum()) / total, 4),
             "tissue_answered": round(int((tissue & answered).sum()) / total, 4)}
+
+
+def _given_class(feature: dict) -> str | None:
+    """The class an analysed tile was given, or None when it was left uncertain (the analysis GeoJSON's
+    `uncertain` and `predicted_class` properties)."""
+    properties = feature["properties"]
+    return None if properties["uncertain"] else properties["predicted_class"]
 
 
 def score(truth: SlideTruth, analysis_geojson: dict, tile_size: int, pure: float = 0.99) -> dict[str, object]:
@@ -224,7 +231,7 @@ def score(truth: SlideTruth, analysis_geojson: dict, tile_size: int, pure: float
     for feature in analysis_geojson["features"]:
         ring = feature["geometry"]["coordinates"][0]
         x, y = min(p[0] for p in ring), min(p[1] for p in ring)
-        analysed[(int(x), int(y))] = feature["properties"]["classification"]["name"]
+        analysed[(int(x), int(y))] = _given_class(feature) or UNCERTAIN
     tissue = correct = uncertain = missed = glass = glass_analysed = 0
     confusion: dict[str, dict[str, int]] = {name: {} for name in truth.classes}
     for y in range(0, truth.height, tile_size):

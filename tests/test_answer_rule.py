@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.prediction import Thresholds, TileClassifier
-from slides.analyze import analyze, choose_level
+from slides.analysis import analyze, choose_level
 from slides.reader import Slide
 from tests.helpers import GRID_TILE, encode, serve_tiny_model, wait_until, write_pyramidal_tiff
 

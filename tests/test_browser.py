@@ -172,7 +172,8 @@ def test_a_tile_the_model_was_not_trained_for_gets_no_class_but_the_reasons(page
 def test_a_whole_slide_is_uploaded_analysed_and_mapped(page, reference, tmp_path):
     from playwright.sync_api import expect
 
-    from slides.analyze import analyze, summary
+    from slides.analysis import analyze
+    from slides.outputs import summary
 
     slide_file = tmp_path / "grid.tiff"
     write_pyramidal_tiff(slide_file)

@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from loadtests.servers import REPO_ROOT, free_port
-from slides.analyze import analyze, geojson
-from slides.outputs import GEOJSON, SUMMARY
+from slides.analysis import analyze
+from slides.outputs import GEOJSON, SUMMARY, geojson
 from slides.store import Progress, SlideStore
 from tests.helpers import wait_until, write_pyramidal_tiff
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from config.settings import load_settings
 from loadtests.servers import REPO_ROOT
-from serving.settings import load_settings
 from slides.cluster import worker_command
 
 ENGINE = REPO_ROOT / "deploy" / "kubernetes-engine"

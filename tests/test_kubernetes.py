@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.settings import load_settings
+from config.settings import load_settings
 from tests.helpers import KUBERNETES as MANIFESTS
 from tests.helpers import kubernetes_objects, pod_container
 

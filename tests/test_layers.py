@@ -1,4 +1,4 @@
-"""The layers hold: imports flow down only (service.py -> serving -> slides -> models; training,
+"""The layers hold: imports flow down only (service.py -> serving -> slides -> config -> models; training,
 synthetic and the load tests apart), as pyproject.toml's import-linter contracts state them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loadtests.servers import REPO_ROOT
 
-PACKAGES = ("serving", "slides", "models", "training", "synthetic", "loadtests", "deploy", "docscheck")
+PACKAGES = ("serving", "slides", "config", "models", "training", "synthetic", "loadtests", "deploy", "docscheck")
 
 
 def test_the_import_contracts_are_kept():

@@ -49,10 +49,10 @@ def test_benchmark_client_measures_a_closed_loop_after_its_ramp(server):
 
 def test_the_floor_service_answers_both_routes_with_the_services_server_settings(tmp_path):
     # `make benchmark` measures BentoML's floor with it; it must take the service's input and answer.
+    from config.settings import load_settings
     from loadtests.floor_service import ASGI_ROUTE, Floor
     from loadtests.servers import start_server, stop_server
     from serving.server_options import server_options
-    from serving.settings import load_settings
 
     assert Floor.config.items() >= server_options(load_settings()).items()
     server = start_server("loadtests.floor_service:Floor", tmp_path / "floor.log")

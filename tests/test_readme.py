@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from config.settings import VARIABLES, load_settings, settings_table
 from docscheck.readme import README, Block, checked_blocks, generated_block
 from loadtests.servers import REPO_ROOT
-from serving.settings import VARIABLES, load_settings, settings_table
 from synthetic.tiles import LUNG_CLASSES
 
 README_HOST = "localhost:3000"

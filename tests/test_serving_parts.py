@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
+from config.settings import SettingsError, load_settings
 from models.preprocessing import CorruptImageError, EmptyImageError, ImageTooLargeError, UnsupportedImageError
 from serving.inference.batcher import BatchTimeoutError, MicroBatcher
 from serving.observability.logs import JsonFormatter
 from serving.problems import PROBLEM_MEDIA_TYPE, Problem, answers_problems
-from serving.settings import SettingsError, load_settings
 
 
 def _slow_double(batch: np.ndarray) -> np.ndarray:
@@ -179,7 +179,7 @@ def test_json_log_lines_parse():
 
 
 def test_workers_default_to_the_cpus_the_process_may_use(tmp_path):
-    from serving.cpus import cgroup_cpu_limit, usable_cpus
+    from config.cpus import cgroup_cpu_limit, usable_cpus
 
     assert load_settings({}).workers == usable_cpus() >= 1
     assert load_settings({"HISTO_WORKERS": "3"}).workers == 3

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.settings import SettingsError, load_settings
+from config.settings import SettingsError, load_settings
 from slides.outputs import GEOJSON, OVERLAY, SUMMARY
 from slides.store import Progress, SlideStore, StoreError
 

@@ -23,17 +23,9 @@ import pytest
 from PIL import Image
 
 from loadtests.servers import REPO_ROOT
-from slides.analyze import (
-    PRINTED,
-    TISSUE_OUTLINE,
-    UNCERTAIN,
-    analyze,
-    choose_level,
-    geojson,
-    overlay,
-    read_analysed_tile,
-    summary,
-)
+from slides.__main__ import PRINTED
+from slides.analysis import analyze, choose_level, read_analysed_tile
+from slides.outputs import TISSUE_OUTLINE, UNCERTAIN, geojson, overlay, summary
 from slides.reader import Slide, SlideError
 from slides.tissue import tissue_mask
 from tests.helpers import (
@@ -219,7 +211,7 @@ def test_cli_takes_several_slides_and_one_bad_slide_stops_none_of_the_others(sli
 def test_geojson_and_summary_from_an_analysis_in_memory():
     from models.prediction import Prediction
     from models.quality import QualityReport
-    from slides.analyze import SlideAnalysis, TileAnswer
+    from slides.analysis import SlideAnalysis, TileAnswer
     from slides.reader import SlideInfo
 
     quality = QualityReport(passed=True, failed_checks=[], background_fraction=0.0, stain_fraction=1.0,
@@ -270,7 +262,7 @@ def test_geojson_and_summary_from_an_analysis_in_memory():
 def test_tiles_take_the_training_scale_from_the_card(reference, slide_path):
     from dataclasses import replace
 
-    from slides.analyze import tile_size_basis, tile_size_for
+    from slides.analysis import tile_size_basis, tile_size_for
 
     card = reference.stored.card
     assert card.dataset.tile_size == 256 and card.dataset.microns_per_pixel is None  # the tests' 256 px tiles
@@ -412,7 +404,7 @@ def test_the_heat_map_of_a_suspicious_tile_explains_the_slides_answer(server, re
 @pytest.mark.service
 def test_a_real_aperio_slide_is_read_end_to_end_the_same_by_the_cli_and_the_service(
         aperio_slide, reference, server, tiny_model_tag, tmp_path):
-    from slides.analyze import tile_size_for
+    from slides.analysis import tile_size_for
 
     stored = reference.stored
     analysis = analyze(aperio_slide, stored, tile_size=APERIO_TILE)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slides.analyze import UNCERTAIN
 from slides.reader import Slide
 from slides.tissue import tissue_mask
 from synthetic.slides import (
@@ -56,12 +55,12 @@ def test_the_slide_is_a_pyramid_with_its_pixel_size_and_its_truth_beside_it(smal
                     assert found > 0.5, (row, col, label, found)
 
 
-def _geojson_of(answers: dict[tuple[int, int], str], size: int) -> dict:
+def _geojson_of(answers: dict[tuple[int, int], str | None], size: int) -> dict:
     return {"type": "FeatureCollection", "features": [
         {"type": "Feature",
          "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + size, y], [x + size, y + size], [x, y + size],
                                                           [x, y]]]},
-         "properties": {"classification": {"name": name, "color": [0, 0, 0]}}}
+         "properties": {"uncertain": name is None, "predicted_class": name or "lung_n"}}
         for (x, y), name in answers.items()]}
 
 
@@ -77,7 +76,7 @@ def test_score_counts_right_uncertain_missed_and_glass_tiles(small_slide):
     first, second, third = sorted(tissue)[:3]
     wrong = next(name for name in LUNG_CLASSES if name != tissue[first])
     glass = (0, 0)
-    flawed = {**tissue, first: wrong, second: UNCERTAIN, glass: tissue[third]}
+    flawed = {**tissue, first: wrong, second: None, glass: tissue[third]}
     del flawed[third]
     result = score(truth, _geojson_of(flawed, CELL), CELL)
     assert result["tissue_tiles_correct"] == len(tissue) - 3
@@ -93,13 +92,13 @@ def test_score_counts_right_uncertain_missed_and_glass_tiles(small_slide):
 def test_coverage_counts_the_true_tissue_inside_tiles_of_any_size():
     truth = SlideTruth(["a", "b"], 96, 0.5, [["a", "b"], ["glass", "b"]])  # 3 x 96^2 px of tissue
 
-    def feature(left: int, top: int, right: int, bottom: int, name: str) -> dict:
+    def feature(left: int, top: int, right: int, bottom: int, name: str | None) -> dict:
         ring = [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]
         return {"geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {"classification": {"name": name}}}
+                "properties": {"uncertain": name is None, "predicted_class": name or "a"}}
 
     # Tiles of 144 and 48 px across the cells: a and half of b's column, then a quarter of the lower b, uncertain.
-    tiles = {"features": [feature(0, 0, 144, 192, "a"), feature(144, 96, 192, 192, UNCERTAIN)]}
+    tiles = {"features": [feature(0, 0, 144, 192, "a"), feature(144, 96, 192, 192, None)]}
     assert tissue_coverage(truth, tiles) == {"tissue_coverage": pytest.approx(5 / 6, abs=1e-3),
                                              "tissue_answered": pytest.approx(2 / 3, abs=1e-3)}
     assert tissue_coverage(SlideTruth(["a"], 96, 0.5, [["glass"]]), tiles)["tissue_coverage"] is None

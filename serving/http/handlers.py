@@ -22,10 +22,10 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Redire
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from config.settings import Settings
 from models.store import REPORT_FILES, REPORT_MARKDOWN
 from serving.http.report_page import report_page
 from serving.problems import Problem, answers_problems
-from serving.settings import Settings
 from serving.slide_store import SLIDE_FILE, SlideStore
 from slides.outputs import OUTPUT_FILES
 from slides.reader import SlideError
@@ -63,7 +63,7 @@ def plain_routes(settings: Settings, slides: SlideStore, ui_folder: Path) -> Sta
     @answers_problems
     async def upload_slide(request: Request) -> Response:
         """POST /slides: stream a whole-slide image to disk (multipart `file`); answers its `slide_id`."""
-        from slides.analyze import check_readable
+        from slides.analysis import check_readable
 
         slide_id = await slides.receive(request, settings.max_slide_bytes, settings.body_idle_timeout_ms / 1000,
                                         settings.slide_upload_timeout_s)
@@ -84,7 +84,7 @@ def plain_routes(settings: Settings, slides: SlideStore, ui_folder: Path) -> Sta
     async def slide_tile(request: Request) -> Response:
         """GET /slides/{slide_id}/tile?x=&y=&size=[&as_analysed=true]: a square of the slide as PNG, at full
         resolution, or with `as_analysed` as the analysis gave it to the model (its level, resized to the input)."""
-        from slides.analyze import read_analysed_tile, read_tile
+        from slides.analysis import read_analysed_tile, read_tile
 
         slide = slides.slide_of(request.path_params["slide_id"])
         try:

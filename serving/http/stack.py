@@ -15,13 +15,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 
+from config.settings import Settings
 from serving.admission.capacity import Admission
 from serving.http import front_door
 from serving.http.guard import GuardPolicy, RequestGuard
 from serving.http.openapi import OpenAPIDocument, corrected_document
 from serving.http.route_table import BENTOML_PREFIXES, BENTOML_ROUTES, PROBES, route_facts
 from serving.observability.request_log import RequestLog
-from serving.settings import Settings
 
 # Besides the upload routes, these (and everything under them) need the token when one is set.
 TOKEN_PREFIXES = frozenset({"/model", "/slides", "/analyze_slide"})

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from config.cpus import usable_cpus
 from models.preprocessing import DEFAULT_MAX_PIXELS, DecodeLimits
 from models.store import DEFAULT_MODEL_TAG
-from serving.cpus import usable_cpus
 
 LOG_FORMATS = ("text", "json")
 T = TypeVar("T")
@@ -217,7 +217,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(("HISTO_MAX_LATENCY_MS",), "total wait for a result before 504", ("max_latency_ms",)),
     Variable(("HISTO_WORKERS",), "BentoML worker processes (about 1 GB resident each under load): by default one per "
              "CPU the process may use (its affinity mask, capped by a container's CPU quota, e.g. `--cpus` or a "
-             "pod's CPU limit; `serving/cpus.py`)", default="one per usable CPU"),
+             "pod's CPU limit; `config/cpus.py`)", default="one per usable CPU"),
     Variable(("HISTO_TF_INTRA_OP_THREADS", "HISTO_TF_INTER_OP_THREADS"), "TensorFlow thread pools per worker (0: "
              "TensorFlow decides); one worker per core with one thread each beat one worker with more threads here",
              ("tf_intra_op_threads", "tf_inter_op_threads")),
