@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from slides.analyze import UNCERTAIN
-from training.synthetic import LUNG_CLASSES, Difficulty, Recipe, Site, make_sites, render_recipe
+from training.synthetic import LUNG_CLASSES, MICRONS_PER_PIXEL, Difficulty, Recipe, Site, make_sites, render_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ LEVEL_FACTORS = (1, 4, 16)  # pyramid levels, as a 40x SVS has them (40x, 10x, 2
 GLASS = "glass"
 GLASS_RGB = (242, 242, 244)  # bright, faintly blue, as empty glass scans
 TRUTH_SUFFIX = ".truth.json"
-DEFAULT_MICRONS_PER_PIXEL = 0.5  # LC25000's tiles, cut at about 20x
+DEFAULT_MICRONS_PER_PIXEL = MICRONS_PER_PIXEL  # of a 768-pixel cell, as the tile generator draws it
 
 
 @dataclass(frozen=True)
