@@ -19,6 +19,7 @@ DATA ?= $(SYNTHETIC_DIR)/lung_image_sets
 ARCH ?= cnn
 MODEL_NAME ?= lung_histopathology
 TRAIN_ARGS ?=
+MPP ?=
 COMPARE_ARGS ?= --input-size 128 --epochs 10
 PYTEST_ARGS ?=
 HOST ?= 0.0.0.0
@@ -65,8 +66,9 @@ model: setup ## the default model in the BentoML store, trained if the store has
 		$(MAKE) --no-print-directory data && $(MAKE) --no-print-directory train; \
 	fi
 
-train: setup ## train on DATA (default: the synthetic tiles) into the store
-	$(PY) -m training.train --data $(DATA) --arch $(ARCH) --name $(MODEL_NAME) $(TRAIN_ARGS)
+train: setup ## train on DATA (default: the synthetic tiles; MPP: their microns per pixel) into the store
+	$(PY) -m training.train --data $(DATA) --arch $(ARCH) --name $(MODEL_NAME) \
+		$(if $(MPP),--microns-per-pixel $(MPP)) $(TRAIN_ARGS)
 
 model-report: model ## copy the default model's evaluation report (Markdown + figures) to docs/model-report/
 	$(PY) -m training.report --model $(MODEL_NAME):latest --out docs/model-report

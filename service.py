@@ -34,7 +34,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from models.prediction import ExplainedPrediction, Prediction, Thresholds, TileClassifier, TileEvidence
+from models.prediction import ExplainedPrediction, Prediction, Rescaling, Thresholds, TileClassifier, TileEvidence
 from models.preprocessing import (
     DecodeAbandonedError,
     DecodeCost,
@@ -44,6 +44,7 @@ from models.preprocessing import (
     finish_decode,
     prepare_decode,
 )
+from models.resampling import ModelScale, check_microns_per_pixel
 from models.store import REPORT_FILES, REPORT_MARKDOWN, ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
 from serving import front_door
@@ -247,6 +248,7 @@ class Histopathology:
         self.stored: StoredModel = load_model(str(self.bento_model.tag))
         card = self.stored.card
         self.input_size = card.input_size
+        self.scale = ModelScale.of(card)  # what an upload's `mpp` is resampled to
         thresholds = Thresholds.resolve(card, SETTINGS.abstain_threshold, SETTINGS.ood_threshold)
         self.classifier = TileClassifier(self.stored, thresholds, trust_checks=SETTINGS.ood_gate)
         self.grad_cam: GradCam = GradCam(self.stored.model, card.architecture, card.input_size)
@@ -305,11 +307,12 @@ class Histopathology:
         return evidence
 
     def _start_decode(
-        self, path: Path, size: int | None, deadline: float | None, budget: _PixelBudget | None
+        self, path: Path, size: int | None, deadline: float | None, budget: _PixelBudget | None,
+        mpp: float | None = None,
     ) -> np.ndarray | PreparedDecode:
         """On a decode thread: check the header (and spend from the request's budget); decode at once
-        unless it is heavy (then it is handed over as it is)."""
-        prepared = prepare_decode(path, size, SETTINGS.decode_limits)
+        unless it is heavy (then it is handed over as it is). With `mpp`, resampled to the model's pixel size."""
+        prepared = prepare_decode(path, size, SETTINGS.decode_limits, mpp, self.scale.field_microns)
         if budget is not None:
             budget.spend(prepared.cost.pixels)
         return prepared if _heavy(prepared.cost) else self._finish_decode(prepared, deadline)
@@ -319,8 +322,10 @@ class Histopathology:
         release_heap(prepared.cost.estimated_bytes)
         return image
 
-    async def _decode(self, path: Path, full_size: bool = False, budget: _PixelBudget | None = None) -> np.ndarray:
-        """Decode an upload on the decode threads: to the model's input size, or at its own size.
+    async def _decode(self, path: Path, full_size: bool = False, budget: _PixelBudget | None = None,
+                      mpp: float | None = None) -> np.ndarray:
+        """Decode an upload on the decode threads: to the model's input size (resampled to its pixel size when
+        the upload's `mpp` is given and the card has one), or at its own size.
 
         An ordinary tile takes one hop (header check and decode on one thread); a heavy one a second,
         on the heavy thread. The decode time (both hops, not the waits) is observed once per upload.
@@ -340,7 +345,7 @@ class Histopathology:
 
         try:
             result = await loop.run_in_executor(
-                self._decoder, timed, self._start_decode, path, size, deadline, budget
+                self._decoder, timed, self._start_decode, path, size, deadline, budget, mpp
             )
             if isinstance(result, PreparedDecode):
                 result = await loop.run_in_executor(
@@ -350,8 +355,10 @@ class Histopathology:
         finally:
             self.metrics.decode_seconds.observe(spent)
 
-    def _prediction(self, evidence: TileEvidence) -> Prediction:
+    def _prediction(self, evidence: TileEvidence, rescaling: Rescaling | None = None) -> Prediction:
         prediction = self.classifier.answer(evidence)
+        if rescaling is not None:
+            prediction = prediction.model_copy(update={"rescaling": rescaling})
         self.metrics.predictions.labels(predicted_class=prediction.predicted_class).inc()
         if prediction.uncertain:
             self.metrics.uncertain.inc()
@@ -360,11 +367,12 @@ class Histopathology:
         return prediction
 
     async def _decode_or_problem(
-        self, path: Path, full_size: bool = False, budget: _PixelBudget | None = None, part: str = "file"
+        self, path: Path, full_size: bool = False, budget: _PixelBudget | None = None, part: str = "file",
+        mpp: float | None = None,
     ) -> np.ndarray:
         """:meth:`_decode`, its failures raised as the problem they answer with."""
         try:
-            return await self._decode(path, full_size, budget)
+            return await self._decode(path, full_size, budget, mpp)
         except ImageDecodeError as exc:
             raise Problem.from_decode_error(exc, part) from None
         except DecodeAbandonedError as exc:  # its deadline passed: the guard has answered 504 already
@@ -376,56 +384,72 @@ class Histopathology:
         except BatchTimeoutError as exc:
             raise _too_slow(exc) from None
 
-    async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction]:
+    def _rescaling(self, mpp: float | None) -> Rescaling | None:
+        """What an upload's `mpp` does (None when none was sent); 400 outside the sane range."""
+        if mpp is None:
+            return None
+        try:
+            return Rescaling.of(self.stored.card, check_microns_per_pixel(mpp))
+        except ValueError as exc:
+            raise Problem(HTTPStatus.BAD_REQUEST, str(exc)) from None
+
+    async def _classify(self, file: Path, mpp: float | None = None) -> tuple[np.ndarray, Prediction]:
         """Decode one upload and classify it through the batcher (the decoded image too)."""
-        image = await self._decode_or_problem(file)
+        rescaling = self._rescaling(mpp)
+        image = await self._decode_or_problem(file, mpp=mpp)
         [row] = await self._model_rows([image])
-        return image, self._prediction(row)
+        return image, self._prediction(row, rescaling)
 
     @bentoml.api(route="/predict")
     @answers_problems
-    async def predict(self, file: Path) -> Prediction:
-        """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF)."""
-        _, prediction = await self._classify(file)
+    async def predict(self, file: Path, mpp: float | None = None) -> Prediction:
+        """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF). `mpp`: its microns per
+        pixel, to resample it to the model's pixel size (see `rescaling` in the answer)."""
+        _, prediction = await self._classify(file, mpp)
         note(predicted_class=prediction.predicted_class, uncertain=prediction.uncertain, **_reasons(prediction))
         return prediction
 
     @bentoml.api(route="/predict_batch")
     @answers_problems
-    async def predict_batch(self, file: list[Path]) -> list[Prediction]:
-        """Classify several tiles sent as repeated `file` parts; results in the same order."""
+    async def predict_batch(self, file: list[Path], mpp: float | None = None) -> list[Prediction]:
+        """Classify several tiles sent as repeated `file` parts; results in the same order. `mpp`: the
+        microns per pixel of every part."""
         if not file:
             raise Problem(HTTPStatus.BAD_REQUEST, "send at least one `file` part")
+        rescaling = self._rescaling(mpp)
         # All parts together may not decode more pixels than one image may have: spent as headers are read.
         budget = _PixelBudget(SETTINGS.max_pixels)
         decoded = await asyncio.gather(
-            *(self._decode_or_problem(path, budget=budget, part=f"file[{i}]") for i, path in enumerate(file)),
+            *(self._decode_or_problem(path, budget=budget, part=f"file[{i}]", mpp=mpp) for i, path in enumerate(file)),
             return_exceptions=True,
         )
         for result in decoded:  # the first bad part, in the order sent, names the problem
             if isinstance(result, BaseException):
                 raise result
-        predictions = [self._prediction(row) for row in await self._model_rows(decoded)]
+        predictions = [self._prediction(row, rescaling) for row in await self._model_rows(decoded)]
         note(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 
     @bentoml.api(route="/explain")
     @answers_problems
     async def explain(
-        self, file: Path, target_class: str | None = None, include_map: bool = False
+        self, file: Path, target_class: str | None = None, include_map: bool = False, mpp: float | None = None
     ) -> ExplainedPrediction:
         """Classify one tile and show where the model looked: a Grad-CAM overlay (base64 PNG).
 
-        `target_class` explains another class than the predicted one; `include_map` adds the raw map.
+        `target_class` explains another class than the predicted one; `include_map` adds the raw map; `mpp`
+        resamples the tile to the model's pixel size as /predict does (the overlay is then drawn on what the
+        model saw).
         """
         from models.explain import explain
 
         class_names = self.stored.card.class_names
         if target_class is not None and target_class not in class_names:
             raise Problem(HTTPStatus.BAD_REQUEST, f"target_class {target_class!r} is not one of {class_names}")
-        image, prediction = await self._classify(file)
-        # The upload at its own size, for the overlay; it decoded once already.
-        full_image = await self._decode_or_problem(file, full_size=True)
+        image, prediction = await self._classify(file, mpp)
+        # The upload at its own size, for the overlay (it decoded once already); resampled, what the model saw.
+        rescaled = prediction.rescaling is not None and prediction.rescaling.rescaled
+        full_image = image if rescaled else await self._decode_or_problem(file, full_size=True)
         explained = target_class or prediction.predicted_class
         async with self._explaining:
             explanation = await asyncio.to_thread(

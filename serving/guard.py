@@ -23,7 +23,8 @@ and for uploads to the model routes:
 * parses the multipart body once and checks its shape: multipart only (415),
   well-formed (400), only `file` parts, each an uploaded file and not a
   string (so BentoML never fetches URLs), as many as the route takes, file
-  names short and printable, text fields short, plain and of their kind (400);
+  names short and printable, text fields short, plain and of their kind
+  (true/false, a finite number, plain text) (400);
 * counts the request as in flight only once its body is complete, and answers
   504 (problem+json) itself when the request is not answered within
   `request_timeout_s`, before BentoML's own timeout could answer in its shape.
@@ -37,6 +38,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
@@ -59,6 +61,7 @@ MAX_FILENAME_BYTES = 200  # BentoML keeps the name in a temporary file's name: 2
 MAX_TEXT_FIELD_CHARS = 128
 TEXT = "text"
 BOOLEAN = "boolean"
+NUMBER = "number"
 BOOLEAN_VALUES = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})
 
 # When the request being served must be answered by (time.monotonic()); work can stop after it.
@@ -90,7 +93,7 @@ class GuardPolicy:
     body_timeout_s: float
     body_idle_timeout_s: float
     api_token: str | None = None
-    # path -> {optional text field: TEXT or BOOLEAN}
+    # path -> {optional text field: TEXT, BOOLEAN or NUMBER}
     text_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     json_routes: frozenset[str] = frozenset()  # POST paths whose body is JSON (BentoML APIs without a file)
 
@@ -307,8 +310,18 @@ def _check_text_field(name: str, value: str, kind: str) -> None:
         raise _bad_request(f"`{name}` is longer than {MAX_TEXT_FIELD_CHARS} characters")
     if kind == BOOLEAN and value.strip().lower() not in BOOLEAN_VALUES:
         raise _bad_request(f"`{name}` must be true or false")
+    if kind == NUMBER and not _is_number(value):
+        raise _bad_request(f"`{name}` must be a number, e.g. 0.5")
     if kind == TEXT and value.lstrip()[:1] in ("[", "{", '"'):  # BentoML would parse JSON, to any depth
         raise _bad_request(f"`{name}` must be plain text, not JSON")
+
+
+def _is_number(value: str) -> bool:
+    """A finite decimal number (not nan, inf, or JSON BentoML would parse)."""
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 async def _check_multipart(headers: Headers, body: bytes, max_files: int, text_fields: Mapping[str, str]) -> None:

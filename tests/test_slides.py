@@ -205,13 +205,14 @@ def test_tiles_take_the_training_scale_from_the_card(reference, slide_path):
     from slides.analyze import tile_size_for
 
     card = reference.stored.card
-    assert card.dataset.tile_size == 256 and card.dataset.microns_per_pixel is None  # the tests' 256 px tiles
+    # The tests' 256 px synthetic tiles show what 768 px show at 0.5 um: their dataset.json says 1.5 um.
+    assert card.dataset.tile_size == 256 and card.dataset.microns_per_pixel == pytest.approx(1.5)
     with Slide(slide_path) as slide:
         info = slide.info  # 0.5 um per pixel
     assert tile_size_for(card, info, requested=512) == 512
-    assert tile_size_for(card, info) == 256  # no pixel size on the card: the training size as it is
-    known = card.model_copy(update={"dataset": card.dataset.model_copy(update={"microns_per_pixel": 0.25})})
-    assert tile_size_for(known, info) == 128  # 256 px at 0.25 um cover 128 px at 0.5 um
+    assert tile_size_for(card, info) == 768  # 256 px at 1.5 um cover 768 px at 0.5 um
+    unknown = card.model_copy(update={"dataset": card.dataset.model_copy(update={"microns_per_pixel": None})})
+    assert tile_size_for(unknown, info) == 256  # no pixel size on the card: the training size as it is
 
 
 def _finished(url: str, task_id: str) -> dict:

@@ -26,6 +26,7 @@ import argparse
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -138,6 +139,26 @@ def evaluate(classifier: TileClassifier, load: Callable[[], tuple[list[Image.Ima
     return rows
 
 
+def check_cost(classifier: TileClassifier, images: np.ndarray, repeats: int = 200) -> tuple[float, float]:
+    """Median seconds per image of the trust checks on one batch (the gate and the out-of-distribution
+    score), without and with the magnification estimate, on the model's features of `images`."""
+    from models.quality import assess_batch
+
+    card, scorer = classifier.stored.card, classifier.stored.ood_scorer
+    features = classifier.predictor.outputs(images).features
+    check = card.magnification
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for with_check in (False, True):  # interleaved, so a busy moment costs both alike
+            started = time.perf_counter()
+            assess_batch(images, card.quality_gate)
+            scorer(features)
+            if with_check and check is not None:
+                check.estimate(features)
+            timings[with_check].append(time.perf_counter() - started)
+    return float(np.median(timings[False])) / len(images), float(np.median(timings[True])) / len(images)
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
@@ -190,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     # The table is this command's result.
     sys.stdout.write(f"{stored.tag}, {args.per_class} fresh synthetic tiles per class, seed {args.seed}\n\n")
     sys.stdout.write(table(rows) + "\n")
+    if card.magnification is not None:
+        tiles, _ = fresh_synthetic_tiles(card.class_names, 11, args.seed + 1, tile_size)
+        batch = np.stack([resample(tile, ModelScale.of(card)) for tile in tiles[:32]])
+        without, with_check = check_cost(TileClassifier(stored), batch)
+        sys.stdout.write(f"\ntrust checks per image in a batch of {len(batch)} (median of 200): gate and score "
+                         f"{1e6 * without:.1f} us, with the magnification estimate {1e6 * with_check:.1f} us\n")
 
 
 if __name__ == "__main__":
