@@ -11,8 +11,11 @@ score's spatially averaged layers, :mod:`models.ood`): a ridge regression of
 the log magnification on ``log(1 + features)``, fitted on training tiles shown
 at random magnifications from 0.4x to 2.5x
 (:func:`training.trust.fit_magnification`). Its limits are the estimates'
-1% and 99% quantiles on validation tiles at the training magnification, so
-about 2% of in-distribution tiles are flagged. At serving it is one
+1% and 99% quantiles on validation tiles at the training magnification,
+widened by the estimator's median error on validation tiles at random
+magnifications (a new scanner's magnification differs a little from the
+training sites'; the bare quantiles flagged 9% of fresh sites' tiles at 1x,
+widened 2%, while tiles at 2x and 0.5x stay flagged). At serving it is one
 dot product per tile on features already there: no second pass, no pixels.
 
 Like the gate and the score it is fitted on the model's own training data
@@ -27,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MAGNIFICATION_METHOD = (
     "ridge regression of log magnification on log(1 + the out-of-distribution features), fitted on training tiles "
     "shown at random magnifications (0.4x-2.5x: centre crops enlarged, same-class mosaics shrunk); limits: the 1% "
-    "and 99% quantiles of the estimates on validation tiles at the training magnification"
+    "and 99% quantiles of the estimates on validation tiles at the training magnification, widened by the "
+    "estimator's median validation error"
 )
 
 Share = float
