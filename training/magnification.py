@@ -28,13 +28,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from models.magnification import MagnificationCondition
-from models.prediction import MAGNIFICATION, Prediction, TileClassifier
+from models.prediction import MAGNIFICATION, Prediction, Thresholds, TileClassifier
 from models.resampling import ModelScale, resample
 
 logger = logging.getLogger(__name__)
@@ -139,24 +139,25 @@ def evaluate(classifier: TileClassifier, load: Callable[[], tuple[list[Image.Ima
     return rows
 
 
-def check_cost(classifier: TileClassifier, images: np.ndarray, repeats: int = 200) -> tuple[float, float]:
-    """Median seconds per image of the trust checks on one batch (the gate and the out-of-distribution
-    score), without and with the magnification estimate, on the model's features of `images`."""
+def check_cost(classifier: TileClassifier, images: np.ndarray, repeats: int = 200) -> tuple[float, float, float]:
+    """Median seconds per image, on one batch: the trust checks (the gate and the out-of-distribution score)
+    without and with the magnification estimate, and the estimate alone (on the model's features of `images`)."""
     from models.quality import assess_batch
 
     card, scorer = classifier.stored.card, classifier.stored.ood_scorer
     features = classifier.predictor.outputs(images).features
     check = card.magnification
-    timings: dict[bool, list[float]] = {False: [], True: []}
+    timings: dict[str, list[float]] = {"without": [], "with": [], "alone": []}
     for _ in range(repeats):
-        for with_check in (False, True):  # interleaved, so a busy moment costs both alike
+        for name in timings:  # interleaved, so a busy moment costs each alike
             started = time.perf_counter()
-            assess_batch(images, card.quality_gate)
-            scorer(features)
-            if with_check and check is not None:
+            if name != "alone":
+                assess_batch(images, card.quality_gate)
+                scorer(features)
+            if name != "without" and check is not None:
                 check.estimate(features)
-            timings[with_check].append(time.perf_counter() - started)
-    return float(np.median(timings[False])) / len(images), float(np.median(timings[True])) / len(images)
+            timings[name].append(time.perf_counter() - started)
+    return tuple(float(np.median(timings[name])) / len(images) for name in timings)  # type: ignore[return-value]
 
 
 def _percent(value: float | None) -> str:
@@ -206,17 +207,22 @@ def main(argv: list[str] | None = None) -> None:
     tile_size = card.dataset.tile_size or 768
     if card.dataset.microns_per_pixel is None:
         logger.warning("%s declares no pixel size: only the rows without mpp are measured", stored.tag)
-    rows = evaluate(TileClassifier(stored),
-                    lambda: fresh_synthetic_tiles(card.class_names, args.per_class, args.seed, tile_size))
+    tiles, labels = fresh_synthetic_tiles(card.class_names, args.per_class, args.seed, tile_size)
+    rows = evaluate(TileClassifier(stored), lambda: (tiles, labels))
     # The table is this command's result.
     sys.stdout.write(f"{stored.tag}, {args.per_class} fresh synthetic tiles per class, seed {args.seed}\n\n")
     sys.stdout.write(table(rows) + "\n")
     if card.magnification is not None:
+        unchecked = replace(Thresholds.resolve(card), magnification=None)
+        [before] = evaluate(TileClassifier(stored, unchecked), lambda: (tiles, labels), factors=(1.0,))[:1]
+        sys.stdout.write(f"\nat 1x without the magnification check: {_percent(before.answered)} answered, "
+                         f"{_percent(before.right_or_uncertain)} right or uncertain\n")
         tiles, _ = fresh_synthetic_tiles(card.class_names, 11, args.seed + 1, tile_size)
         batch = np.stack([resample(tile, ModelScale.of(card)) for tile in tiles[:32]])
-        without, with_check = check_cost(TileClassifier(stored), batch)
-        sys.stdout.write(f"\ntrust checks per image in a batch of {len(batch)} (median of 200): gate and score "
-                         f"{1e6 * without:.1f} us, with the magnification estimate {1e6 * with_check:.1f} us\n")
+        without, with_check, alone = check_cost(TileClassifier(stored), batch)
+        sys.stdout.write(f"trust checks per image in a batch of {len(batch)} (median of 200): gate and score "
+                         f"{1e6 * without:.1f} us, with the magnification estimate {1e6 * with_check:.1f} us; "
+                         f"the estimate alone {1e6 * alone:.2f} us\n")
 
 
 if __name__ == "__main__":
