@@ -119,7 +119,9 @@ def test_a_tile_given_its_pixel_size_is_resampled_and_the_page_says_so(page, ref
     expect(page.locator("#scale")).to_contain_text(f"Resampled from {mpp:g} to the model's {model_mpp:g}")
     expect(page.locator("#predicted-class")).to_have_text(card.class_names[int(np.argmax(expected))])
     page.fill("#mpp", "")
-    page.set_input_files("#file", tile)
+    again = tmp_path / "no_pixel_size.jpeg"  # another file: choosing the same one again fires no change
+    again.write_bytes(tile.read_bytes())
+    page.set_input_files("#file", again)
     expect(page.locator("#scale")).to_contain_text("No pixel size given; estimated magnification")
 
 
