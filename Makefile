@@ -25,6 +25,7 @@ DATA ?= $(SYNTHETIC_DIR)/lung_image_sets
 ARCH ?= cnn
 MODEL_NAME ?= lung_histopathology
 TRAIN_ARGS ?=
+MPP ?=
 COMPARE_ARGS ?= --input-size 128 --epochs 10
 PYTEST_ARGS ?=
 HOST ?= 0.0.0.0
@@ -64,11 +65,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps: ## Debian packages the tests need (apt-get, once)
 	@missing=$$(for package in $(DEBIAN_TEST_PACKAGES); do 		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q "install ok installed" || echo $$package; done); 	if [ -n "$$missing" ]; then 		echo "installing Debian packages:" $$missing; 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; 	fi
 
-data: $(SYNTHETIC_DIR)/.complete ## synthetic LC25000-layout tiles (PER_CLASS per class)
+data: $(SYNTHETIC_DIR)/lung_image_sets/dataset.json ## synthetic LC25000-layout tiles (PER_CLASS per class)
 
-$(SYNTHETIC_DIR)/.complete: | setup
+# dataset.json (the tiles' pixel size) is the generator's last file: a folder without it, e.g. one drawn
+# before it existed, is drawn again (the same seed gives the same tiles).
+$(SYNTHETIC_DIR)/lung_image_sets/dataset.json: | setup
 	$(PY) -m synthetic.tiles --out $(SYNTHETIC_DIR) --per-class $(PER_CLASS) --seed $(SEED)
-	touch $@
 
 model: setup ## the default model in the BentoML store, trained if the store has none
 	@if tag=$$($(PY) -m models.store --check $(MODEL_NAME):latest 2>/dev/null); then \
@@ -77,8 +79,9 @@ model: setup ## the default model in the BentoML store, trained if the store has
 		$(MAKE) --no-print-directory data && $(MAKE) --no-print-directory train; \
 	fi
 
-train: setup ## train on DATA (default: the synthetic tiles) into the store
-	$(PY) -m training.train --data $(DATA) --arch $(ARCH) --name $(MODEL_NAME) $(TRAIN_ARGS)
+train: setup ## train on DATA (default: the synthetic tiles; MPP: their microns per pixel) into the store
+	$(PY) -m training.train --data $(DATA) --arch $(ARCH) --name $(MODEL_NAME) \
+		$(if $(MPP),--microns-per-pixel $(MPP)) $(TRAIN_ARGS)
 
 model-report: model ## the default model's evaluation report (Markdown + figures) into artifacts/model-report/ (UPDATE_DOCS=1: docs/model-report/)
 	$(PY) -m training.report --model $(MODEL_NAME):latest --out $(MODEL_REPORT_DIR)

@@ -24,7 +24,8 @@ import bentoml
 import numpy as np
 
 from config.settings import load_settings_or_exit
-from models.prediction import ExplainedPrediction, Prediction, Thresholds, TileClassifier, TileEvidence
+from models.prediction import ExplainedPrediction, Prediction, Rescaling, Thresholds, TileClassifier, TileEvidence
+from models.resampling import ModelScale, check_microns_per_pixel
 from models.store import ModelLoadError, StoredModel, load_model
 from models.tf_environment import prefer_onednn
 from serving.admission.capacity import Admission
@@ -112,7 +113,8 @@ class Histopathology:
             observe_batch_size=self.metrics.batch_size.observe,
             observe_queue_delay=ADMISSION.record_queue_delay,
         )
-        self.decoder = Decoder(card.input_size, SETTINGS.decode_limits, SETTINGS.decode_threads,
+        # An upload's `mpp` is resampled to the model's pixel size (the card's field of view).
+        self.decoder = Decoder(ModelScale.of(card), SETTINGS.decode_limits, SETTINGS.decode_threads,
                                self.metrics.decode_seconds.observe)
         self._warm = asyncio.Event()
         logger.info(
@@ -150,8 +152,10 @@ class Histopathology:
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         return evidence
 
-    def _answer(self, evidence: TileEvidence) -> Prediction:
+    def _answer(self, evidence: TileEvidence, rescaling: Rescaling | None = None) -> Prediction:
         prediction = self.classifier.answer(evidence)
+        if rescaling is not None:
+            prediction = prediction.model_copy(update={"rescaling": rescaling})
         self.metrics.predictions.labels(predicted_class=prediction.predicted_class).inc()
         if prediction.uncertain:
             self.metrics.uncertain.inc()
@@ -165,57 +169,73 @@ class Histopathology:
         except BatchTimeoutError as exc:
             raise not_answered_in_time(exc) from None
 
-    async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction]:
+    def _rescaling(self, mpp: float | None) -> Rescaling | None:
+        """What an upload's `mpp` does (None when none was sent); 400 outside the sane range."""
+        if mpp is None:
+            return None
+        try:
+            return Rescaling.of(self.stored.card, check_microns_per_pixel(mpp))
+        except ValueError as exc:
+            raise Problem(HTTPStatus.BAD_REQUEST, str(exc)) from None
+
+    async def _classify(self, file: Path, mpp: float | None = None) -> tuple[np.ndarray, Prediction]:
         """Decode one upload and classify it through the batcher (the decoded image too)."""
-        image = await self.decoder.decode(file)
+        rescaling = self._rescaling(mpp)
+        image = await self.decoder.decode(file, mpp=mpp)
         [evidence] = await self._evidence([image])
-        return image, self._answer(evidence)
+        return image, self._answer(evidence, rescaling)
 
     @bentoml.api(route="/predict")
     @answers_problems
-    async def predict(self, file: Path) -> Prediction:
-        """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF)."""
-        _, prediction = await self._classify(file)
+    async def predict(self, file: Path, mpp: float | None = None) -> Prediction:
+        """Classify one tissue tile (multipart field `file`: JPEG, PNG, WebP or TIFF). `mpp`: its microns per
+        pixel, to resample it to the model's pixel size (see `rescaling` in the answer)."""
+        _, prediction = await self._classify(file, mpp)
         add_log_fields(predicted_class=prediction.predicted_class, uncertain=prediction.uncertain,
                        **_reasons(prediction))
         return prediction
 
     @bentoml.api(route="/predict_batch")
     @answers_problems
-    async def predict_batch(self, file: list[Path]) -> list[Prediction]:
-        """Classify several tiles sent as repeated `file` parts; results in the same order."""
+    async def predict_batch(self, file: list[Path], mpp: float | None = None) -> list[Prediction]:
+        """Classify several tiles sent as repeated `file` parts; results in the same order. `mpp`: the
+        microns per pixel of every part."""
         if not file:
             raise Problem(HTTPStatus.BAD_REQUEST, "send at least one `file` part")
+        rescaling = self._rescaling(mpp)
         # All parts together may not decode more pixels than one image may have: spent as headers are read.
         budget = PixelBudget(SETTINGS.max_pixels)
         decoded = await asyncio.gather(
-            *(self.decoder.decode(path, budget=budget, part=f"file[{i}]") for i, path in enumerate(file)),
+            *(self.decoder.decode(path, budget=budget, part=f"file[{i}]", mpp=mpp) for i, path in enumerate(file)),
             return_exceptions=True,
         )
         for result in decoded:  # the first bad part, in the order sent, names the problem
             if isinstance(result, BaseException):
                 raise result
-        predictions = [self._answer(evidence) for evidence in await self._evidence(decoded)]
+        predictions = [self._answer(evidence, rescaling) for evidence in await self._evidence(decoded)]
         add_log_fields(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 
     @bentoml.api(route="/explain")
     @answers_problems
     async def explain(
-        self, file: Path, target_class: str | None = None, include_map: bool = False
+        self, file: Path, target_class: str | None = None, include_map: bool = False, mpp: float | None = None
     ) -> ExplainedPrediction:
         """Classify one tile and show where the model looked: a Grad-CAM overlay (base64 PNG).
 
-        `target_class` explains another class than the predicted one; `include_map` adds the raw map.
+        `target_class` explains another class than the predicted one; `include_map` adds the raw map; `mpp`
+        resamples the tile to the model's pixel size as /predict does (the overlay is then drawn on what the
+        model saw).
         """
         from models.explain import explain
 
         class_names = self.classifier.class_names
         if target_class is not None and target_class not in class_names:
             raise Problem(HTTPStatus.BAD_REQUEST, f"target_class {target_class!r} is not one of {class_names}")
-        image, prediction = await self._classify(file)
-        # The upload at its own size, for the overlay; it decoded once already.
-        full_image = await self.decoder.decode(file, full_size=True)
+        image, prediction = await self._classify(file, mpp)
+        # The upload at its own size, for the overlay (it decoded once already); resampled, what the model saw.
+        rescaled = prediction.rescaling is not None and prediction.rescaling.rescaled
+        full_image = image if rescaled else await self.decoder.decode(file, full_size=True)
         explained = target_class or prediction.predicted_class
         async with self._explaining:
             explanation = await asyncio.to_thread(

@@ -1,6 +1,6 @@
 """Slides on the Dask engine against the in-process analysis: tiles per second on the same slides.
 
-A cohort of synthetic slides (:mod:`training.synthetic_slides`, generated once
+A cohort of synthetic slides (:mod:`synthetic.slides`, generated once
 under artifacts/slides/, each used under several names) is analysed twice:
 
 * **in process**: `slides.analysis.analyze` slide after slide with one traced
@@ -54,7 +54,7 @@ class Run:
 
 def cohort_slides(size: int, distinct: int, copies: int, folder: Path) -> list[Path]:
     """`distinct` synthetic slides (generated once, kept), each linked `copies` times into `folder`."""
-    from training.synthetic_slides import generate_slide
+    from synthetic.slides import generate_slide
 
     SLIDES_DIR.mkdir(parents=True, exist_ok=True)
     slides = []

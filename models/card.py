@@ -11,6 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.magnification import MagnificationCheck
 from models.ood import OutOfDistribution
 from models.quality import QualityGate
 
@@ -158,6 +159,7 @@ class DatasetInfo(_Strict):
     groups_across_splits: int | None = Field(default=None, ge=0)  # 0: no original on two sides
     tile_size: int | None = Field(default=None, gt=0)  # the training images' most common side, in pixels
     microns_per_pixel: float | None = Field(default=None, gt=0.0)  # of those pixels, when the trainer knows it
+    microns_per_pixel_from: str | None = None  # where it was declared: the dataset's dataset.json, or the trainer
 
 
 class TrainingConfig(_Strict):
@@ -190,6 +192,7 @@ class ModelCard(_Strict):
     abstention: Abstention  # its threshold: confidence below it is flagged `uncertain`
     quality_gate: QualityGate  # tissue/stain/focus limits, fitted on the training split
     out_of_distribution: OutOfDistribution  # feature-space score and its threshold
+    magnification: MagnificationCheck | None = None  # estimated scale and its limits (cards before it: none)
     site_shift: SiteShift | None = None  # when the data declares sites and some were held out
     framework_versions: dict[str, str]
     created_at: datetime
@@ -238,6 +241,8 @@ class ModelCard(_Strict):
             raise ValueError("confusion_matrix does not add up to metrics.n_images")
         if not set(self.abstention.cancer_classes) <= names:
             raise ValueError("abstention.cancer_classes must be among class_names")
+        if self.magnification and len(self.magnification.weights) != sum(self.out_of_distribution.feature_dims):
+            raise ValueError("magnification.weights must have one weight per out-of-distribution feature")
         return self
 
 

@@ -8,7 +8,7 @@ operator's setting when one is given), so the same pixels get the same answer
 on every path.
 
 * :class:`TileEvidence`: what one pass says about a tile (calibrated
-  probabilities, the gate's report, the score);
+  probabilities, the gate's report, the score, the estimated magnification);
 * :func:`answer`: evidence + thresholds -> :class:`Prediction` (the rule);
 * :class:`TileClassifier`: images -> evidence (traced model, gate and score in
   one batch) -> answers; what the service's batcher, slides and evaluation run.
@@ -33,6 +33,32 @@ if TYPE_CHECKING:  # TensorFlow loads only where a model runs, never where a sch
 
 LOW_CONFIDENCE = "low_confidence"
 OUT_OF_DISTRIBUTION = "out_of_distribution"
+MAGNIFICATION = "magnification"
+
+
+class Rescaling(BaseModel):
+    """What was done with the pixel size sent with an upload (`mpp`)."""
+
+    mpp: float = Field(description="the upload's microns per pixel, as sent")
+    model_mpp: float | None = Field(
+        description="the model's training pixel size (its card's dataset.microns_per_pixel); null when the card "
+        "declares none"
+    )
+    rescaled: bool = Field(
+        description="the upload was resampled to the model's pixel size (centre-cropped to the training field of "
+        "view when larger, mirrored at its edges when smaller); false when the model declares no pixel size: the "
+        "upload was then resized whole, as without `mpp`"
+    )
+    scale: float | None = Field(
+        default=None, description="the factor the upload was resampled by: mpp / model_mpp (0.5: halved)"
+    )
+
+    @classmethod
+    def of(cls, card: ModelCard, mpp: float) -> Rescaling:
+        model_mpp = card.dataset.microns_per_pixel
+        rescaled = bool(model_mpp and card.dataset.tile_size)
+        return cls(mpp=mpp, model_mpp=model_mpp, rescaled=rescaled,
+                   scale=round(mpp / model_mpp, 4) if rescaled and model_mpp else None)
 
 
 class Prediction(BaseModel):
@@ -49,8 +75,9 @@ class Prediction(BaseModel):
     )
     reasons: list[str] = Field(
         default_factory=list,
-        description="why the answer is uncertain: low_confidence, out_of_distribution, and the quality checks "
-        "that failed (background, stain, saturation, blur, noise); empty when it is not",
+        description="why the answer is uncertain: low_confidence, out_of_distribution, the quality checks "
+        "that failed (background, stain, saturation, blur, noise), and magnification (the tile looks scanned at "
+        "another magnification than the training tiles); empty when it is not",
     )
     out_of_distribution: bool | None = Field(
         default=None,
@@ -65,6 +92,14 @@ class Prediction(BaseModel):
     )
     quality: QualityReport | None = Field(
         default=None, description="the tissue and quality gate's measures and failed checks"
+    )
+    magnification: float | None = Field(
+        default=None, description="the tile's magnification as the model's features estimate it, relative to the "
+        "training tiles (2: structures twice as large); outside the card's limits the reason `magnification` is "
+        "given; null when the model has no magnification check or the trust checks are off",
+    )
+    rescaling: Rescaling | None = Field(
+        default=None, description="what was done with the `mpp` sent; null when none was sent"
     )
     model: str = Field(description="the model that answered, as name:version")
 
@@ -87,16 +122,19 @@ class Thresholds:
 
     abstain: float  # a confidence below this is `low_confidence`
     out_of_distribution: float  # a score above this is `out_of_distribution`
+    magnification: tuple[float, float] | None = None  # an estimate outside is `magnification`; None: no check
 
     @classmethod
     def resolve(cls, card: ModelCard, abstain: float | None = None,
                 out_of_distribution: float | None = None) -> Thresholds:
         """The card's thresholds, each replaced by the operator's (HISTO_ABSTAIN_THRESHOLD,
-        HISTO_OOD_THRESHOLD) when one is set."""
+        HISTO_OOD_THRESHOLD) when one is set; the magnification limits are the card's."""
+        check = card.magnification
         return cls(
             abstain=card.abstain_threshold if abstain is None else abstain,
             out_of_distribution=card.out_of_distribution.threshold if out_of_distribution is None
             else out_of_distribution,
+            magnification=(check.low, check.high) if check else None,
         )
 
 
@@ -107,6 +145,7 @@ class TileEvidence:
     probabilities: np.ndarray  # (classes,), calibrated
     ood_score: float  # NaN when the trust checks are off
     quality: QualityReport | None  # None when the trust checks are off
+    magnification: float = math.nan  # estimated; NaN when the trust checks are off or the card has no check
 
 
 def is_out_of_distribution(scores: np.ndarray | float, threshold: float) -> np.ndarray | bool:
@@ -122,9 +161,15 @@ def trust_reasons(evidence: TileEvidence, threshold: float) -> list[str]:
     return [OUT_OF_DISTRIBUTION] * bool(flagged) + evidence.quality.failed_checks
 
 
+def magnification_flagged(estimate: float, limits: tuple[float, float] | None) -> bool:
+    """Whether an estimated magnification lies outside the limits (never, without an estimate or limits)."""
+    return limits is not None and not math.isnan(estimate) and not limits[0] <= estimate <= limits[1]
+
+
 def answer(evidence: TileEvidence, class_names: Sequence[str], thresholds: Thresholds, model_tag: str) -> Prediction:
     """The rule: the most probable class, `uncertain` with its reasons when the confidence is under the
-    abstain threshold, the score over the out-of-distribution threshold, or a gate check failed."""
+    abstain threshold, the score over the out-of-distribution threshold, a gate check failed, or the
+    estimated magnification is outside the card's limits."""
     probabilities = evidence.probabilities
     if probabilities.shape != (len(class_names),):
         raise ValueError(f"expected {len(class_names)} probabilities, got shape {probabilities.shape}")
@@ -132,6 +177,7 @@ def answer(evidence: TileEvidence, class_names: Sequence[str], thresholds: Thres
     confidence = float(probabilities[best])
     reasons = [LOW_CONFIDENCE] if confidence < thresholds.abstain else []
     reasons += trust_reasons(evidence, thresholds.out_of_distribution)
+    reasons += [MAGNIFICATION] * magnification_flagged(evidence.magnification, thresholds.magnification)
     trust: dict[str, object] = {}
     if evidence.quality is not None and not math.isnan(evidence.ood_score):
         trust = {
@@ -140,6 +186,8 @@ def answer(evidence: TileEvidence, class_names: Sequence[str], thresholds: Thres
             "ood_threshold": round(thresholds.out_of_distribution, 4),
             "quality": evidence.quality,
         }
+    if not math.isnan(evidence.magnification):
+        trust["magnification"] = round(evidence.magnification, 3)
     return Prediction(
         predicted_class=class_names[best],
         confidence=confidence,
@@ -184,9 +232,13 @@ class TileClassifier:
         outputs = self.predictor.outputs(images)
         if not self.trust_checks:
             return [TileEvidence(p, math.nan, None) for p in outputs.probabilities]
-        qualities = assess_batch(images, self.stored.card.quality_gate)
+        card = self.stored.card
+        qualities = assess_batch(images, card.quality_gate)
         scores = self.stored.ood_scorer(outputs.features)
-        return [TileEvidence(p, float(s), q) for p, s, q in zip(outputs.probabilities, scores, qualities, strict=True)]
+        magnifications = (card.magnification.estimate(outputs.features) if card.magnification
+                          else np.full(len(images), math.nan))
+        return [TileEvidence(p, float(s), q, float(m)) for p, s, q, m
+                in zip(outputs.probabilities, scores, qualities, magnifications, strict=True)]
 
     def answer(self, evidence: TileEvidence) -> Prediction:
         return answer(evidence, self.class_names, self.thresholds, self.stored.tag)

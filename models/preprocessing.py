@@ -24,7 +24,10 @@ What it guarantees:
   transparent areas are composited onto white (the slide background);
 * multi-frame files (TIFF stacks) use their first frame;
 * JPEGs are decoded at reduced scale (libjpeg DCT scaling via ``draft``) when
-  the target is much smaller than the image, which is several times faster.
+  the target is much smaller than the image, which is several times faster;
+* the last step, to the model input, is :func:`models.resampling.resample`:
+  the whole image resized, or, given the upload's pixel size and the model's
+  field of view, resampled to the model's pixel size (the slide path's step).
 
 Errors are distinct types so the service can map them to HTTP statuses:
 :class:`EmptyImageError` (400), :class:`ImageTooLargeError` (413),
@@ -34,6 +37,7 @@ Errors are distinct types so the service can map them to HTTP statuses:
 from __future__ import annotations
 
 import io
+import math
 import struct
 import time
 from dataclasses import dataclass
@@ -41,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.resampling import ModelScale, resample
 
 ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "TIFF"})
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: well above whole-slide tiles, far below bombs
@@ -105,6 +111,8 @@ class PreparedDecode:
     format: str
     size: int | None
     cost: DecodeCost
+    mpp: float | None = None  # the file's microns per pixel, when the sender gave it
+    field_microns: float | None = None  # the model's field of view (see models.resampling.ModelScale)
 
 
 class DecodeAbandonedError(RuntimeError):
@@ -235,7 +243,16 @@ def _open(data: bytes, fmt: str) -> Image.Image:
         raise CorruptImageError(f"cannot read the {fmt} header: the file is damaged or not really {fmt}") from exc
 
 
-def _plan(image: Image.Image, data: bytes, fmt: str, size: int | None, limits: DecodeLimits) -> DecodeCost:
+def _draft_size(width: int, height: int, size: int, scale: float | None) -> tuple[int, int]:
+    """The smallest size JPEG DCT scaling may reduce to: the model input, or, resampling by `scale`
+    (input pixels per file pixel), every pixel the resampled crop needs."""
+    if scale is None:
+        return size, size
+    return max(1, math.ceil(width * min(scale, 1.0))), max(1, math.ceil(height * min(scale, 1.0)))
+
+
+def _plan(image: Image.Image, data: bytes, fmt: str, size: int | None, limits: DecodeLimits,
+          scale: float | None = None) -> DecodeCost:
     """Check an opened (header-only) image against the limits; sets JPEG DCT scaling. Raises the 413/415."""
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -263,7 +280,8 @@ def _plan(image: Image.Image, data: bytes, fmt: str, size: int | None, limits: D
         if frame == 0xC2:  # progressive: libjpeg keeps every DCT coefficient of the full frame (2 bytes each)
             coefficients = 2 * len(image.getbands()) * width * height
         if size is not None and image.mode in ("RGB", "L", "CMYK"):
-            image.draft(image.mode, (size, size))  # DCT-domain downscaling to the smallest scale >= size
+            # DCT-domain downscaling to the smallest scale that keeps the pixels the model input needs
+            image.draft(image.mode, _draft_size(width, height, size, scale))
     decoded_width, decoded_height = image.size
     estimated = coefficients + estimated_decode_bytes(image.mode, decoded_width, decoded_height, size)
     if estimated > limits.max_decoded_bytes:
@@ -284,9 +302,14 @@ def _sniffed(data: bytes) -> str:
 
 
 def prepare_decode(
-    source: bytes | bytearray | memoryview | str | Path, size: int | None, limits: DecodeLimits
+    source: bytes | bytearray | memoryview | str | Path, size: int | None, limits: DecodeLimits,
+    mpp: float | None = None, field_microns: float | None = None,
 ) -> PreparedDecode:
     """Read the header and check it against `limits`: the cheap first half of a decode.
+
+    With the file's pixel size (`mpp`) and the model's field of view (`field_microns`, both known),
+    the image is resampled to the model's pixel size instead of resized whole (see
+    :mod:`models.resampling`); the limits are the same.
 
     Raises the same errors as :func:`decode_image` for everything the header shows. Pass the
     result to :func:`finish_decode` (possibly on another thread, e.g. one for expensive decodes).
@@ -294,8 +317,11 @@ def prepare_decode(
     data = _read_source(source)
     fmt = _sniffed(data)
     image = _open(data, fmt)
+    rescaled = size is not None and mpp is not None and field_microns is not None
+    scale = mpp / (field_microns / size) if rescaled else None  # type: ignore[operator]
     try:
-        return PreparedDecode(image, fmt, size, _plan(image, data, fmt, size, limits))
+        cost = _plan(image, data, fmt, size, limits, scale)
+        return PreparedDecode(image, fmt, size, cost, mpp if rescaled else None, field_microns)
     except BaseException:
         image.close()
         raise
@@ -347,7 +373,7 @@ def decode_upload(
 
 def finish_decode(prepared: PreparedDecode, deadline: float | None = None) -> np.ndarray:
     """Decode a prepared upload into the RGB uint8 array (see :func:`decode_image`); closes its image."""
-    fmt, size = prepared.format, prepared.size
+    fmt, size, cost = prepared.format, prepared.size, prepared.cost
     with prepared.image as image:
         try:
             _check_deadline(deadline, "decoding")
@@ -356,9 +382,9 @@ def finish_decode(prepared: PreparedDecode, deadline: float | None = None) -> np
             upright = ImageOps.exif_transpose(image)
             rgb = _to_rgb(upright)
             _check_deadline(deadline, "resizing")
-            # reducing_gap: shrink by whole factors first (box filter), then resample. A one-pixel-high
-            # 39-megapixel PNG resized in one step took 780 MB of resampling coefficients.
-            resized = rgb if size is None else rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            # DCT scaling made the pixels larger by the share of the file's pixels that were decoded.
+            mpp = None if prepared.mpp is None else prepared.mpp * math.sqrt(cost.source_pixels / cost.pixels)
+            resized = rgb if size is None else resample(rgb, ModelScale(size, prepared.field_microns), mpp)
         except ImageDecodeError:
             raise
         except Image.DecompressionBombError as exc:
@@ -369,7 +395,7 @@ def finish_decode(prepared: PreparedDecode, deadline: float | None = None) -> np
             # its loader as a TypeError: found by the mutation test); its own message (chained as the
             # cause) can name internal objects, so the client gets a plain one.
             raise CorruptImageError(f"cannot decode the {fmt} image: it is truncated or damaged") from exc
-    array = np.asarray(resized, dtype=np.uint8)
+    array = resized if isinstance(resized, np.ndarray) else np.asarray(resized, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or (size is not None and array.shape[:2] != (size, size)):
         raise CorruptImageError(f"decoded to unexpected shape {array.shape}")
     return array

@@ -41,11 +41,13 @@ ROC_PNG = "roc_curves.png"
 RELIABILITY_PNG = "reliability_diagram.png"
 OOD_PNG = "ood_detection.png"
 RISK_COVERAGE_PNG = "risk_coverage.png"
+MAGNIFICATION_PNG = "magnification.png"
 REPORT_FILES: dict[str, str] = {
     REPORT_MARKDOWN: "text/markdown; charset=utf-8",
     REPORT_JSON: "application/json",
     REPORT_TEXT: "text/plain; charset=utf-8",
-    **{figure: "image/png" for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG, RISK_COVERAGE_PNG, OOD_PNG)},
+    **{figure: "image/png"
+       for figure in (CONFUSION_PNG, ROC_PNG, RELIABILITY_PNG, RISK_COVERAGE_PNG, OOD_PNG, MAGNIFICATION_PNG)},
 }
 
 

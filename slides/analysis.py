@@ -1,7 +1,8 @@
 """Analyse a whole slide: find tissue, and classify its tiles as `/predict` does.
 
 Each tile is read at the pyramid level nearest below the model's scale,
-resized to the model input as an upload is, and answered by the one answer
+made into the model input by the same resampling as an upload sent with its
+pixel size (:func:`models.resampling.resample`), and answered by the one answer
 rule (`models.prediction`: the same quality gate, model and
 out-of-distribution score as `/predict`), in batches; a tile that fails the
 gate or scores out of distribution is uncertain, never given a plain class.
@@ -31,6 +32,7 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.prediction import Prediction, TileClassifier
+from models.resampling import ModelScale, resample
 from models.store import StoredModel
 from slides.reader import Slide, SlideInfo
 from slides.tissue import tissue_fraction, tissue_mask
@@ -128,14 +130,23 @@ def tile_grid(info: SlideInfo, mask: np.ndarray, downsample: float, tile_size: i
                 yield x, y, share
 
 
-def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, input_size: int) -> np.ndarray:
+def region_microns_per_pixel(card: ModelCard, info: SlideInfo, level: int, requested: int | None) -> float | None:
+    """The pixel size of the tiles read at `level`, when the tiles are cut at the model's pixel size (the card
+    and the slide both declare one, and no tile size was requested); None: each tile is resized whole."""
+    if requested is not None or not (card.dataset.microns_per_pixel and info.microns_per_pixel):
+        return None
+    return info.microns_per_pixel * info.level_downsamples[level]
+
+
+def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, target: ModelScale,
+                 mpp: float | None) -> np.ndarray:
     """The tile as the model gets it. Past the slide's edge OpenSlide returns transparent pixels, which
     the reader turns to white: glass."""
     downsample = slide.info.level_downsamples[level]
     side = max(1, round(tile_size / downsample))
     region = slide.region(x, y, level, side, side)
-    # The same resize as an upload's (models.preprocessing): whole factors by box filter, then bilinear.
-    return np.asarray(region.resize((input_size, input_size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    # The same resampling as an upload's with its `mpp` (models.resampling): its pixels to the model's.
+    return resample(region, target, mpp)
 
 
 def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
@@ -159,14 +170,16 @@ def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
         mask = tissue_mask(view)
         downsample = info.width / view.shape[1]
         basis = tile_size_basis(card, info, tile_size)
+        requested = tile_size
         tile_size = tile_size_for(card, info, tile_size)
         level = choose_level(info, tile_size, card.input_size)
+        target, mpp = ModelScale.of(card), region_microns_per_pixel(card, info, level, requested)
         grid = list(tile_grid(info, mask, downsample, tile_size, min_tissue))
         logger.info("%s: %dx%d, tissue %.1f%% of the view, %d tiles of %d px (%s) at level %d",
                     path.name, info.width, info.height, 100 * mask.mean(), len(grid), tile_size, basis, level)
 
         def read(chunk: list[tuple[int, int, float]]) -> np.ndarray:
-            return np.stack([_tile_pixels(slide, x, y, level, tile_size, card.input_size) for x, y, _ in chunk])
+            return np.stack([_tile_pixels(slide, x, y, level, tile_size, target, mpp) for x, y, _ in chunk])
 
         chunks = [grid[start : start + batch_size] for start in range(0, len(grid), batch_size)]
         reads = deque(readers.submit(read, chunk) for chunk in chunks[:READ_AHEAD])
@@ -199,10 +212,14 @@ def read_tile(path: Path, x: int, y: int, size: int) -> Image.Image:
         return slide.region(x, y, 0, size, size)
 
 
-def read_analysed_tile(path: Path, x: int, y: int, size: int, input_size: int) -> Image.Image:
+def read_analysed_tile(path: Path, x: int, y: int, size: int, card: ModelCard) -> Image.Image:
     """The pixels the analysis gave the model for the tile at (x, y) of `size` level-0 pixels: read from the
-    same level and resized the same way, `input_size` a side. Their Grad-CAM explains the slide's answer."""
+    same level and resampled the same way (by pixel size when the tile is the card's own size for this slide),
+    `card.input_size` a side. Their Grad-CAM explains the slide's answer."""
     with Slide(path) as slide:
-        _check_corner(slide.info, x, y, size)
-        level = choose_level(slide.info, size, input_size)
-        return Image.fromarray(_tile_pixels(slide, x, y, level, size, input_size))
+        info = slide.info
+        _check_corner(info, x, y, size)
+        level = choose_level(info, size, card.input_size)
+        requested = None if size == tile_size_for(card, info) else size
+        mpp = region_microns_per_pixel(card, info, level, requested)
+        return Image.fromarray(_tile_pixels(slide, x, y, level, size, ModelScale.of(card), mpp))

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthetic.tiles import LUNG_CLASSES, Difficulty, Recipe, Site, make_sites, render_recipe
+from synthetic.tiles import LUNG_CLASSES, MICRONS_PER_PIXEL, Difficulty, Recipe, Site, make_sites, render_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ UNCERTAIN = "uncertain"  # an analysed tile given no class, in the score's count
 GLASS = "glass"
 GLASS_RGB = (242, 242, 244)  # bright, faintly blue, as empty glass scans
 TRUTH_SUFFIX = ".truth.json"
-DEFAULT_MICRONS_PER_PIXEL = 0.5  # LC25000's tiles, cut at about 20x
+DEFAULT_MICRONS_PER_PIXEL = MICRONS_PER_PIXEL  # of a 768-pixel cell, as the tile generator draws it
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,10 @@ What each tile got is written to ``tiles.csv`` beside the class folders
 (path, label, true class, site, kind, the other tissue and its share,
 whether the label is noisy, JPEG quality, blur, illumination), and the knobs
 with the realised rates to ``generation.json``. :data:`EASY` turns all of it
-off.
+off. The tiles' pixel size goes to ``dataset.json`` (training copies it into
+the model card): a 768-pixel tile is drawn at :data:`MICRONS_PER_PIXEL`, as
+LC25000's tiles are about 20x, and a smaller tile shows the same field on
+fewer, larger pixels.
 
 With ``augmented_copies=K`` every drawn tile is also written K more times,
 rotated and/or mirrored and JPEG re-encoded, the way LC25000 grew 250
@@ -72,6 +75,11 @@ LC25000_SUBDIR = "lung_image_sets"
 # Tissue is drawn at half the output resolution and upsampled: LC25000 tiles
 # are themselves resized from larger captures, and this halves generation time.
 _RENDER_DIVISOR = 2
+
+# The pixel size of a 768-pixel tile (the synthetic slides declare it too): every tissue length is drawn
+# relative to the tile, so a tile of `size` pixels has pixels of MICRONS_PER_PIXEL * 768 / size.
+MICRONS_PER_PIXEL = 0.5
+REFERENCE_SIZE = 768
 
 # Optical density of one unit of each stain per RGB channel (Ruifrok & Johnston).
 _HEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29])
@@ -438,6 +446,11 @@ def _render(recipe: Recipe, size: int, seed: int, difficulty: Difficulty) -> tup
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), look
 
 
+def microns_per_pixel(size: int) -> float:
+    """The pixel size of a generated tile of `size` pixels (each shows the same field of view)."""
+    return round(MICRONS_PER_PIXEL * REFERENCE_SIZE / size, 6)
+
+
 def tile_seed(seed: int, class_name: str, index: int) -> int:
     """Stable per-tile seed, independent of generation order and process."""
     return zlib.crc32(f"{seed}:{class_name}:{index}".encode())
@@ -457,6 +470,7 @@ ORIENTATIONS: tuple[Image.Transpose, ...] = (
 
 TILES_FILE = "tiles.csv"  # one row per written file: what it shows, its label and its site
 GENERATION_FILE = "generation.json"  # the knobs and the realised rates
+DATASET_FILE = "dataset.json"  # the tiles' pixel size, as training reads it (training.data.DATASET_FILE)
 TILE_COLUMNS = (
     "path", "label", "true_class", "site", "kind", "other_class", "other_share", "noisy_label",
     "jpeg_quality", "blur_radius", "illumination",
@@ -567,6 +581,7 @@ def generate_dataset(
         writer.writerows(sorted(rows, key=lambda row: row["path"]))
     summary = _generation_summary(difficulty, seed, per_class, size, augmented_copies, rows)
     (root / GENERATION_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    (root / DATASET_FILE).write_text(json.dumps({"microns_per_pixel": microns_per_pixel(size)}) + "\n")
     logger.info(
         "wrote %d tiles (%d originals per class, %d copies each, %dpx, %d sites; %s) to %s",
         len(rows), per_class, augmented_copies, size, difficulty.sites, summary["realised"], root,

@@ -83,18 +83,24 @@ class Reference:
     stored: StoredModel
     predictor: Predictor
 
-    def expect(self, data: bytes) -> dict[str, object]:
-        """probabilities, ood_score and quality the service should report for an upload."""
-        from models.preprocessing import decode_image
+    def expect(self, data: bytes, mpp: float | None = None) -> dict[str, object]:
+        """probabilities, ood_score, quality and estimated magnification the service should report for an
+        upload (sent with `mpp`: resampled to the card's pixel size)."""
+        from models.preprocessing import DecodeLimits, finish_decode, prepare_decode
         from models.quality import assess
+        from models.resampling import ModelScale
 
         card = self.stored.card
-        image = decode_image(data, card.input_size)
+        image = finish_decode(prepare_decode(data, card.input_size, DecodeLimits(), mpp,
+                                             ModelScale.of(card).field_microns))
         outputs = self.predictor.outputs(image[None])
+        magnification = card.magnification.estimate(outputs.features)[0] if card.magnification else None
         return {
             "probabilities": outputs.probabilities[0],
             "ood_score": float(self.stored.ood_scorer(outputs.features)[0]),
             "quality": assess(image, card.quality_gate),
+            "magnification": magnification,
+            "flagged_magnification": magnification is not None and card.magnification.flags(magnification),
         }
 
     def predicted_class(self, data: bytes) -> str:

@@ -16,7 +16,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from serving.admission.capacity import Admission
-from serving.admission.forms import BOOLEAN, TEXT
+from serving.admission.forms import BOOLEAN, NUMBER, TEXT
 from serving.http.guard import GuardPolicy, RequestGuard
 from serving.http.route_table import route_facts
 from serving.observability.request_log import RequestLog, add_log_fields
@@ -48,7 +48,7 @@ def guarded_app(**policy: object) -> Starlette:
         request_timeout_s=10.0,
         body_timeout_s=10.0,
         body_idle_timeout_s=5.0,
-        text_fields={"/explain": {"target_class": TEXT, "include_map": BOOLEAN}},
+        text_fields={"/explain": {"target_class": TEXT, "include_map": BOOLEAN, "mpp": NUMBER}},
     )
     app.add_middleware(RequestGuard, policy=GuardPolicy(**{**defaults, **policy}))
     app.add_middleware(RequestLog, known_routes={"/predict", "/explain", "/model"}, upload_routes={"/predict"})
@@ -77,6 +77,10 @@ def test_a_valid_upload_passes_the_guard_whole():
         ("extra field", {"file": ("t.jpeg", TILE)}, {"note": "hi"}, 400, "note"),
         ("json in a text field", {"file": ("t.jpeg", TILE)}, {"target_class": '{"a": 1}'}, 400, "target_class"),
         ("not a boolean", {"file": ("t.jpeg", TILE)}, {"include_map": "perhaps"}, 400, "include_map"),
+        ("not a number", {"file": ("t.jpeg", TILE)}, {"mpp": "half"}, 400, "mpp"),
+        ("not a finite number", {"file": ("t.jpeg", TILE)}, {"mpp": "nan"}, 400, "mpp"),
+        ("json in a number", {"file": ("t.jpeg", TILE)}, {"mpp": "[0.5]"}, 400, "mpp"),
+        ("a repeated number", {"file": ("t.jpeg", TILE)}, {"mpp": ["0.5", "1"]}, 400, "mpp"),
         ("long text field", {"file": ("t.jpeg", TILE)}, {"target_class": "x" * 500}, 400, "128"),
         ("over the body cap", {"file": ("t.jpeg", bytes(300_000))}, {}, 413, "cap"),
     ],
@@ -140,7 +144,8 @@ def test_route_facts_come_from_the_service_routes():
 
     facts = route_facts(service.Histopathology.apis.values(), service.PLAIN_ROUTES.routes, 7)
     assert facts.upload_routes == {"/predict": 1, "/predict_batch": 7, "/explain": 1}
-    assert facts.form_fields == {"/explain": {"target_class": TEXT, "include_map": BOOLEAN}}
+    assert facts.form_fields == {"/predict": {"mpp": NUMBER}, "/predict_batch": {"mpp": NUMBER},
+                                 "/explain": {"target_class": TEXT, "include_map": BOOLEAN, "mpp": NUMBER}}
     tasks = {f"/analyze_slide/{action}" for action in ("submit", "status", "get", "retry", "cancel")}
     assert facts.known_routes == {"/predict", "/predict_batch", "/explain", "/model", "/model/report", "/ui", "/ui/",
                                   "/slides", "/analyze_slide", *tasks}
@@ -149,7 +154,7 @@ def test_route_facts_come_from_the_service_routes():
 
 
 def test_route_facts_refuse_an_input_the_guard_cannot_check():
-    spec = pydantic.create_model("Inputs", file=(Path, ...), threshold=(float, 0.5))
+    spec = pydantic.create_model("Inputs", file=(Path, ...), threshold=(int, 5))
     api = SimpleNamespace(route="/score", input_spec=spec)
     with pytest.raises(TypeError, match="threshold"):
         route_facts([api], [Mount("/ui", routes=[])], 1)

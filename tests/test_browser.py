@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loadtests.servers import REPO_ROOT
@@ -100,6 +101,28 @@ def test_upload_shows_class_bars_heat_map_and_model_card(page, reference, tmp_pa
     screenshot(page, "heat_map")
     page.uncheck("#heatmap-toggle")
     assert page.get_attribute("#preview", "src") == plain_src
+
+
+def test_a_tile_given_its_pixel_size_is_resampled_and_the_page_says_so(page, reference, tmp_path):
+    from playwright.sync_api import expect
+
+    enter_token(page)
+    card = reference.stored.card
+    model_mpp = card.dataset.microns_per_pixel
+    expect(page.locator("#mpp")).to_have_attribute("placeholder", f"unknown (the model's: {model_mpp:g})")
+    tile = tmp_path / "zoomed_out.jpeg"
+    tile.write_bytes(fresh_tile("lung_n", 51))
+    mpp = 2 * model_mpp
+    expected = reference.expect(tile.read_bytes(), mpp)["probabilities"]
+    page.fill("#mpp", f"{mpp:g}")
+    page.set_input_files("#file", tile)
+    expect(page.locator("#scale")).to_contain_text(f"Resampled from {mpp:g} to the model's {model_mpp:g}")
+    expect(page.locator("#predicted-class")).to_have_text(card.class_names[int(np.argmax(expected))])
+    page.fill("#mpp", "")
+    again = tmp_path / "no_pixel_size.jpeg"  # another file: choosing the same one again fires no change
+    again.write_bytes(tile.read_bytes())
+    page.set_input_files("#file", again)
+    expect(page.locator("#scale")).to_contain_text("No pixel size given; estimated magnification")
 
 
 def test_drag_and_drop_and_rejected_files(page, reference, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import shutil
 from pathlib import Path
@@ -39,7 +40,7 @@ def batch_size_histogram(url: str) -> tuple[float, float, float]:
 
 PREDICTION_FIELDS = {
     "predicted_class", "confidence", "probabilities", "uncertain", "reasons", "out_of_distribution", "ood_score",
-    "ood_threshold", "quality", "model",
+    "ood_threshold", "quality", "magnification", "rescaling", "model",
 }
 
 
@@ -64,10 +65,13 @@ def test_curl_style_multipart_classifies_tiles_of_every_class(server, tiny_model
             assert body["quality"] == expected["quality"].model_dump()
             assert body["ood_threshold"] == pytest.approx(stored.card.out_of_distribution.threshold, abs=1e-4)
             assert body["out_of_distribution"] == (expected["ood_score"] > stored.card.out_of_distribution.threshold)
+            assert body["magnification"] == pytest.approx(expected["magnification"], abs=1e-3)
+            assert body["rescaling"] is None  # no mpp sent
             expected_reasons = (
                 ["low_confidence"] * (body["confidence"] < stored.card.abstain_threshold)
                 + ["out_of_distribution"] * body["out_of_distribution"]
                 + expected["quality"].failed_checks
+                + ["magnification"] * expected["flagged_magnification"]
             )
             assert body["reasons"] == expected_reasons
             assert body["uncertain"] == bool(expected_reasons)
@@ -179,6 +183,61 @@ def test_concurrent_requests_are_batched_and_a_corrupt_one_fails_alone(server, r
     batched_calls = (calls - calls_before) - (singles - singles_before)
     assert batched_calls >= 1, "no model call held more than one image"
     assert calls - calls_before < 31
+
+
+def test_an_upload_sent_with_its_mpp_is_resampled_to_the_models_pixel_size(server, reference):
+    card = reference.stored.card
+    model_mpp = card.dataset.microns_per_pixel  # the tests' 256 px synthetic tiles: 1.5 um (their dataset.json)
+    assert model_mpp is not None and card.magnification is not None
+    data = fresh_tile("lung_aca", 40)
+    plain = reference.expect(data)
+    for mpp in (model_mpp / 2, model_mpp, model_mpp * 2):  # at 2x (mirrored to fill), 1x, 0.5x (centre crop)
+        response = httpx.post(f"{server.url}/predict", files={"file": ("t.jpeg", data)}, data={"mpp": repr(mpp)},
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["rescaling"] == {"mpp": pytest.approx(mpp), "model_mpp": pytest.approx(model_mpp),
+                                     "rescaled": True, "scale": pytest.approx(mpp / model_mpp, abs=1e-4)}
+        expected = reference.expect(data, mpp)  # the in-process model on the resampled input
+        np.testing.assert_allclose(list(body["probabilities"].values()), expected["probabilities"], atol=1e-5)
+        assert body["magnification"] == pytest.approx(expected["magnification"], abs=1e-3)
+        assert ("magnification" in body["reasons"]) == expected["flagged_magnification"]
+        # Only the tile's own pixel size leaves it as a plain upload is: the others change what the model sees.
+        same = np.allclose(expected["probabilities"], plain["probabilities"], atol=1e-6)
+        assert same == (mpp == model_mpp), mpp
+
+    batch = httpx.post(f"{server.url}/predict_batch", files=[("file", ("a.jpeg", data)), ("file", ("b.jpeg", data))],
+                       data={"mpp": repr(model_mpp * 2)}, timeout=60)
+    assert batch.status_code == 200, batch.text
+    expected = reference.expect(data, model_mpp * 2)["probabilities"]
+    for body in batch.json():
+        assert body["rescaling"]["scale"] == pytest.approx(2.0)
+        np.testing.assert_allclose(list(body["probabilities"].values()), expected, atol=1e-5)
+    explained = httpx.post(f"{server.url}/explain", files={"file": ("t.jpeg", data)},
+                           data={"mpp": repr(model_mpp * 2)}, timeout=60)
+    assert explained.status_code == 200, explained.text
+    body = explained.json()
+    assert body["rescaling"]["rescaled"]
+    np.testing.assert_allclose(list(body["probabilities"].values()), expected, atol=1e-5)
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.size == (card.input_size, card.input_size)  # drawn on what the model saw
+
+
+@pytest.mark.parametrize("route", ["/predict", "/predict_batch", "/explain"])
+def test_a_bad_mpp_is_a_400_problem(server, route):
+    data = fresh_tile("lung_n", 41)
+    for value in ("abc", "", "nan", "inf", "1e400", '{"mpp": 1}', "0", "-0.5", "0.01", "25"):
+        response = httpx.post(f"{server.url}{route}", files={"file": ("t.jpeg", data)}, data={"mpp": value},
+                              timeout=60)
+        body = assert_problem(response, 400)
+        assert "mpp" in body["detail"], (value, body)
+    repeated = httpx.post(f"{server.url}{route}", files={"file": ("t.jpeg", data)}, data={"mpp": ["0.5", "1"]},
+                          timeout=60)
+    assert "mpp" in assert_problem(repeated, 400)["detail"]
+    as_file = httpx.post(f"{server.url}{route}", files=[("file", ("t.jpeg", data)), ("mpp", ("m.txt", b"0.5"))],
+                         timeout=60)
+    assert "mpp" in assert_problem(as_file, 400)["detail"]
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
 
 
 def _bomb_png() -> bytes:

@@ -265,17 +265,18 @@ def test_tiles_take_the_training_scale_from_the_card(reference, slide_path):
     from slides.analysis import tile_size_basis, tile_size_for
 
     card = reference.stored.card
-    assert card.dataset.tile_size == 256 and card.dataset.microns_per_pixel is None  # the tests' 256 px tiles
+    # The tests' 256 px synthetic tiles show what 768 px show at 0.5 um: their dataset.json says 1.5 um.
+    assert card.dataset.tile_size == 256 and card.dataset.microns_per_pixel == pytest.approx(1.5)
     with Slide(slide_path) as slide:
         info = slide.info  # 0.5 um per pixel
     assert tile_size_for(card, info, requested=512) == 512 and tile_size_basis(card, info, 512) == "requested"
-    assert tile_size_for(card, info) == 256  # no pixel size on the card: the training size as it is
-    assert tile_size_basis(card, info) == "training_tile_size"
-    known = card.model_copy(update={"dataset": card.dataset.model_copy(update={"microns_per_pixel": 0.25})})
-    assert tile_size_for(known, info) == 128  # 256 px at 0.25 um cover 128 px at 0.5 um
-    assert tile_size_basis(known, info) == "microns_per_pixel"
+    assert tile_size_for(card, info) == 768  # 256 px at 1.5 um cover 768 px at 0.5 um
+    assert tile_size_basis(card, info) == "microns_per_pixel"
+    unknown = card.model_copy(update={"dataset": card.dataset.model_copy(update={"microns_per_pixel": None})})
+    assert tile_size_for(unknown, info) == 256  # no pixel size on the card: the training size as it is
+    assert tile_size_basis(unknown, info) == "training_tile_size"
     unscaled = replace(info, microns_per_pixel=None)
-    assert tile_size_for(known, unscaled) == 256 and tile_size_basis(known, unscaled) == "training_tile_size"
+    assert tile_size_for(card, unscaled) == 256 and tile_size_basis(card, unscaled) == "training_tile_size"
 
 
 @pytest.mark.training
@@ -306,7 +307,7 @@ def test_edge_tiles_past_the_slide_are_read_as_glass_and_analysed(cut_slide, ref
             np.testing.assert_allclose(list(tile.prediction.probabilities.values()), expected["probabilities"],
                                        atol=1e-5)
             assert tile.prediction.quality == expected["quality"]
-            served = np.asarray(read_analysed_tile(cut_slide, tile.x, tile.y, TILE, stored.card.input_size))
+            served = np.asarray(read_analysed_tile(cut_slide, tile.x, tile.y, TILE, stored.card))
             assert served.shape == (stored.card.input_size, stored.card.input_size, 3)
     facts = summary(analysis, stored.card.abstention.cancer_classes)
     assert facts["tiles_past_edge"] == 3 and facts["grid"]["columns"] == 3 and facts["grid"]["rows"] == 2
@@ -382,7 +383,6 @@ def test_the_heat_map_of_a_suspicious_tile_explains_the_slides_answer(server, re
     result = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30).json()
     features = httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]
     by_corner = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"] for f in features}
-    input_size = reference.stored.card.input_size
     assert len(result["most_suspicious"]) == len(CUT_TISSUE_TILES)
     for top in result["most_suspicious"]:  # the top one first, then every other
         params = {"x": top["x"], "y": top["y"], "size": top["size"], "as_analysed": "true"}
@@ -390,7 +390,7 @@ def test_the_heat_map_of_a_suspicious_tile_explains_the_slides_answer(server, re
         assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
         np.testing.assert_array_equal(
             np.asarray(Image.open(io.BytesIO(tile.content))),
-            np.asarray(read_analysed_tile(cut_slide, top["x"], top["y"], top["size"], input_size)))
+            np.asarray(read_analysed_tile(cut_slide, top["x"], top["y"], top["size"], reference.stored.card)))
         explained = httpx.post(f"{server.url}/explain", files={"file": ("tile.png", tile.content, "image/png")},
                                timeout=60)
         assert explained.status_code == 200, explained.text

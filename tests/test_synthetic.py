@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from synthetic.tiles import (
+    DATASET_FILE,
     EASY,
     GENERATION_FILE,
     LUNG_CLASSES,
@@ -48,7 +49,10 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
 def test_lc25000_layout(synthetic_root):
     assert synthetic_root.name == "lung_image_sets"
     assert sorted(p.name for p in synthetic_root.iterdir() if p.is_dir()) == sorted(LUNG_CLASSES)
-    assert sorted(p.name for p in synthetic_root.iterdir() if p.is_file()) == [GENERATION_FILE, TILES_FILE]
+    files = sorted(p.name for p in synthetic_root.iterdir() if p.is_file())
+    assert files == [DATASET_FILE, GENERATION_FILE, TILES_FILE]
+    # 256 px tiles show the field a 768 px tile shows at 0.5 um per pixel: training reads this into the card.
+    assert json.loads((synthetic_root / DATASET_FILE).read_text()) == {"microns_per_pixel": 1.5}
     files = list((synthetic_root / "lung_aca").glob("*.jpeg"))
     assert len(list(synthetic_root.glob("*/*.jpeg"))) == 180  # 60 drawn per class; noisy labels move a few
     with Image.open(files[0]) as image:

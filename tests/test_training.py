@@ -171,6 +171,41 @@ def test_tiny_run_is_calibrated_grouped_and_reported(tiny_model_tag, synthetic_r
         assert (stored.path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.training
+def test_tiny_run_declares_its_pixel_size_and_flags_other_magnifications(tiny_model_tag, synthetic_root):
+    from models.prediction import TileClassifier
+    from models.store import MAGNIFICATION_PNG
+    from training.magnification import evaluate
+    from training.trust import MAGNIFICATION_FIT_SIDE, magnified_features
+
+    stored = load_model(tiny_model_tag)
+    card = stored.card
+    # The generator's 256 px tiles show what its 768 px tiles show at 0.5 um: dataset.json says 1.5.
+    assert card.dataset.microns_per_pixel == pytest.approx(1.5)
+    assert card.dataset.microns_per_pixel_from == "dataset.json"
+    check = card.magnification
+    assert check is not None and check.low < 1 < check.high
+    assert len(check.weights) == sum(card.out_of_distribution.feature_dims)
+    manifest = data.SplitManifest.load(stored.path / "split_manifest.json", synthetic_root)
+    paths, labels = manifest.paths("test"), manifest.labels("test")
+    classifier = TileClassifier(stored)
+    # The estimate follows the magnification the test tiles are shown at.
+    features_at = magnified_features(classifier.predictor, paths, labels)
+    medians = [float(np.median(check.estimate(features_at(np.full(len(paths), factor))))) for factor in (0.5, 1, 2)]
+    assert medians[0] < medians[1] < medians[2], medians
+    # The report's table is what the answer rule gives on the test split, again.
+    def load():
+        side = MAGNIFICATION_FIT_SIDE * card.input_size
+        return [Image.fromarray(a) for a in data.load_images(paths, side)], labels
+
+    assert evaluate(classifier, load, seed=card.training.seed) == check.evaluation
+    assert {(row.factor, row.with_mpp) for row in check.evaluation} == {
+        (round(f, 4), m) for f in (0.5, 2**-0.5, 1.0, 2**0.5, 2.0) for m in (False, True)}
+    markdown = (stored.path / REPORT_MARKDOWN).read_text()
+    assert "## Magnification" in markdown and f"({MAGNIFICATION_PNG})" in markdown
+    assert (stored.path / MAGNIFICATION_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _four_class_folder(root):
     """A brain-MRI-like layout: four classes that differ by simple shapes (PNG)."""
     rng = np.random.default_rng(0)

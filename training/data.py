@@ -38,6 +38,9 @@ SPLITS = ("train", "early_stopping", "validation", "test")
 HELD_OUT_SPLITS = ("test", "validation", "early_stopping")  # dealt in this order, the rest is train
 SITE_HOLDOUT = "site_holdout"  # the split of images from held-out sites: never trained, validated or tested on
 SITES_FILE = "tiles.csv"  # optional, beside the class folders: `path` (relative) and `site` columns
+# Optional, beside the class folders: facts of the whole dataset, {"microns_per_pixel": 0.5} (the images'
+# pixel size; the synthetic generator writes it, for other data the user does).
+DATASET_FILE = "dataset.json"
 AUTO = "auto"  # hold out the last of three or more declared sites
 SPLIT_BY = ("group", "image")
 SPLIT_POLICIES = {
@@ -141,6 +144,17 @@ def resolve_dataset_root(path: Path) -> Path:
     """Accept the LC25000 top folder too: descend into ``lung_image_sets``."""
     nested = path / "lung_image_sets"
     return nested if nested.is_dir() else path
+
+
+def read_microns_per_pixel(root: Path) -> float | None:
+    """The images' pixel size the dataset declares in its dataset.json; None when it declares none."""
+    path = root / DATASET_FILE
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("microns_per_pixel")
+    if value is not None and not (isinstance(value, int | float) and value > 0):
+        raise ValueError(f"{path}: microns_per_pixel must be a positive number, not {value!r}")
+    return None if value is None else float(value)
 
 
 def read_sites(root: Path) -> dict[str, str]:

@@ -1,10 +1,11 @@
 """The evaluation report stored with every model: Markdown, JSON, text and figures.
 
 ``report.md`` is written from the model card (so the two cannot disagree) and
-links four figures that sit beside it: the confusion matrix, one-vs-rest ROC
-curves, the reliability diagram before and after calibration, and how often
+links the figures that sit beside it: the confusion matrix, one-vs-rest ROC
+curves, the reliability diagram before and after calibration, how often
 the quality gate and the out-of-distribution score flag generated
-near-out-of-distribution sets. The service
+near-out-of-distribution sets, and how the answers hold up at other
+magnifications, with and without the pixel size. The service
 serves them under ``/model/report``.
 """
 
@@ -23,6 +24,7 @@ from models.card import Calibration, ModelCard, SiteMetrics, TestMetrics
 from models.store import (
     CONFUSION_PNG,
     DEFAULT_MODEL_TAG,
+    MAGNIFICATION_PNG,
     OOD_PNG,
     RELIABILITY_PNG,
     REPORT_FILES,
@@ -35,6 +37,7 @@ from models.store import (
 )
 from training.calibration import reliability_bins
 from training.evaluate import roc_curve
+from training.magnification import table as magnification_table
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def markdown_report(card: ModelCard) -> str:
         )
     lines += ["", f"![Confusion matrix]({CONFUSION_PNG})", "", f"![ROC curves]({ROC_PNG})", ""]
     lines += _calibration_section(card) + _abstention_section(card) + _site_section(card)
-    lines += _trust_section(card)
+    lines += _trust_section(card) + _magnification_section(card)
     t = card.training
     lines += [
         "## Training",
@@ -328,6 +331,62 @@ def _trust_section(card: ModelCard) -> list[str]:
     return lines
 
 
+def _magnification_section(card: ModelCard) -> list[str]:
+    """The magnification check and the test split at 0.5x-2x, with and without the pixel size."""
+    check, mpp = card.magnification, card.dataset.microns_per_pixel
+    if check is None:
+        return []
+    pixel_size = (f"The training tiles' pixel size is {mpp:g} um/px ({card.dataset.microns_per_pixel_from}): an "
+                  "upload sent with its `mpp` is resampled to it." if mpp else
+                  "The card declares no pixel size: an upload's `mpp` cannot be used (the rows with it are missing).")
+    lines = [
+        "## Magnification",
+        "",
+        f"{pixel_size} Without it, the magnification check estimates a tile's magnification from the model's "
+        f"features ({check.method}) and flags a tile outside **{check.low:.2f}x-{check.high:.2f}x** "
+        f"(reason `magnification`): it keeps {_percent(check.validation_acceptance)} of validation tiles at the "
+        f"training magnification; its median error on validation tiles at 0.4x-2.5x is "
+        f"{check.validation_error:.2f} octaves.",
+        "",
+    ]
+    if check.evaluation:
+        lines += [
+            "Test tiles at other magnifications (above 1x: the centre enlarged; below: a mosaic of tiles of the "
+            "class, shrunk), answered by the same rule as `/predict`:",
+            "",
+            magnification_table(check.evaluation),
+            "",
+            f"![Magnification]({MAGNIFICATION_PNG})",
+            "",
+        ]
+    return lines
+
+
+def plot_magnification(card: ModelCard, path: Path) -> None:
+    """Right-or-uncertain, answered and flagged shares against the magnification, with and without mpp."""
+    plt = _pyplot()
+    rows = card.magnification.evaluation if card.magnification else None
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharex=True)
+    for with_mpp, style in ((False, "o-"), (True, "s--")):
+        chosen = sorted((r for r in rows or [] if r.with_mpp == with_mpp), key=lambda r: r.factor)
+        if not chosen:
+            continue
+        label = "mpp sent: resampled" if with_mpp else "no mpp"
+        factors = [r.factor for r in chosen]
+        for ax, values in zip(axes, ([r.right_or_uncertain for r in chosen], [r.answered for r in chosen],
+                                     [r.flagged for r in chosen]), strict=True):
+            ax.plot(factors, [100 * v for v in values], style, label=label)
+    for ax, title in zip(axes, ("right or uncertain", "answered", "flagged `magnification`"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([0.5, 2**-0.5, 1, 2**0.5, 2], ["0.5x", "0.71x", "1x", "1.41x", "2x"])
+        ax.set_ylim(0, 102)
+        ax.set_title(title)
+        ax.set_xlabel("magnification / training magnification")
+    axes[0].set_ylabel("test tiles (%)")
+    axes[0].legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
 def _pyplot():
     import matplotlib
 
@@ -450,7 +509,9 @@ def write_report(card: ModelCard, test: TestPredictions, folder: Path) -> dict[s
     plot_reliability(test, card, files[RELIABILITY_PNG])
     plot_risk_coverage(card, files[RISK_COVERAGE_PNG])
     plot_ood_detection(card, files[OOD_PNG])
-    return files
+    if card.magnification and card.magnification.evaluation:
+        plot_magnification(card, files[MAGNIFICATION_PNG])
+    return {name: path for name, path in files.items() if path.is_file()}
 
 
 def export_report(tag: str, out: Path) -> Path:

@@ -24,6 +24,7 @@ import numpy as np
 import PIL
 import pydantic
 import tensorflow as tf
+from PIL import Image
 
 from models.architectures import (
     ARCHITECTURES,
@@ -43,20 +44,31 @@ from models.card import (
     TrainingConfig,
 )
 from models.inference import Predictor, logits_model
-from models.ood import OOD_FILE, OutOfDistribution
+from models.magnification import MagnificationCheck
+from models.ood import OOD_FILE, FeatureScorer, OutOfDistribution
+from models.prediction import TileClassifier
 from models.quality import QualityGate
-from models.store import DEFAULT_MODEL_NAME, REPORT_MARKDOWN, save_model
+from models.store import DEFAULT_MODEL_NAME, REPORT_MARKDOWN, StoredModel, save_model
 from training import data
 from training.abstention import cancer_classes, choose_threshold, risk_coverage, selective_metrics
 from training.bootstrap import bootstrap_intervals
 from training.calibration import calibrated_probabilities, choose_temperature, negative_log_likelihood
 from training.data import AUTO, SPLIT_BY
 from training.evaluate import compute_metrics, expected_calibration_error
+from training.magnification import evaluate as evaluate_magnification
 from training.ood_sets import OodSet, evaluate_set, near_ood_sets
 from training.options import add_options, option, settings_from_args
 from training.report import TestPredictions, text_report, write_report
 from training.sites import evaluate_site_shift
-from training.trust import DEFAULT_OOD_ACCEPTANCE, fit_ood, fit_quality_gate, flagged
+from training.trust import (
+    DEFAULT_OOD_ACCEPTANCE,
+    MAGNIFICATION_FIT_SIDE,
+    fit_magnification,
+    fit_ood,
+    fit_quality_gate,
+    flagged,
+    magnified_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +133,9 @@ class TrainSettings:
         metavar="CLASS",
     )
     microns_per_pixel: float | None = option(
-        None, "the training images' pixel size in microns, when known: whole slides are then tiled at it",
-        shown="unknown",
+        None, "the training images' pixel size in microns: uploads sent with their `mpp` are resampled to it and "
+        "whole slides tiled at it; overrides the dataset's dataset.json",
+        shown="the dataset's dataset.json, else unknown",
     )
     bootstrap_resamples: int = option(2000, "bootstrap resamples for the test metrics' confidence intervals")
     out: Path = option(Path("artifacts"), "folder for run artefacts: split manifest, checkpoint, report")
@@ -311,6 +324,8 @@ class Trust:
     quality_gate: QualityGate
     out_of_distribution: OutOfDistribution
     parameters_path: Path  # the scorer's parameters, stored beside the model
+    magnification: MagnificationCheck
+    scorer: FeatureScorer
 
 
 def fit_trust(
@@ -353,7 +368,14 @@ def fit_trust(
                     result.fpr_at_95_tpr)
     logger.info("in-distribution test tiles accepted by gate and score: %.1f%%", 100 * accepted)
     ood = ood.model_copy(update={"evaluation": results, "test_acceptance_with_gate": accepted})
-    return Trust(gate, ood, run_dir / OOD_FILE)
+    magnification = fit_magnification(
+        magnified_features(predictor, manifest.paths("train"), manifest.labels("train"), settings.seed),
+        len(manifest.paths("train")),
+        magnified_features(predictor, manifest.paths("validation"), manifest.labels("validation"), settings.seed),
+        len(manifest.paths("validation")),
+        settings.seed,
+    )
+    return Trust(gate, ood, run_dir / OOD_FILE, magnification, scorer)
 
 
 @dataclass(frozen=True)
@@ -395,6 +417,31 @@ def fit_and_evaluate(settings: TrainSettings, manifest: data.SplitManifest, run_
     return FittedRun(model, evaluation, trust, epochs_trained, train_seconds)
 
 
+def microns_per_pixel(settings: TrainSettings, root: Path) -> tuple[float | None, str | None]:
+    """The training images' pixel size and where it was declared: the option, else the dataset's file."""
+    declared = data.read_microns_per_pixel(root)
+    if settings.microns_per_pixel is not None:
+        if declared is not None and declared != settings.microns_per_pixel:
+            logger.warning("--microns-per-pixel %g overrides the %g of %s", settings.microns_per_pixel, declared,
+                           data.DATASET_FILE)
+        return settings.microns_per_pixel, "trainer"
+    return declared, (data.DATASET_FILE if declared is not None else None)
+
+
+def magnification_table(card: ModelCard, run: FittedRun, manifest: data.SplitManifest,
+                        settings: TrainSettings) -> ModelCard:
+    """The card with the report's magnification section: the test split at 0.5x-2x, with and without mpp."""
+    def load() -> tuple[list[Image.Image], np.ndarray]:
+        side = MAGNIFICATION_FIT_SIDE * settings.size
+        return ([Image.fromarray(a) for a in data.load_images(manifest.paths("test"), side)],
+                manifest.labels("test"))
+
+    stored = StoredModel("(in training)", run.model, card, settings.out, run.trust.scorer)
+    rows = evaluate_magnification(TileClassifier(stored), load, seed=settings.seed)
+    check = card.magnification.model_copy(update={"evaluation": rows}) if card.magnification else None
+    return card.model_copy(update={"magnification": check})
+
+
 def train(settings: TrainSettings) -> str:
     """Run the whole pipeline: split, fit, calibrate, evaluate on test, save. Returns the tag."""
     manifest = prepare_split(settings)
@@ -404,6 +451,7 @@ def train(settings: TrainSettings) -> str:
     manifest.save(manifest_path)
     run = fit_and_evaluate(settings, manifest, run_dir)
     model, evaluation = run.model, run.evaluation
+    mpp, mpp_from = microns_per_pixel(settings, manifest.root)
 
     card = ModelCard(
         task=settings.task,
@@ -434,17 +482,20 @@ def train(settings: TrainSettings) -> str:
             largest_group=manifest.largest_group(),
             groups_across_splits=manifest.groups_across_splits(),
             tile_size=data.common_side(manifest.paths("train")),
-            microns_per_pixel=settings.microns_per_pixel,
+            microns_per_pixel=mpp,
+            microns_per_pixel_from=mpp_from,
         ),
         metrics=evaluation.metrics,
         calibration=evaluation.calibration,
         abstention=evaluation.abstention,
         quality_gate=run.trust.quality_gate,
         out_of_distribution=run.trust.out_of_distribution,
+        magnification=run.trust.magnification,
         site_shift=evaluation.site_shift,
         framework_versions=framework_versions(),
         created_at=datetime.now(UTC),
     )
+    card = magnification_table(card, run, manifest, settings)
     report = write_report(card, evaluation.test, run_dir)
     logger.info("report written to %s", run_dir / REPORT_MARKDOWN)
     extra_files = {**report, manifest_path.name: manifest_path, OOD_FILE: run.trust.parameters_path}

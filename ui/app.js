@@ -45,6 +45,8 @@ function reasonText(reason, result) {
       "more vivid than stained tissue.",
     blur: `It has too little detail: out of focus or flat (focus ${q.focus}).`,
     noise: `It has more fine detail than any training tile: noise or an artefact (focus ${q.focus}).`,
+    magnification: `It looks scanned at about ${result.magnification}x the magnification of the training tiles ` +
+      "(structures that much larger). Give the tile's pixel size to have it resampled to the model's.",
   };
   return texts[reason];
 }
@@ -64,8 +66,22 @@ function showOutOfScope(result) {
   return outOfScope;
 }
 
+// The scale the model saw: what was done with the pixel size given, or the magnification it estimated.
+function scaleText(result) {
+  const r = result.rescaling;
+  if (r && r.rescaled) {
+    return `Resampled from ${r.mpp} to the model's ${r.model_mpp} µm per pixel (scale ${r.scale}).`;
+  }
+  if (r) return `Not rescaled: this model declares no pixel size, so the tile was resized whole (${r.mpp} µm/px given).`;
+  if (result.magnification !== null && result.magnification !== undefined) {
+    return `No pixel size given; estimated magnification ${result.magnification}x the training tiles'.`;
+  }
+  return "";
+}
+
 function showPrediction(result) {
   $("predicted-class").textContent = result.predicted_class;
+  $("scale").textContent = scaleText(result);
   $("confidence").textContent = percent(result.confidence);
   const outOfScope = showOutOfScope(result);
   $("uncertain").hidden = outOfScope || !result.uncertain;
@@ -115,6 +131,8 @@ async function classify(file) {
   $("busy").hidden = false;
   const form = new FormData();
   form.append("file", file, file.name);
+  const mpp = $("mpp").value.trim();
+  if (mpp) form.append("mpp", mpp);
   try {
     const response = await fetch(new URL("explain", api), { method: "POST", body: form, headers: authHeaders() });
     if (!response.ok) {
@@ -175,6 +193,8 @@ function showCard(card) {
     `${card.abstention.threshold.toFixed(3)} (answers ${percent(card.abstention.test_coverage)} of test tiles)`;
   $("threshold").textContent = card.abstention.threshold.toFixed(3);
   $("card-created").textContent = new Date(card.created_at).toLocaleString();
+  const mpp = card.dataset.microns_per_pixel;
+  $("mpp").placeholder = mpp ? `unknown (the model's: ${mpp})` : "unknown (the model declares none)";
   fillTable($("card-classes"), ["class", "recall", "false-negative rate", "precision", "AUC", "test images"],
     card.class_names.map((name) => {
       const c = m.per_class[name];

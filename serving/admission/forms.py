@@ -4,11 +4,13 @@ BentoML 1.4 fetches a URL when a string is sent in a file field and parses a
 text field that looks like JSON, to any depth; these checks keep that from
 happening: only `file` parts and the route's own plain fields, each file an
 uploaded file (a part with a file name), as many as the route takes, file
-names short and printable, text fields short, plain and of their kind (400).
+names short and printable, text fields short, plain and of their kind
+(true/false, a finite number, plain text) (400).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
 
@@ -24,6 +26,7 @@ MAX_FIELDS = 16
 # The kinds of plain form field an upload route may take (serving.http.route_table reads them off the API).
 TEXT = "text"
 BOOLEAN = "boolean"
+NUMBER = "number"
 BOOLEAN_VALUES = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})
 
 
@@ -47,6 +50,16 @@ def check_text_field(name: str, value: str, kind: str) -> None:
         raise _bad_request(f"`{name}` must be true or false")
     if kind == TEXT and value.lstrip()[:1] in ("[", "{", '"'):  # BentoML would parse JSON, to any depth
         raise _bad_request(f"`{name}` must be plain text, not JSON")
+    if kind == NUMBER and not _is_number(value):
+        raise _bad_request(f"`{name}` must be a number, e.g. 0.5")
+
+
+def _is_number(value: str) -> bool:
+    """A finite decimal number (not nan, inf, or JSON BentoML would parse)."""
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 async def check_form(headers: Headers, body: bytes, max_files: int, text_fields: Mapping[str, str]) -> None:

@@ -62,7 +62,7 @@ class GuardPolicy:
     body_timeout_s: float
     body_idle_timeout_s: float
     api_token: str | None = None
-    # path -> {optional text field: TEXT or BOOLEAN}
+    # path -> {optional form field: TEXT, BOOLEAN or NUMBER}
     text_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     json_routes: frozenset[str] = frozenset()  # POST paths whose body is JSON (BentoML APIs without a file)
 

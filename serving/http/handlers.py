@@ -96,11 +96,11 @@ def plain_routes(settings: Settings, slides: SlideStore, ui_folder: Path) -> Sta
         as_analysed = request.query_params.get("as_analysed", "false")
         if as_analysed not in ("true", "false"):
             raise Problem(HTTPStatus.BAD_REQUEST, "as_analysed is true or false")
-        input_size = bentoml.get_current_service().stored.card.input_size
+        card = bentoml.get_current_service().stored.card
 
         def png() -> bytes:
             buffer = io.BytesIO()
-            image = (read_analysed_tile(slide, x, y, size, input_size) if as_analysed == "true"
+            image = (read_analysed_tile(slide, x, y, size, card) if as_analysed == "true"
                      else read_tile(slide, x, y, size))
             image.save(buffer, format="PNG", compress_level=1)
             return buffer.getvalue()

@@ -18,9 +18,9 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Mount, Route
 
-from serving.admission.forms import BOOLEAN, FILE_FIELD, TEXT
+from serving.admission.forms import BOOLEAN, FILE_FIELD, NUMBER, TEXT
 
-_FIELD_KINDS = {str: TEXT, bool: BOOLEAN}
+_FIELD_KINDS = {str: TEXT, bool: BOOLEAN, float: NUMBER}
 TASK_ACTIONS = ("submit", "status", "get", "retry", "cancel")
 PROBES = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # BentoML's probes and metrics: always open
 BENTOML_ROUTES = frozenset({"/docs.json", "/"})  # BentoML's own pages
@@ -30,7 +30,7 @@ BENTOML_PREFIXES = ("/static_content/",)
 @dataclass(frozen=True)
 class RouteFacts:
     upload_routes: Mapping[str, int]  # POST path -> most `file` parts it takes
-    form_fields: Mapping[str, Mapping[str, str]]  # POST path -> {plain field: TEXT or BOOLEAN}
+    form_fields: Mapping[str, Mapping[str, str]]  # POST path -> {plain field: TEXT, BOOLEAN or NUMBER}
     known_routes: frozenset[str]  # every exact path served
     json_routes: frozenset[str]  # POST paths whose body is JSON: APIs without a file, and task submissions
     served_prefixes: tuple[str, ...]  # everything under these is served (mounts, path parameters)
@@ -52,7 +52,7 @@ def route_facts(apis: Iterable[Any], http_routes: Iterable[BaseRoute], max_files
     """Facts from BentoML API methods (`route`, `input_spec`) and plain Starlette routes.
 
     An API with a `file: Path` input takes one upload, `file: list[Path]` up to
-    `max_files_per_request`; its `str` and `bool` inputs are plain form fields.
+    `max_files_per_request`; its `str`, `bool` and `float` inputs are plain form fields.
     """
     uploads: dict[str, int] = {}
     fields: dict[str, dict[str, str]] = {}

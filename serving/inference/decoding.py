@@ -32,6 +32,7 @@ from models.preprocessing import (
     finish_decode,
     prepare_decode,
 )
+from models.resampling import ModelScale
 from serving.http.deadline import REQUEST_DEADLINE
 from serving.inference.heap import release_heap
 from serving.problems import Problem
@@ -70,9 +71,10 @@ def not_answered_in_time(error: Exception) -> Problem:
 class Decoder:
     """Decodes uploads to the model's input size (or their own) on this worker's decode threads."""
 
-    def __init__(self, input_size: int, limits: DecodeLimits, threads: int,
+    def __init__(self, scale: ModelScale, limits: DecodeLimits, threads: int,
                  observe_seconds: Callable[[float], None]) -> None:
-        self.input_size = input_size
+        self.input_size = scale.input_size
+        self.field_microns = scale.field_microns  # None: the card declares no pixel size
         self.limits = limits
         self._observe_seconds = observe_seconds
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
@@ -82,11 +84,11 @@ class Decoder:
         for pool in (self._pool, self._heavy_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _start(self, path: Path, size: int | None, deadline: float | None,
-               budget: PixelBudget | None) -> np.ndarray | PreparedDecode:
+    def _start(self, path: Path, size: int | None, deadline: float | None, budget: PixelBudget | None,
+               mpp: float | None) -> np.ndarray | PreparedDecode:
         """On a decode thread: check the header (and spend from the request's budget); decode at once
-        unless it is heavy (then it is handed over as it is)."""
-        prepared = prepare_decode(path, size, self.limits)
+        unless it is heavy (then it is handed over as it is). With `mpp`, resampled to the model's pixel size."""
+        prepared = prepare_decode(path, size, self.limits, mpp, self.field_microns)
         if budget is not None:
             budget.spend(prepared.cost.pixels)
         return prepared if is_heavy(prepared.cost) else self._finish(prepared, deadline)
@@ -97,7 +99,8 @@ class Decoder:
         release_heap(prepared.cost.estimated_bytes)
         return image
 
-    async def _decode(self, path: Path, full_size: bool, budget: PixelBudget | None) -> np.ndarray:
+    async def _decode(self, path: Path, full_size: bool, budget: PixelBudget | None,
+                      mpp: float | None) -> np.ndarray:
         """Both hops; the decode time (not the waits) is observed once per upload, refused ones too."""
         loop = asyncio.get_running_loop()
         size = None if full_size else self.input_size
@@ -113,7 +116,7 @@ class Decoder:
                 spent += time.perf_counter() - started
 
         try:
-            result = await loop.run_in_executor(self._pool, timed, self._start, path, size, deadline, budget)
+            result = await loop.run_in_executor(self._pool, timed, self._start, path, size, deadline, budget, mpp)
             if isinstance(result, PreparedDecode):
                 result = await loop.run_in_executor(self._heavy_pool, timed, self._finish, result, deadline)
             return result
@@ -121,11 +124,12 @@ class Decoder:
             self._observe_seconds(spent)
 
     async def decode(self, path: Path, full_size: bool = False, budget: PixelBudget | None = None,
-                     part: str = "file") -> np.ndarray:
-        """The upload as RGB uint8 (the model's input size, or its own with `full_size`); a failure is
-        raised as the problem it answers with, naming `part`."""
+                     part: str = "file", mpp: float | None = None) -> np.ndarray:
+        """The upload as RGB uint8 (the model's input size, resampled to its pixel size when `mpp` is given
+        and the card has one; or its own size with `full_size`); a failure is raised as the problem it
+        answers with, naming `part`."""
         try:
-            return await self._decode(path, full_size, budget)
+            return await self._decode(path, full_size, budget, mpp)
         except ImageDecodeError as exc:
             raise Problem.from_error(exc, part) from None
         except DecodeAbandonedError as exc:  # its deadline passed: the guard has answered 504 already
