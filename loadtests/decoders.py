@@ -30,7 +30,7 @@ from loadtests.report import write_section
 from loadtests.runtimes import MAX_ABS_DIFFERENCE, SERVICE_CLIENTS, service_core_ms
 from models.preprocessing import DecodeLimits, decode_upload
 from models.tf_environment import prefer_onednn
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 
 logger = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def rate(run: Callable[[], None], items: int, seconds: float) -> float:
 
 def sample_jpeg(size: int = 768, class_name: str = "lung_aca", seed: int = 1) -> bytes:
     """A realistic synthetic tile, JPEG-encoded as clients would send it."""
-    from synthetic.tiles import render_tile
+    from synthetic.tissue import render_tile
 
     buffer = io.BytesIO()
     render_tile(class_name, size, seed=seed).save(buffer, format="JPEG", quality=90)

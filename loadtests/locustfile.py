@@ -29,7 +29,7 @@ _tiles: list[bytes] = []  # filled once by the init listener
 
 def _jpeg_tiles(size: int) -> list[bytes]:
     from loadtests.inprocess import sample_jpeg
-    from synthetic.tiles import LUNG_CLASSES
+    from synthetic.tissue import LUNG_CLASSES
 
     return [sample_jpeg(size, name, seed=10_000 + i) for i, name in enumerate(LUNG_CLASSES * 2)]
 

@@ -40,7 +40,7 @@ from loadtests.client import server_core_ms
 from loadtests.inprocess import rate, sample_jpeg, served_model
 from loadtests.report import latest_record, results_dir, write_section
 from models.tf_environment import prefer_onednn
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 
 if TYPE_CHECKING:  # TensorFlow loads only after prefer_onednn()
     from tensorflow.types.experimental import PolymorphicFunction

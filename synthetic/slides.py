@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthetic.tiles import LUNG_CLASSES, MICRONS_PER_PIXEL, Difficulty, Recipe, Site, make_sites, render_recipe
+from synthetic.tissue import LUNG_CLASSES, MICRONS_PER_PIXEL, Recipe, render_recipe
+from synthetic.variation import Difficulty, Site, make_sites
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,8 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tests/test_synthetic.py checks that; `make model` measures it)."""
     from dataclasses import replace
 
-    from synthetic.tiles import EASY, generate_dataset
+    from synthetic.tiles import generate_dataset
+    from synthetic.variation import EASY
 
     difficulty = replace(EASY, sites=4, site_shift=1.0)
     return generate_dataset(tmp_path_factory.mktemp("synthetic"), per_class=60, size=TINY_TILE, seed=7,
@@ -173,7 +174,7 @@ def strict_server(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def tile_image() -> Image.Image:
     """An RGB tissue-like tile with no symmetry (so rotations are detectable)."""
-    from synthetic.tiles import render_tile
+    from synthetic.tissue import render_tile
 
     return render_tile("lung_aca", TINY_TILE, seed=3)
 

@@ -44,7 +44,7 @@ def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
 
 def fresh_tile(class_name: str, index: int) -> bytes:
     """A JPEG tile of this class that no test model was trained on."""
-    from synthetic.tiles import render_tile, tile_seed
+    from synthetic.tissue import render_tile, tile_seed
 
     return encode(render_tile(class_name, TINY_TILE, tile_seed(FRESH_SEED, class_name, index)), "JPEG", quality=90)
 

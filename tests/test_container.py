@@ -28,7 +28,7 @@ from deploy.oci import (
     stop_container,
 )
 from loadtests.servers import free_port, wait_ready
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 from tests.helpers import assert_problem, fresh_tile, kubernetes_objects, locust_stats, pod_container, run_locust
 
 pytestmark = [pytest.mark.container, pytest.mark.bento, pytest.mark.service]

@@ -13,7 +13,7 @@ from PIL import Image
 from models.explain import GradCam, jet, overlay
 from models.preprocessing import decode_image
 from models.store import load_model
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 from tests.helpers import TINY_TILE, assert_problem, encode, fresh_tile
 
 pytestmark = pytest.mark.service

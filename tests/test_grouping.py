@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthetic.tiles import LUNG_CLASSES, generate_dataset
+from synthetic.tiles import generate_dataset
+from synthetic.tissue import LUNG_CLASSES
 from tests.helpers import TINY_TILE
 from training import data
 from training.grouping import group_files, hash_distance, hash_files, orientations, summarise

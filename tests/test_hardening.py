@@ -14,7 +14,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from loadtests.servers import start_server
-from synthetic.tiles import render_tile
+from synthetic.tissue import render_tile
 from tests.helpers import (
     PROBLEM,
     STRICT_ORIGIN,

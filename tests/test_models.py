@@ -23,7 +23,7 @@ from models.inference import Predictor
 from models.ood import OOD_FILE, OutOfDistribution
 from models.quality import QualityGate
 from models.store import ModelLoadError, load_model, save_model
-from synthetic.tiles import render_tile
+from synthetic.tissue import render_tile
 from training.evaluate import compute_metrics
 from training.trust import fit_ood, fit_quality_gate
 

@@ -12,7 +12,7 @@ import pytest
 
 from serving.observability.error_tracking import init_error_tracking, scrub_event
 from serving.observability.metrics import METRIC_NAMES
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 from tests.helpers import STRICT_TOKEN, fresh_tile, metric_delta, metric_samples, post_file, wait_until
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json"

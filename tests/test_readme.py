@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from config.settings import VARIABLES, load_settings, settings_table
 from docscheck.readme import README, Block, checked_blocks, generated_block
 from loadtests.servers import REPO_ROOT
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 
 README_HOST = "localhost:3000"
 TILE_PATH = re.compile(r"data/synthetic/lung_image_sets/(\w+)/(\w+\.jpeg)")

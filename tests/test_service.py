@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.servers import run_server_until_exit
 from models.store import load_model
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 from tests.helpers import PROBLEM, assert_problem, encode, fresh_tile, post_file, temperature_text
 
 pytestmark = pytest.mark.service

@@ -12,16 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthetic.tiles import (
-    DATASET_FILE,
-    EASY,
-    GENERATION_FILE,
-    LUNG_CLASSES,
-    TILES_FILE,
-    Difficulty,
-    generate_dataset,
-    make_sites,
-)
+from synthetic.tiles import DATASET_FILE, GENERATION_FILE, TILES_FILE, generate_dataset
+from synthetic.tissue import LUNG_CLASSES
+from synthetic.variation import EASY, Difficulty, make_sites
 from training import data
 
 QUIET = replace(EASY, sites=3)  # clean tiles from three sites: one knob at a time is turned up from here

@@ -17,7 +17,7 @@ from synthetic.slides import (
     tissue_coverage,
     truth_path,
 )
-from synthetic.tiles import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from models.ood import FeatureScorer
 from models.prediction import Thresholds, TileEvidence, answer
 from models.quality import QualityGate, assess, measure
 from models.store import load_model
-from synthetic.tiles import LUNG_CLASSES, render_tile, tile_seed
+from synthetic.tissue import LUNG_CLASSES, render_tile, tile_seed
 from tests.helpers import TINY_TILE
 from training import data
 from training.ood_sets import near_ood_sets
@@ -173,7 +173,8 @@ def flagged_share(stored, images: np.ndarray) -> float:
 def clean_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Clean tiles from one site: with the default difficulty, adenocarcinomas drift towards squamous
     architecture, so a held-out squamous class would not be unseen."""
-    from synthetic.tiles import EASY, generate_dataset
+    from synthetic.tiles import generate_dataset
+    from synthetic.variation import EASY
 
     return generate_dataset(tmp_path_factory.mktemp("clean"), per_class=60, size=TINY_TILE, seed=7, difficulty=EASY)
 

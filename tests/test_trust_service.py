@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from loadtests.servers import RunningServer
-from synthetic.tiles import render_tile
+from synthetic.tissue import render_tile
 from tests.helpers import encode, fresh_tile, metric_delta, metric_samples, serve_tiny_model
 
 pytestmark = pytest.mark.service

@@ -179,7 +179,9 @@ def fresh_synthetic_tiles(class_names: Sequence[str], per_class: int, seed: int,
                           ) -> tuple[list[Image.Image], np.ndarray]:
     """Tiles of the synthetic generator as `make data` draws them (its default difficulty and sites) under
     another dataset seed, so no training run drew them; labelled with their true class (no label noise)."""
-    from synthetic.tiles import Difficulty, plan_tiles, render_recipe, tile_seed
+    from synthetic.tiles import plan_tiles
+    from synthetic.tissue import render_recipe, tile_seed
+    from synthetic.variation import Difficulty
 
     difficulty = Difficulty()
     tiles, labels = [], []
@@ -191,7 +193,7 @@ def fresh_synthetic_tiles(class_names: Sequence[str], per_class: int, seed: int,
 
 def main(argv: list[str] | None = None) -> None:
     from models.store import DEFAULT_MODEL_TAG, load_model
-    from synthetic.tiles import LUNG_CLASSES
+    from synthetic.tissue import LUNG_CLASSES
 
     parser = argparse.ArgumentParser(prog="python -m training.magnification", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
