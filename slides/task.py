@@ -119,7 +119,7 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
     lock = threading.Lock()  # progress comes from the analysis' thread only, but stay safe
     written, every_s = 0.0, 0.0 if store.local else REMOTE_PROGRESS_EVERY_S
 
-    def report(done: int, total: int) -> None:
+    def on_progress(done: int, total: int) -> None:
         nonlocal running, written
         with lock:
             running = running.beat(tiles_done=done, tiles_total=total)
@@ -129,7 +129,7 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
 
     try:
         with store.local_copy(source) as path:
-            analysis = analyze(path, stored, job.tile_size, job.min_tissue, progress=report,
+            analysis = analyze(path, stored, job.tile_size, job.min_tissue, progress=on_progress,
                                classifier=classifier)
         with tempfile.TemporaryDirectory(prefix="histo-outputs-") as scratch:
             write_outputs(analysis, Path(scratch), stored.card.abstention.cancer_classes)
