@@ -173,7 +173,7 @@ class RequestGuard:
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             raise Problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the {cap}-byte cap", close=True)
         body = await self._read_body(receive)
-        await check_form(headers, body, max_files, text_fields)
+        check_form(headers, body, max_files, text_fields)
         return body
 
     async def _read_body(self, receive: Receive) -> bytes:
