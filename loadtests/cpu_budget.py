@@ -9,7 +9,7 @@ samples are turned into core-ms per request and per image. The load generator's 
 measured by the client (it runs on the same cores). Writes
 cpu_budget.md, a section of BENCHMARKS.md (loadtests.report says where).
 
-    python -m loadtests.cpu_budget [--model TAG] [--seconds 15] [--clients 32] [--tiles 1]
+    python -m loadtests.cpu_budget [--model TAG] [--seconds 15] [--clients 32] [--batch-clients 4] [--tiles 1 32]
 """
 
 from __future__ import annotations
@@ -168,15 +168,16 @@ def table(budget: Budget) -> list[str]:
     return lines
 
 
-def heading(budget: Budget, clients: int) -> str:
+def heading(budget: Budget) -> str:
     level = budget.level
     what = ("one tile per request to /predict" if level.tiles == 1
             else f"{level.tiles} tiles per request to /predict_batch")
-    return (f"{clients} closed-loop clients, {what}: {level.requests} requests at {level.requests_per_second:.1f} "
-            f"requests/s ({level.images_per_second:.1f} images/s), {level.errors} errors")
+    return (f"{level.concurrency} closed-loop clients, {what}: {level.requests} requests at "
+            f"{level.requests_per_second:.1f} requests/s ({level.images_per_second:.1f} images/s), "
+            f"{level.errors} errors")
 
 
-def write(budgets: list[Budget], model_tag: str, clients: int) -> list[str]:
+def write(budgets: list[Budget], model_tag: str) -> list[str]:
     lines = [
         "## Where a request's CPU goes",
         "",
@@ -188,7 +189,7 @@ def write(budgets: list[Budget], model_tag: str, clients: int) -> list[str]:
         "",
     ]
     for budget in budgets:
-        lines += [f"{heading(budget, clients)}:", "", *table(budget), ""]
+        lines += [f"{heading(budget)}:", "", *table(budget), ""]
     return write_section("cpu_budget.md", lines)
 
 
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15, help="sampled window (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients (default: %(default)s)")
+    parser.add_argument("--batch-clients", type=int, default=4,
+                        help="closed-loop clients when a request carries several tiles (default: %(default)s)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[1, 32],
                         help="tiles per request, one budget each (1: /predict; more: /predict_batch; "
                         "default: %(default)s)")
@@ -207,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
 
     model_tag = resolve_tag(args.model)
     with tempfile.TemporaryDirectory(prefix="cpu-budget-") as tmp:
-        budgets = [measure(model_tag, args.seconds, args.clients, Path(tmp), tiles) for tiles in args.tiles]
-    logger.info("\n%s", "\n".join(write(budgets, model_tag, args.clients)))
+        budgets = [measure(model_tag, args.seconds, args.batch_clients if tiles > 1 else args.clients, Path(tmp),
+                           tiles) for tiles in args.tiles]
+    logger.info("\n%s", "\n".join(write(budgets, model_tag)))
 
 
 if __name__ == "__main__":
