@@ -150,14 +150,11 @@ class Histopathology:
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         return evidence
 
-    def _answer(self, evidence: TileEvidence) -> Prediction:
-        prediction = self.classifier.answer(evidence)
-        self.metrics.predictions.labels(predicted_class=prediction.predicted_class).inc()
-        if prediction.uncertain:
-            self.metrics.uncertain.inc()
-        for reason in prediction.reasons:
-            self.metrics.flagged.labels(reason=reason).inc()
-        return prediction
+    def _answers(self, evidence: list[TileEvidence]) -> list[Prediction]:
+        """The answer for each tile, counted in the metrics once per request (not once per tile)."""
+        predictions = [self.classifier.answer(row) for row in evidence]
+        self.metrics.count_answers(predictions)
+        return predictions
 
     async def _evidence(self, images: list[np.ndarray]) -> list[TileEvidence]:
         try:
@@ -168,8 +165,8 @@ class Histopathology:
     async def _classify(self, file: Path) -> tuple[np.ndarray, Prediction]:
         """Decode one upload and classify it through the batcher (the decoded image too)."""
         image = await self.decoder.decode(file)
-        [evidence] = await self._evidence([image])
-        return image, self._answer(evidence)
+        [prediction] = self._answers(await self._evidence([image]))
+        return image, prediction
 
     @bentoml.api(route="/predict")
     @answers_problems
@@ -195,7 +192,7 @@ class Histopathology:
         for result in decoded:  # the first bad part, in the order sent, names the problem
             if isinstance(result, BaseException):
                 raise result
-        predictions = [self._answer(evidence) for evidence in await self._evidence(decoded)]
+        predictions = self._answers(await self._evidence(decoded))
         add_log_fields(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 
