@@ -14,7 +14,7 @@ names short and printable, text fields short, plain and of their kind (400).
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -147,16 +147,18 @@ def _charset(content_type_options: Mapping[bytes, bytes]) -> str:
         return "latin-1"
 
 
-def scan_parts(headers: Headers, body: bytes, max_files: int) -> tuple[list[_Part], str]:
-    """The parts of a multipart `body` (names, file names and text values, file data skipped: no copies,
-    no temporary files) and the form's charset; Problem 400 if it is not well-formed multipart."""
+def scan_parts(headers: Headers, body: Iterable[bytes], max_files: int) -> tuple[list[_Part], str]:
+    """The parts of a multipart body, given as its chunks (names, file names and text values, file data
+    skipped: no copies, no temporary files) and the form's charset; Problem 400 if it is not well-formed
+    multipart."""
     _, options = parse_options_header(headers.get("content-type"))
     if b"boundary" not in options:
         raise _bad_request("malformed multipart body: Missing boundary in multipart.")
     scan = _HeaderScan(_charset(options), max_files)
     try:
         parser = MultipartParser(options[b"boundary"], scan.callbacks())  # type: ignore[arg-type]
-        parser.write(body)
+        for chunk in body:
+            parser.write(chunk)
         parser.finalize()
     except MultiPartException as exc:
         raise _bad_request(f"malformed multipart body: {exc}") from None
@@ -165,9 +167,9 @@ def scan_parts(headers: Headers, body: bytes, max_files: int) -> tuple[list[_Par
     return scan.parts, scan.charset
 
 
-def check_form(headers: Headers, body: bytes, max_files: int, text_fields: Mapping[str, str]) -> None:
-    """Scan the multipart `body`'s part headers and check its shape (see the module docstring); Problem 400
-    if wrong."""
+def check_form(headers: Headers, body: Iterable[bytes], max_files: int, text_fields: Mapping[str, str]) -> None:
+    """Scan the part headers of a multipart body (its chunks) and check its shape (see the module docstring);
+    Problem 400 if wrong."""
     parts, charset = scan_parts(headers, body, max_files + 1)
     names = [part.name for part in parts]
     unexpected = sorted(set(names) - {FILE_FIELD, *text_fields})
