@@ -5,7 +5,10 @@ tiles, and samples every worker with py-spy (non-blocking, native frames off)
 for the same window. Each sample is charged to the first frame, from the
 innermost outwards, that belongs to a known part (TensorFlow, decoding, the
 multipart parser, the request guard, BentoML's input handling, ...), and
-samples are turned into core-ms per request and per image. The load generator's own CPU is
+samples are turned into core-ms per request and per image (with `--gil`,
+only the thread holding the GIL is sampled, and the samples themselves give
+the Python work per request: a thread waiting for the GIL is not counted
+as busy, which the default mode cannot tell). The load generator's own CPU is
 measured by the client (it runs on the same cores). Writes
 cpu_budget.md, a section of BENCHMARKS.md (loadtests.report says where).
 
@@ -94,6 +97,7 @@ class Budget:
     samples: Counter[str]
     cores: int
     worker_cpu_s: float  # user + system CPU of the workers over the window, from the kernel
+    gil: bool = False  # samples of the GIL holder only: they are the measure, not the kernel's CPU time
 
     @property
     def per_request_ms(self) -> float:
@@ -105,7 +109,10 @@ class Budget:
 
     def core_ms(self, part: str) -> float:
         """The part's share of the samples, applied to the CPU the kernel measured: py-spy's samples say
-        where the time went, not how much there was (a thread waiting for the GIL can look active)."""
+        where the time went, not how much there was (a thread waiting for the GIL can look active). With
+        `gil`, the part's samples as time: the GIL held in it per request."""
+        if self.gil:
+            return self.samples[part] * 1000 / SAMPLE_RATE / max(self.level.requests, 1)
         return self.per_request_ms * self.samples[part] / max(sum(self.samples.values()), 1)
 
     @property
@@ -119,7 +126,7 @@ def route_for(tiles: int) -> str:
     return "/predict" if tiles == 1 else "/predict_batch"
 
 
-def measure(model_tag: str, seconds: float, clients: int, workdir: Path, tiles: int = 1) -> Budget:
+def measure(model_tag: str, seconds: float, clients: int, workdir: Path, tiles: int = 1, gil: bool = False) -> Budget:
     from serving.cpus import usable_cpus
 
     server = start_server("service:Histopathology", workdir / f"serve-{tiles}.log", env={"HISTO_MODEL_TAG": model_tag})
@@ -131,7 +138,8 @@ def measure(model_tag: str, seconds: float, clients: int, workdir: Path, tiles: 
         for index, pid in enumerate(worker_pids(server)):
             out = workdir / f"worker-{tiles}-{index}.txt"
             command = [PY_SPY, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--format", "raw",
-                       "--duration", str(int(seconds + RAMP_S + 0.999)), "--nonblocking", "--output", str(out)]
+                       "--duration", str(int(seconds + RAMP_S + 0.999)), "--nonblocking", "--output", str(out),
+                       *(["--gil"] if gil else [])]
             profiles.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
         time.sleep(0.5)  # py-spy attached
         workers = [psutil.Process(pid) for pid in worker_pids(server)]
@@ -145,7 +153,7 @@ def measure(model_tag: str, seconds: float, clients: int, workdir: Path, tiles: 
             process.wait(timeout=seconds + 60)
             samples += charge(out.read_text(), unknown)
         logger.debug("unclaimed frames (for extending the charge rules): %s", unknown.most_common(12))
-        return Budget(level, samples, usable_cpus(), worker_cpu_s)
+        return Budget(level, samples, usable_cpus(), worker_cpu_s, gil)
     finally:
         stop_server(server)
 
@@ -161,7 +169,8 @@ def table(budget: Budget) -> list[str]:
     lines = ["| part | core-ms per request | core-ms per image | share |", "|---|---|---|---|"]
     lines += [f"| {part} | {budget.core_ms(part):.3f} | {budget.core_ms(part) / tiles:.3f} | "
               f"{100 * budget.core_ms(part) / total:.1f}% |" for part in parts if budget.samples[part]]
-    lines += [f"| **service, all parts (the workers' CPU time, from the kernel)** | **{total:.3f}** | "
+    what = "the GIL held, Python work" if budget.gil else "the workers' CPU time, from the kernel"
+    lines += [f"| **service, all parts ({what})** | **{total:.3f}** | "
               f"**{total / tiles:.3f}** | 100% |",
               f"| load generator (same cores, not the service) | {budget.client_core_ms:.3f} | "
               f"{budget.client_core_ms / tiles:.3f} | |"]
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15, help="sampled window (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients (default: %(default)s)")
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
     parser.add_argument("--batch-clients", type=int, default=4,
                         help="closed-loop clients when a request carries several tiles (default: %(default)s)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[1, 32],
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     model_tag = resolve_tag(args.model)
     with tempfile.TemporaryDirectory(prefix="cpu-budget-") as tmp:
         budgets = [measure(model_tag, args.seconds, args.batch_clients if tiles > 1 else args.clients, Path(tmp),
-                           tiles) for tiles in args.tiles]
+                           tiles, args.gil) for tiles in args.tiles]
     logger.info("\n%s", "\n".join(write(budgets, model_tag)))
 
 
