@@ -213,25 +213,9 @@ def measure(image: np.ndarray, stain: StainModel) -> dict[str, float]:
     return {name: float(values[0]) for name, values in measure_batch(image[None], stain).items()}
 
 
-def failed_checks(measures: dict[str, float], gate: QualityGate) -> list[str]:
-    """The names of the checks (see :data:`CHECKS`) whose limits the measures break."""
-    failed = []
-    if not gate.background_fraction.contains(measures["background_fraction"]):
-        failed.append("background")
-    if not (gate.stain_fraction.contains(measures["stain_fraction"])
-            and gate.stain_distance.contains(measures["stain_distance"])):
-        failed.append("stain")
-    if not gate.saturation.contains(measures["saturation"]):
-        failed.append("saturation")
-    if gate.focus.low is not None and measures["focus"] < gate.focus.low:
-        failed.append("blur")
-    if gate.focus.high is not None and measures["focus"] > gate.focus.high:
-        failed.append("noise")
-    return failed
-
-
 def failed_checks_batch(columns: dict[str, np.ndarray], gate: QualityGate) -> np.ndarray:
-    """Boolean (B, len(CHECKS)): which checks each tile's measures fail (as :func:`failed_checks`)."""
+    """Boolean (B, len(CHECKS)): which checks each tile's measures (:func:`measure_batch`) fail: a measure
+    outside its range, focus below `focus.low` (blur) or above `focus.high` (noise)."""
 
     def outside(values: np.ndarray, limits: Range) -> np.ndarray:
         low = -np.inf if limits.low is None else limits.low
