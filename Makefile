@@ -115,7 +115,7 @@ bench-model: setup ## in-process images/s of the default architecture, batch 1..
 benchmark: model ## service vs compute limit, BentoML floor and attainable bound, and a seed-style baseline; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)
 	$(PY) -m loadtests.benchmark --model $(MODEL_NAME):latest
 
-cpu-budget: model ## where a request's CPU goes: py-spy samples of every worker under load; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)
+cpu-budget: model ## where the CPU goes per request and per image (/predict, 32-tile /predict_batch): py-spy samples of every worker under load; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)
 	$(PY) -m loadtests.cpu_budget --model $(MODEL_NAME):latest
 
 slide-benchmark: model ## whole slides: accuracy on a synthetic slide with ground truth, tiles/s vs /predict, /predict under slides, memory on a 1 GB slide, the Dask engine vs in process; into artifacts/benchmarks/ (UPDATE_DOCS=1: BENCHMARKS.md)

@@ -152,16 +152,13 @@ class Histopathology:
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         return evidence
 
-    def _answer(self, evidence: TileEvidence, rescaling: Rescaling | None = None) -> Prediction:
-        prediction = self.classifier.answer(evidence)
+    def _answers(self, evidence: list[TileEvidence], rescaling: Rescaling | None = None) -> list[Prediction]:
+        """The answer for each tile (with what its `mpp` did), counted in the metrics once per request."""
+        predictions = [self.classifier.answer(row) for row in evidence]
         if rescaling is not None:
-            prediction = prediction.model_copy(update={"rescaling": rescaling})
-        self.metrics.predictions.labels(predicted_class=prediction.predicted_class).inc()
-        if prediction.uncertain:
-            self.metrics.uncertain.inc()
-        for reason in prediction.reasons:
-            self.metrics.flagged.labels(reason=reason).inc()
-        return prediction
+            predictions = [p.model_copy(update={"rescaling": rescaling}) for p in predictions]
+        self.metrics.count_answers(predictions)
+        return predictions
 
     async def _evidence(self, images: list[np.ndarray]) -> list[TileEvidence]:
         try:
@@ -182,8 +179,8 @@ class Histopathology:
         """Decode one upload and classify it through the batcher (the decoded image too)."""
         rescaling = self._rescaling(mpp)
         image = await self.decoder.decode(file, mpp=mpp)
-        [evidence] = await self._evidence([image])
-        return image, self._answer(evidence, rescaling)
+        [prediction] = self._answers(await self._evidence([image]), rescaling)
+        return image, prediction
 
     @bentoml.api(route="/predict")
     @answers_problems
@@ -212,7 +209,7 @@ class Histopathology:
         for result in decoded:  # the first bad part, in the order sent, names the problem
             if isinstance(result, BaseException):
                 raise result
-        predictions = [self._answer(evidence, rescaling) for evidence in await self._evidence(decoded)]
+        predictions = self._answers(await self._evidence(decoded), rescaling)
         add_log_fields(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
 

@@ -11,7 +11,8 @@ Measures, one after the other on the same machine:
 * the attainable bound they give: the cores the load generator leaves, over
   the compute per image plus BentoML's floor per request;
 * the BentoML service with its defaults: adaptive batching, one worker of one
-  intra-op and one inter-op TensorFlow thread per usable CPU;
+  intra-op and one inter-op TensorFlow thread per usable CPU; the same server
+  also on `/predict_batch` with 8 and 32 tiles per request;
 * the same service with batching off (`HISTO_MAX_BATCH_SIZE=1`);
 * the same service without the quality gate and the out-of-distribution score
   (`HISTO_OOD_GATE=off`), at 32 clients: what the trust checks cost;
@@ -23,8 +24,11 @@ Measures, one after the other on the same machine:
 each served target at 1, 8, 32 and 64 closed-loop clients posting 768x768
 JPEG tiles: requests/s, p50/p95/p99, errors, and the load generator's own
 share of the CPU (it runs on the same cores). Every row gives its share of
-the attainable bound and of the compute limit. Prints one table and the
-per-request CPU costs (core-ms), checks the targets, and writes
+the attainable bound and of the compute limit (in images/s for the batch
+rows). Then the CPU budget (loadtests/cpu_budget.py: py-spy on every worker)
+for /predict and for /predict_batch with 32 tiles, in the same run. Prints one
+table, the CPU per request and per image (core-ms) with the service's own
+share and its breakdown, checks the targets, and writes
 benchmark.{json,csv,png} and its BENCHMARKS.md section (loadtests.report: under
 artifacts/benchmarks/, or the tracked files with UPDATE_DOCS=1). How the bounds
 are defined: docs/performance.md.
@@ -57,8 +61,12 @@ from models.store import DEFAULT_MODEL_TAG
 logger = logging.getLogger(__name__)
 
 LEVELS = (1, 8, 32, 64)
-MIN_SHARE_OF_ATTAINABLE = 0.90  # at 32 clients
-MIN_SHARE_OF_COMPUTE_LIMIT = 0.65  # at 32 clients
+# /predict_batch: (tiles per request, closed-loop clients) on the default service's server.
+BATCH_LEVELS = ((8, 4), (8, 16), (32, 4), (32, 16))
+BUDGET_BATCH_CLIENTS = 4  # the CPU budget of 32-tile requests
+MIN_SHARE_OF_ATTAINABLE = 0.90  # /predict at 32 clients
+MIN_BATCH_SHARE_OF_COMPUTE_LIMIT = 0.90  # /predict_batch, 32 tiles per request, best clients
+MAX_OWN_CORE_MS = 0.5  # the service's own CPU per /predict request above BentoML's floor and the compute
 SINGLE_SLACK_MS = 5  # one client's p50 over the in-process single-image time
 DEFAULT_SERVICE = "service (defaults: batching, 1 worker per CPU x 1+1 TF threads)"
 FLOOR = "BentoML floor: trivial API, same input and server settings"
@@ -94,19 +102,33 @@ class Bounds:
     @property
     def attainable(self) -> float:
         """requests/s: (cores - load generator) / (compute per image + BentoML's floor per request)."""
+        return self.attainable_images(1)
+
+    def attainable_images(self, tiles: int) -> float:
+        """images/s with `tiles` images per request: BentoML's floor is paid once per request."""
         available = self.cores * (1 - self.floor.client_cpu_share)
-        return available * 1000 / (self.compute_core_ms + self.server_core_ms(self.floor))
+        return available * 1000 / (self.compute_core_ms + self.server_core_ms(self.floor) / tiles)
 
     def own_core_ms(self, level: LevelResult) -> float:
-        """The service's own CPU per request above BentoML's floor and the compute."""
-        return self.server_core_ms(level) - self.server_core_ms(self.floor) - self.compute_core_ms
+        """The service's own CPU per request above BentoML's floor and the compute of its images."""
+        return self.server_core_ms(level) - self.server_core_ms(self.floor) - level.tiles * self.compute_core_ms
+
+
+def batch_target(tiles: int) -> str:
+    return f"/predict_batch, {tiles} tiles per request (service defaults)"
 
 
 def _service_rows(name: str, model_tag: str, env: dict[str, str], payload: bytes, seconds: float,
-                  workdir: Path, levels: tuple[int, ...] = LEVELS) -> list[Row]:
+                  workdir: Path, levels: tuple[int, ...] = LEVELS,
+                  batch_levels: tuple[tuple[int, int], ...] = ()) -> list[Row]:
     server = start_server("service:Histopathology", workdir / f"{name}.log", env={"HISTO_MODEL_TAG": model_tag, **env})
     try:
-        return [Row(name, asyncio.run(closed_loop(f"{server.url}/predict", payload, n, seconds))) for n in levels]
+        rows = [Row(name, asyncio.run(closed_loop(f"{server.url}/predict", payload, n, seconds))) for n in levels]
+        return rows + [
+            Row(batch_target(tiles), asyncio.run(closed_loop(f"{server.url}/predict_batch", payload, n, seconds,
+                                                             tiles=tiles)))
+            for tiles, n in batch_levels
+        ]
     finally:
         stop_server(server)
 
@@ -129,51 +151,66 @@ def _baseline_rows(model_tag: str, payload: bytes, seconds: float, workdir: Path
 
 
 def _table(rows: list[Row], bounds: Bounds) -> list[str]:
-    header = ("| target | clients | req/s | % of attainable | % of compute limit | p50 ms | p95 ms | p99 ms | errors "
-              "| client CPU |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| target | clients | req/s | images/s | % of attainable | % of compute limit | p50 ms | p95 ms | p99 ms "
+              "| errors | client CPU |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def share(rate: float, of: float) -> str:
         return f"{100 * rate / of:.0f}%"
 
     def measured(target: str, r: LevelResult) -> str:
-        rps = r.requests_per_second
-        return (f"| {target} | {r.concurrency} | {rps:.1f} | {share(rps, bounds.attainable)} | "
-                f"{share(rps, bounds.compute_limit)} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | "
-                f"{r.errors} | {100 * r.client_cpu_share:.0f}% |")
+        ips = r.images_per_second
+        return (f"| {target} | {r.concurrency} | {r.requests_per_second:.1f} | {ips:.1f} | "
+                f"{share(ips, bounds.attainable_images(r.tiles))} | {share(ips, bounds.compute_limit)} | "
+                f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {100 * r.client_cpu_share:.0f}% |")
 
     lines += [
-        f"| compute limit: {bounds.cores} single-threaded decode + model processes, best batch, summed | - | "
+        f"| compute limit: {bounds.cores} single-threaded decode + model processes, best batch, summed | - | | "
         f"{bounds.compute_limit:.1f} | | 100% | | | | | |",
-        f"| single process: decode serial, model batched | - | {bounds.single_process:.1f} | | "
+        f"| single process: decode serial, model batched | - | | {bounds.single_process:.1f} | | "
         f"{share(bounds.single_process, bounds.compute_limit)} | | | | | |",
         measured(FLOOR, bounds.floor),
         measured(ASGI_FLOOR, bounds.asgi_floor),
         f"| attainable: (cores - load generator) / (compute per image + BentoML floor per request) | - | "
-        f"{bounds.attainable:.1f} | 100% | {share(bounds.attainable, bounds.compute_limit)} | | | | | |",
+        f"{bounds.attainable:.1f} | {bounds.attainable:.1f} | 100% | {share(bounds.attainable, bounds.compute_limit)} "
+        "| | | | | |",
+        *(f"| attainable with {tiles} tiles per request (the floor spread over them) | - | | "
+          f"{bounds.attainable_images(tiles):.1f} | 100% | "
+          f"{share(bounds.attainable_images(tiles), bounds.compute_limit)} | | | | | |"
+          for tiles in sorted({tiles for tiles, _ in BATCH_LEVELS})),
     ]
     lines += [measured(row.target, row.level) for row in rows]
     return lines
 
 
 def _core_ms(rows: list[Row], bounds: Bounds) -> list[str]:
-    """Per-request CPU, in core-ms, from the rates and the load generator's share."""
+    """Per-request and per-image CPU, in core-ms, from the rates and the load generator's share."""
     s32 = next(r.level for r in rows if r.target == DEFAULT_SERVICE and r.level.concurrency == FLOOR_CLIENTS)
-    return [
+    lines = [
         f"- compute per image (decode + model): {bounds.compute_core_ms:.2f} core-ms",
         f"- BentoML's floor per request: {bounds.server_core_ms(bounds.floor):.2f} core-ms "
         f"(the plain ASGI route: {bounds.server_core_ms(bounds.asgi_floor):.2f})",
-        f"- the service per request at {FLOOR_CLIENTS} clients: {bounds.server_core_ms(s32):.2f} core-ms, of which "
-        f"{bounds.own_core_ms(s32):.2f} are its own above BentoML's floor and the compute "
+        f"- /predict at {FLOOR_CLIENTS} clients: {bounds.server_core_ms(s32):.2f} core-ms per request, of which "
+        f"{bounds.own_core_ms(s32):.2f} are the service's own above BentoML's floor and the compute "
         "(request guard, trust checks, batching, response, logging, metrics)",
     ]
+    for row in rows:
+        level = row.level
+        if row.target.startswith("/predict_batch"):
+            spent, own = bounds.server_core_ms(level), bounds.own_core_ms(level)
+            lines.append(
+                f"- {row.target}, {level.concurrency} clients: {spent:.2f} core-ms per request "
+                f"({spent / level.tiles:.2f} per image), the service's own {own:.2f} per request "
+                f"({own / level.tiles:.2f} per image)")
+    return lines
 
 
 def _checks(rows: list[Row], bounds: Bounds, single_ms: float) -> list[tuple[str, bool]]:
     def at(target_prefix: str, clients: int) -> LevelResult:
         return next(r.level for r in rows if r.target.startswith(target_prefix) and r.level.concurrency == clients)
 
-    service = [r.level for r in rows if r.target == DEFAULT_SERVICE]
+    service = [r.level for r in rows if r.target == DEFAULT_SERVICE or r.target.startswith("/predict_batch")]
+    batch32 = max((r.level for r in rows if r.target == batch_target(32)), key=lambda level: level.images_per_second)
     s32, b32 = at(DEFAULT_SERVICE, 32), at("baseline", 32)
     s1 = at(DEFAULT_SERVICE, 1)
     off32 = at(GATE_OFF, 32)
@@ -185,17 +222,19 @@ def _checks(rows: list[Row], bounds: Bounds, single_ms: float) -> list[tuple[str
         (f"32 clients: {s32.requests_per_second:.1f} req/s >= {MIN_SHARE_OF_ATTAINABLE:.0%} of the attainable "
          f"{bounds.attainable:.1f} ({s32.requests_per_second / bounds.attainable:.0%})",
          s32.requests_per_second >= MIN_SHARE_OF_ATTAINABLE * bounds.attainable),
-        (f"32 clients: {s32.requests_per_second:.1f} req/s >= {MIN_SHARE_OF_COMPUTE_LIMIT:.0%} of the compute limit "
-         f"{bounds.compute_limit:.1f} ({s32.requests_per_second / bounds.compute_limit:.0%})",
-         s32.requests_per_second >= MIN_SHARE_OF_COMPUTE_LIMIT * bounds.compute_limit),
-        (f"the service's own CPU above BentoML's floor {own:.2f} core-ms <= 0.25 per request", own <= 0.25),
+        (f"/predict_batch, 32 tiles per request, {batch32.concurrency} clients: {batch32.images_per_second:.1f} "
+         f"images/s >= {MIN_BATCH_SHARE_OF_COMPUTE_LIMIT:.0%} of the compute limit {bounds.compute_limit:.1f} "
+         f"({batch32.images_per_second / bounds.compute_limit:.0%})",
+         batch32.images_per_second >= MIN_BATCH_SHARE_OF_COMPUTE_LIMIT * bounds.compute_limit),
+        (f"/predict: the service's own CPU above BentoML's floor and the compute {own:.2f} core-ms <= "
+         f"{MAX_OWN_CORE_MS} per request", own <= MAX_OWN_CORE_MS),
         (f"32 clients: {s32.requests_per_second:.1f} req/s >= 10x baseline {b32.requests_per_second:.1f} "
          f"({s32.requests_per_second / max(b32.requests_per_second, 1e-9):.1f}x), p95 {s32.p95_ms:.0f} < "
          f"{b32.p95_ms:.0f} ms", s32.requests_per_second >= 10 * b32.requests_per_second and s32.p95_ms < b32.p95_ms),
         (f"1 client p50 {s1.p50_ms:.1f} ms <= in-process single image {single_ms:.1f} ms + {SINGLE_SLACK_MS}",
          s1.p50_ms <= single_ms + SINGLE_SLACK_MS),
-        ("zero errors at 32 and 64 clients",
-         all(r.errors == 0 for r in service if r.concurrency in (32, 64))),
+        ("zero errors at 32 and 64 clients and on /predict_batch",
+         all(r.errors == 0 for r in service if r.concurrency in (32, 64) or r.tiles > 1)),
     ]
 
 
@@ -233,6 +272,18 @@ def _floor(model_tag: str, payload: bytes, seconds: float, workdir: Path) -> tup
         stop_server(server)
 
 
+def _budgets(model_tag: str, seconds: float, workdir: Path) -> list[str]:
+    """The CPU budget (py-spy) of /predict and of /predict_batch with 32 tiles: where the own share goes."""
+    from loadtests import cpu_budget
+
+    budgets = [cpu_budget.measure(model_tag, seconds, FLOOR_CLIENTS, workdir, tiles=1),
+               cpu_budget.measure(model_tag, seconds, BUDGET_BATCH_CLIENTS, workdir, tiles=32)]
+    lines = ["Where the service's CPU goes (`make cpu-budget`, py-spy on every worker, same run):", ""]
+    for budget in budgets:
+        lines += [f"{cpu_budget.heading(budget)}:", "", *cpu_budget.table(budget), ""]
+    return lines
+
+
 def run(model_tag: str, seconds: float) -> tuple[list[str], list[tuple[str, bool]]]:
     from models.store import resolve_tag
 
@@ -248,7 +299,7 @@ def run(model_tag: str, seconds: float) -> tuple[list[str], list[tuple[str, bool
         workdir = Path(tmp)
         floor, asgi_floor = _floor(model_tag, payload, seconds, workdir)
         bounds = Bounds(usable_cpus(), compute_limit, limit.pipeline_images_per_second, floor, asgi_floor)
-        rows += _service_rows(DEFAULT_SERVICE, model_tag, {}, payload, seconds, workdir)
+        rows += _service_rows(DEFAULT_SERVICE, model_tag, {}, payload, seconds, workdir, batch_levels=BATCH_LEVELS)
         rows += _service_rows(GATE_OFF, model_tag, {"HISTO_OOD_GATE": "off"}, payload, seconds, workdir, (32,))
         rows += _service_rows("service (batching off)", model_tag, {"HISTO_MAX_BATCH_SIZE": "1"}, payload, seconds,
                               workdir)
@@ -256,7 +307,8 @@ def run(model_tag: str, seconds: float) -> tuple[list[str], list[tuple[str, bool
         rows += _service_rows("service (1 worker, TF picks threads)", model_tag, one_worker, payload, seconds,
                               workdir)
         rows += _baseline_rows(model_tag, payload, seconds, workdir)
-    table = [*_table(rows, bounds), "", *_core_ms(rows, bounds)]
+        budget = _budgets(model_tag, seconds, workdir)
+    table = [*_table(rows, bounds), "", *_core_ms(rows, bounds), "", *budget]
     checks = _checks(rows, bounds, single_ms)
     _write(rows, limit, bounds, model_tag, table, checks)
     return table, checks
@@ -290,9 +342,10 @@ def _write(rows: list[Row], limit: object, bounds: Bounds, model_tag: str, table
         "## Service under load",
         "",
         f"Latest run of `{COMMAND}` ({record['when']}; {machine}; model `{model_tag}`).",
-        "Closed-loop clients post a 768x768 JPEG tile to `/predict`; the load generator runs on the same cores",
-        "(its CPU share is in the last column). Every row gives its share of the attainable bound and of the",
-        "compute limit (docs/performance.md). Compare ratios within one run: the machine is shared and noisy.",
+        "Closed-loop clients post a 768x768 JPEG tile to `/predict` (or 8 or 32 of them to `/predict_batch`); the",
+        "load generator runs on the same cores (its CPU share is in the last column). Every row gives its share of",
+        "the attainable bound and of the compute limit, in images/s (docs/performance.md). Compare ratios within",
+        "one run: the machine is shared and noisy.",
         "",
         *table,
         "",

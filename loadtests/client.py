@@ -30,6 +30,11 @@ class LevelResult:
     p95_ms: float
     p99_ms: float
     client_cpu_share: float  # of all cores: the generator shares them with the server
+    tiles: int = 1  # images per request (repeated `file` parts)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.requests_per_second * self.tiles
 
     def server_core_ms(self, cores: int) -> float:
         return server_core_ms(cores, self.requests_per_second, self.client_cpu_share)
@@ -46,10 +51,12 @@ def session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
     )
 
 
-async def post_file(client: aiohttp.ClientSession, url: str, payload: bytes, headers: dict | None = None) -> Outcome:
-    """POST one tile as the multipart `file` field of `url`."""
+async def post_file(client: aiohttp.ClientSession, url: str, payload: bytes, headers: dict | None = None,
+                    tiles: int = 1) -> Outcome:
+    """POST the tile as the multipart `file` field of `url` (`tiles` times: repeated parts, for /predict_batch)."""
     form = aiohttp.FormData()
-    form.add_field("file", payload, filename="tile.jpeg", content_type="image/jpeg")
+    for index in range(tiles):
+        form.add_field("file", payload, filename=f"tile-{index}.jpeg", content_type="image/jpeg")
     started = time.perf_counter()
     try:
         async with client.post(url, data=form, headers=headers) as response:
@@ -68,6 +75,7 @@ async def closed_loop(
     seconds: float,
     ramp_s: float = RAMP_S,
     on_window: Callable[[], object] | None = None,
+    tiles: int = 1,
 ) -> LevelResult:
     """`concurrency` clients, each posting again as soon as it has its answer, for `seconds`.
 
@@ -76,7 +84,8 @@ async def closed_loop(
     on one worker of a multi-worker server (each asyncio worker accepts up to its
     whole backlog in one go), which is not how traffic arrives and made the
     two-worker figures swing between runs. `on_window` is called as the measured
-    window starts (e.g. to read the server's CPU counters).
+    window starts (e.g. to read the server's CPU counters). Each request carries `tiles` copies of
+    `payload` as repeated `file` parts.
     """
     outcomes: list[Outcome] = []
     async with session(concurrency, 60) as client:
@@ -86,11 +95,11 @@ async def closed_loop(
 
         async def one_client(index: int) -> None:
             await asyncio.sleep(ramp_s * index / concurrency)
-            await post_file(client, url, payload)  # connects and warms up; not counted
+            await post_file(client, url, payload, tiles=tiles)  # connects and warms up; not counted
             await connected.wait()
             await go.wait()
             while time.perf_counter() < deadline:
-                outcomes.append(await post_file(client, url, payload))
+                outcomes.append(await post_file(client, url, payload, tiles=tiles))
 
         clients = [asyncio.create_task(one_client(i)) for i in range(concurrency)]
         await connected.wait()
@@ -112,6 +121,7 @@ async def closed_loop(
         p95_ms=float(p95),
         p99_ms=float(p99),
         client_cpu_share=cpu / elapsed / (os.cpu_count() or 1),
+        tiles=tiles,
     )
 
 

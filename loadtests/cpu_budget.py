@@ -5,11 +5,14 @@ tiles, and samples every worker with py-spy (non-blocking, native frames off)
 for the same window. Each sample is charged to the first frame, from the
 innermost outwards, that belongs to a known part (TensorFlow, decoding, the
 multipart parser, the request guard, BentoML's input handling, ...), and
-samples are turned into core-ms per request. The load generator's own CPU is
+samples are turned into core-ms per request and per image (with `--gil`,
+only the thread holding the GIL is sampled, and the samples themselves give
+the Python work per request: a thread waiting for the GIL is not counted
+as busy, which the default mode cannot tell). The load generator's own CPU is
 measured by the client (it runs on the same cores). Writes
 cpu_budget.md, a section of BENCHMARKS.md (loadtests.report says where).
 
-    python -m loadtests.cpu_budget [--model TAG] [--seconds 15] [--clients 32]
+    python -m loadtests.cpu_budget [--model TAG] [--seconds 15] [--clients 32] [--batch-clients 4] [--tiles 1 32]
 """
 
 from __future__ import annotations
@@ -45,8 +48,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("trust checks (quality gate, OOD score)", ("models/quality.py", "models/ood.py")),
     ("decode (PIL, models/preprocessing.py)", ("PIL/", "models/preprocessing.py", "serving/inference/heap.py")),
     ("multipart parsing", ("multipart/", "formparsers.py")),
-    ("request guard (serving/http/guard.py, body, forms)", ("serving/http/guard.py", "serving/admission/body.py",
-                                                           "serving/admission/forms.py")),
+    ("our middleware (serving/http/, serving/admission/)", ("serving/http/", "serving/admission/")),
     ("request log and metrics", ("serving/observability/", "prometheus_client/", "logging/")),
     ("service glue (service.py, batcher, predictions)", ("service.py", "serving/inference/batcher.py",
                                                          "models/prediction.py", "serving/admission/capacity.py",
@@ -95,14 +97,22 @@ class Budget:
     samples: Counter[str]
     cores: int
     worker_cpu_s: float  # user + system CPU of the workers over the window, from the kernel
+    gil: bool = False  # samples of the GIL holder only: they are the measure, not the kernel's CPU time
 
     @property
     def per_request_ms(self) -> float:
         return self.worker_cpu_s * 1000 / max(self.level.requests, 1)
 
+    @property
+    def per_image_ms(self) -> float:
+        return self.per_request_ms / self.level.tiles
+
     def core_ms(self, part: str) -> float:
         """The part's share of the samples, applied to the CPU the kernel measured: py-spy's samples say
-        where the time went, not how much there was (a thread waiting for the GIL can look active)."""
+        where the time went, not how much there was (a thread waiting for the GIL can look active). With
+        `gil`, the part's samples as time: the GIL held in it per request."""
+        if self.gil:
+            return self.samples[part] * 1000 / SAMPLE_RATE / max(self.level.requests, 1)
         return self.per_request_ms * self.samples[part] / max(sum(self.samples.values()), 1)
 
     @property
@@ -111,23 +121,30 @@ class Budget:
         return self.level.client_cpu_share * self.cores * elapsed * 1000 / max(self.level.requests, 1)
 
 
-def measure(model_tag: str, seconds: float, clients: int, workdir: Path) -> Budget:
+def route_for(tiles: int) -> str:
+    """One tile per request goes to /predict, more to /predict_batch as repeated parts."""
+    return "/predict" if tiles == 1 else "/predict_batch"
+
+
+def measure(model_tag: str, seconds: float, clients: int, workdir: Path, tiles: int = 1, gil: bool = False) -> Budget:
     from config.cpus import usable_cpus
 
-    server = start_server("service:Histopathology", workdir / "serve.log", env={"HISTO_MODEL_TAG": model_tag})
+    server = start_server("service:Histopathology", workdir / f"serve-{tiles}.log", env={"HISTO_MODEL_TAG": model_tag})
+    url = f"{server.url}{route_for(tiles)}"
     try:
         payload = sample_jpeg(768)
-        asyncio.run(closed_loop(f"{server.url}/predict", payload, clients, 3.0))  # warm
+        asyncio.run(closed_loop(url, payload, clients, 3.0, tiles=tiles))  # warm
         profiles = []
         for index, pid in enumerate(worker_pids(server)):
-            out = workdir / f"worker-{index}.txt"
+            out = workdir / f"worker-{tiles}-{index}.txt"
             command = [PY_SPY, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--format", "raw",
-                       "--duration", str(int(seconds + RAMP_S + 0.999)), "--nonblocking", "--output", str(out)]
+                       "--duration", str(int(seconds + RAMP_S + 0.999)), "--nonblocking", "--output", str(out),
+                       *(["--gil"] if gil else [])]
             profiles.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
         time.sleep(0.5)  # py-spy attached
         workers = [psutil.Process(pid) for pid in worker_pids(server)]
         at_start: list[float] = []
-        level = asyncio.run(closed_loop(f"{server.url}/predict", payload, clients, seconds, ramp_s=RAMP_S,
+        level = asyncio.run(closed_loop(url, payload, clients, seconds, ramp_s=RAMP_S, tiles=tiles,
                                         on_window=lambda: at_start.append(_cpu_seconds(workers))))
         worker_cpu_s = _cpu_seconds(workers) - at_start[0]
         samples: Counter[str] = Counter()
@@ -136,7 +153,7 @@ def measure(model_tag: str, seconds: float, clients: int, workdir: Path) -> Budg
             process.wait(timeout=seconds + 60)
             samples += charge(out.read_text(), unknown)
         logger.debug("unclaimed frames (for extending the charge rules): %s", unknown.most_common(12))
-        return Budget(level, samples, usable_cpus(), worker_cpu_s)
+        return Budget(level, samples, usable_cpus(), worker_cpu_s, gil)
     finally:
         stop_server(server)
 
@@ -148,28 +165,40 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
 def table(budget: Budget) -> list[str]:
     parts = [part for part, _ in PARTS] + [OTHER]
     total = sum(budget.core_ms(part) for part in parts)
-    lines = ["| part | core-ms per request | share |", "|---|---|---|"]
-    lines += [f"| {part} | {budget.core_ms(part):.3f} | {100 * budget.core_ms(part) / total:.1f}% |"
-              for part in parts if budget.samples[part]]
-    lines += [f"| **service, all parts (the workers' CPU time, from the kernel)** | **{total:.3f}** | 100% |",
-              f"| load generator (same cores, not the service) | {budget.client_core_ms:.3f} | |"]
+    tiles = budget.level.tiles
+    lines = ["| part | core-ms per request | core-ms per image | share |", "|---|---|---|---|"]
+    lines += [f"| {part} | {budget.core_ms(part):.3f} | {budget.core_ms(part) / tiles:.3f} | "
+              f"{100 * budget.core_ms(part) / total:.1f}% |" for part in parts if budget.samples[part]]
+    what = "the GIL held, Python work" if budget.gil else "the workers' CPU time, from the kernel"
+    lines += [f"| **service, all parts ({what})** | **{total:.3f}** | "
+              f"**{total / tiles:.3f}** | 100% |",
+              f"| load generator (same cores, not the service) | {budget.client_core_ms:.3f} | "
+              f"{budget.client_core_ms / tiles:.3f} | |"]
     return lines
 
 
-def write(budget: Budget, model_tag: str, clients: int) -> list[str]:
+def heading(budget: Budget) -> str:
+    level = budget.level
+    what = ("one tile per request to /predict" if level.tiles == 1
+            else f"{level.tiles} tiles per request to /predict_batch")
+    return (f"{level.concurrency} closed-loop clients, {what}: {level.requests} requests at "
+            f"{level.requests_per_second:.1f} requests/s ({level.images_per_second:.1f} images/s), "
+            f"{level.errors} errors")
+
+
+def write(budgets: list[Budget], model_tag: str) -> list[str]:
     lines = [
         "## Where a request's CPU goes",
         "",
         f"Latest run of `make cpu-budget` ({datetime.now(UTC).isoformat(timespec='seconds')}; model `{model_tag}`; "
-        f"{budget.cores} usable CPUs): {clients} closed-loop clients, {budget.level.requests} requests at "
-        f"{budget.level.requests_per_second:.1f} requests/s, every worker sampled by py-spy at {SAMPLE_RATE} Hz "
+        f"{budgets[0].cores} usable CPUs): every worker sampled by py-spy at {SAMPLE_RATE} Hz "
         "(active samples). Each sample goes to the innermost frame that belongs to a known part "
         "(loadtests/cpu_budget.py), and the parts' shares of the samples divide the workers' CPU time as the "
         "kernel counted it.",
         "",
-        *table(budget),
-        "",
     ]
+    for budget in budgets:
+        lines += [f"{heading(budget)}:", "", *table(budget), ""]
     return write_section("cpu_budget.md", lines)
 
 
@@ -178,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_TAG, help="model tag (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15, help="sampled window (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients (default: %(default)s)")
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
+    parser.add_argument("--batch-clients", type=int, default=4,
+                        help="closed-loop clients when a request carries several tiles (default: %(default)s)")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[1, 32],
+                        help="tiles per request, one budget each (1: /predict; more: /predict_batch; "
+                        "default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -185,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
 
     model_tag = resolve_tag(args.model)
     with tempfile.TemporaryDirectory(prefix="cpu-budget-") as tmp:
-        budget = measure(model_tag, args.seconds, args.clients, Path(tmp))
-    logger.info("\n%s", "\n".join(write(budget, model_tag, args.clients)))
+        budgets = [measure(model_tag, args.seconds, args.batch_clients if tiles > 1 else args.clients, Path(tmp),
+                           tiles, args.gil) for tiles in args.tiles]
+    logger.info("\n%s", "\n".join(write(budgets, model_tag)))
 
 
 if __name__ == "__main__":

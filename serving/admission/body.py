@@ -52,7 +52,8 @@ async def _next_message(receive: Receive, deadline: float, limits: BodyLimits) -
     if wait <= 0:
         raise _too_slow(f"the {limits.what} did not arrive within {limits.total_s:g} s")
     try:
-        return await asyncio.wait_for(receive(), wait)
+        async with asyncio.timeout(wait):  # a timer handle in this task; wait_for would start a task per chunk
+            return await receive()
     except TimeoutError:
         if time.monotonic() >= deadline:
             raise _too_slow(f"the {limits.what} did not arrive within {limits.total_s:g} s") from None

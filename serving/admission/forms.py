@@ -1,5 +1,9 @@
 """The shape of an upload's multipart form, checked once its body has arrived and before BentoML reads it.
 
+Only the part headers are scanned (python-multipart's callback parser; file
+data is skipped, never copied or spooled): BentoML parses the form fully once,
+after this, so a second full parse here would be paid on every upload.
+
 BentoML 1.4 fetches a URL when a string is sent in a file field and parses a
 text field that looks like JSON, to any depth; these checks keep that from
 happening: only `file` parts and the route's own plain fields, each file an
@@ -10,12 +14,16 @@ names short and printable, text fields short, plain and of their kind
 
 from __future__ import annotations
 
+import codecs
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartException
 
 from serving.problems import Problem
 
@@ -62,37 +70,140 @@ def _is_number(value: str) -> bool:
         return False
 
 
-async def check_form(headers: Headers, body: bytes, max_files: int, text_fields: Mapping[str, str]) -> None:
-    """Parse the multipart `body` and check its shape (see the module docstring); Problem 400 if wrong."""
+@dataclass
+class _Part:
+    name: str
+    filename: str | None  # None: a plain (text) field
+    value: bytearray = field(default_factory=bytearray)  # a text field's first bytes; file data is never kept
+    truncated: bool = False
 
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
 
+class _HeaderScan:
+    """python-multipart callbacks that keep each part's name, file name and (short) text value, never file data.
+
+    Refuses what Starlette's parser (which BentoML runs next) refuses, with its messages: a part without
+    a name, more files or fields than allowed, malformed multipart."""
+
+    def __init__(self, charset: str, max_files: int) -> None:
+        self.charset = charset
+        self.max_files = max_files
+        self.parts: list[_Part] = []
+        self._files = self._fields = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition: bytes | None = None
+        self._current: _Part | None = None
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {"on_part_begin": self._part_begin, "on_part_data": self._part_data,
+                "on_header_field": self._header_field, "on_header_value": self._header_value_part,
+                "on_header_end": self._header_end, "on_headers_finished": self._headers_finished}
+
+    def _part_begin(self) -> None:
+        self._disposition = None
+        self._current = None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_part(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise MultiPartException('The Content-Disposition header field "name" must be provided.')
+        name = _decode(options[b"name"], self.charset)
+        if b"filename" in options:
+            self._files += 1
+            if self._files > self.max_files:
+                raise MultiPartException(f"Too many files. Maximum number of files is {self.max_files}.")
+            self._current = _Part(name, _decode(options[b"filename"], self.charset))
+        else:
+            self._fields += 1
+            if self._fields > MAX_FIELDS:
+                raise MultiPartException(f"Too many fields. Maximum number of fields is {MAX_FIELDS}.")
+            self._current = _Part(name, None)
+        self.parts.append(self._current)
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current
+        if part is None or part.filename is not None or part.truncated:
+            return  # file data: skipped, the decoder reads it later
+        part.value += data[start:end]
+        if len(part.value) > _MAX_TEXT_FIELD_BYTES:  # surely over the character limit: stop keeping it
+            part.truncated = True
+
+
+# A text field longer than this in bytes is longer than MAX_TEXT_FIELD_CHARS in any encoding.
+_MAX_TEXT_FIELD_BYTES = 4 * MAX_TEXT_FIELD_CHARS
+
+
+def _decode(value: bytes, charset: str) -> str:
+    """As Starlette decodes names and values: the form's charset, Latin-1 if that fails."""
     try:
-        form = await MultiPartParser(headers, stream(), max_files=max_files + 1, max_fields=MAX_FIELDS).parse()
+        return value.decode(charset)
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _charset(content_type_options: Mapping[bytes, bytes]) -> str:
+    try:
+        return codecs.lookup(content_type_options.get(b"charset", b"utf-8").decode("latin-1")).name
+    except LookupError:
+        return "latin-1"
+
+
+def scan_parts(headers: Headers, body: Iterable[bytes], max_files: int) -> tuple[list[_Part], str]:
+    """The parts of a multipart body, given as its chunks (names, file names and text values, file data
+    skipped: no copies, no temporary files) and the form's charset; Problem 400 if it is not well-formed
+    multipart."""
+    _, options = parse_options_header(headers.get("content-type"))
+    if b"boundary" not in options:
+        raise _bad_request("malformed multipart body: Missing boundary in multipart.")
+    scan = _HeaderScan(_charset(options), max_files)
+    try:
+        parser = MultipartParser(options[b"boundary"], scan.callbacks())  # type: ignore[arg-type]
+        for chunk in body:
+            parser.write(chunk)
+        parser.finalize()
     except MultiPartException as exc:
         raise _bad_request(f"malformed multipart body: {exc}") from None
-    try:
-        names = [name for name, _ in form.multi_items()]
-        unexpected = sorted(set(names) - {FILE_FIELD, *text_fields})
-        if unexpected:
-            allowed = ", ".join(f"`{name}`" for name in [FILE_FIELD, *sorted(text_fields)])
-            shown = [name[:40] for name in unexpected[:5]]
-            raise _bad_request(f"unexpected field(s) {shown}; this route takes {allowed}")
-        for name, kind in text_fields.items():
-            values = form.getlist(name)
-            if len(values) > 1 or any(isinstance(value, UploadFile) for value in values):
-                raise _bad_request(f"`{name}` must be a single text field")
-            for value in values:
-                check_text_field(name, value, kind)
-        values = form.getlist(FILE_FIELD)
-        if not values:
-            raise _bad_request(f"no `{FILE_FIELD}` part in the multipart body")
-        if any(not isinstance(value, UploadFile) for value in values):
-            raise _bad_request(f"`{FILE_FIELD}` must be an uploaded file (a part with a filename), not a string or URL")
-        if len(values) > max_files:
-            raise _bad_request(f"{len(values)} `{FILE_FIELD}` parts; the route takes at most {max_files}")
-        for value in values:
-            check_filename(value.filename)
-    finally:
-        await form.close()
+    except FormParserError:
+        raise _bad_request("malformed multipart body: Invalid multipart data.") from None
+    return scan.parts, scan.charset
+
+
+def check_form(headers: Headers, body: Iterable[bytes], max_files: int, text_fields: Mapping[str, str]) -> None:
+    """Scan the part headers of a multipart body (its chunks) and check its shape (see the module docstring);
+    Problem 400 if wrong."""
+    parts, charset = scan_parts(headers, body, max_files + 1)
+    names = [part.name for part in parts]
+    unexpected = sorted(set(names) - {FILE_FIELD, *text_fields})
+    if unexpected:
+        allowed = ", ".join(f"`{name}`" for name in [FILE_FIELD, *sorted(text_fields)])
+        shown = [name[:40] for name in unexpected[:5]]
+        raise _bad_request(f"unexpected field(s) {shown}; this route takes {allowed}")
+    for name, kind in text_fields.items():
+        values = [part for part in parts if part.name == name]
+        if len(values) > 1 or any(part.filename is not None for part in values):
+            raise _bad_request(f"`{name}` must be a single text field")
+        for part in values:
+            if part.truncated:
+                raise _bad_request(f"`{name}` is longer than {MAX_TEXT_FIELD_CHARS} characters")
+            check_text_field(name, _decode(bytes(part.value), charset), kind)
+    files = [part for part in parts if part.name == FILE_FIELD]
+    if not files:
+        raise _bad_request(f"no `{FILE_FIELD}` part in the multipart body")
+    if any(part.filename is None for part in files):
+        raise _bad_request(f"`{FILE_FIELD}` must be an uploaded file (a part with a filename), not a string or URL")
+    if len(files) > max_files:
+        raise _bad_request(f"{len(files)} `{FILE_FIELD}` parts; the route takes at most {max_files}")
+    for part in files:
+        check_filename(part.filename)

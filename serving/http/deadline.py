@@ -23,7 +23,10 @@ REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", defa
 async def answer_in_time(app: ASGIApp, scope: Scope, receive: Receive, send: Send, started: float,
                          timeout_s: float) -> None:
     """Run `app`; if it has not started answering `timeout_s` after `started`, cancel it and answer 504
-    (problem+json) before BentoML's own timeout could answer in its shape."""
+    (problem+json) before BentoML's own timeout could answer in its shape.
+
+    The app runs in the request's own task under `asyncio.timeout` (one timer handle): `asyncio.wait_for`
+    would start a second task for every request (Python 3.11)."""
     deadline = started + timeout_s
     answered = False
 
@@ -34,7 +37,8 @@ async def answer_in_time(app: ASGIApp, scope: Scope, receive: Receive, send: Sen
 
     token = REQUEST_DEADLINE.set(deadline)
     try:
-        await asyncio.wait_for(app(scope, receive, tracking_send), max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
+            await app(scope, receive, tracking_send)
     except TimeoutError:
         if answered:  # too late to change the status; the connection ends with the incomplete answer
             raise

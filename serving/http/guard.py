@@ -24,7 +24,8 @@ and for uploads to the model routes:
   504 itself when the request is not answered in time
   (:mod:`serving.http.deadline`).
 
-Then it replays the buffered body to BentoML.
+Then it replays the buffered body to BentoML, chunk by chunk as it came (never
+joined into one copy).
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ class RequestGuard:
         self.app = app
         self.policy = policy
         self.body_limits = BodyLimits(policy.max_body_bytes, policy.body_timeout_s, policy.body_idle_timeout_s)
+        self._token_prefixes = tuple(f"{route}/" for route in policy.token_routes)
 
     def _needs_token(self, path: str) -> bool:
-        return any(path == route or path.startswith(f"{route}/") for route in self.policy.token_routes)
+        return path in self.policy.token_routes or path.startswith(self._token_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -162,7 +164,7 @@ class RequestGuard:
 
     async def _checked_body(
         self, scope: Scope, receive: Receive, max_files: int, text_fields: Mapping[str, str]
-    ) -> bytes:
+    ) -> list[bytes]:
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "multipart/form-data":
@@ -173,11 +175,11 @@ class RequestGuard:
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             raise Problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the {cap}-byte cap", close=True)
         body = await self._read_body(receive)
-        await check_form(headers, body, max_files, text_fields)
+        check_form(headers, body, max_files, text_fields)
         return body
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        """The whole body, counted against the worker's budget of bytes of arriving uploads (503 once
+    async def _read_body(self, receive: Receive) -> list[bytes]:
+        """The whole body (its chunks), counted against the worker's budget of bytes of arriving uploads (503 once
         it is spent while more is to come)."""
         admission = self.policy.admission
         chunks: list[bytes] = []
@@ -188,7 +190,7 @@ class RequestGuard:
                 if more and admission.buffered_bytes > admission.max_buffered_bytes:
                     # The byte budget is spent, so the admission names it (or an earlier limit it hit first).
                     raise _Overloaded(admission.refusal() or "over capacity")
-            return b"".join(chunks)
+            return chunks
         finally:
             admission.buffered_bytes -= sum(map(len, chunks))
 
@@ -206,15 +208,15 @@ def _unauthorized() -> ASGIApp:
     )
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive callable that yields the buffered body once, then the client's own messages."""
-    sent = False
+def _replay(chunks: list[bytes], receive: Receive) -> Receive:
+    """A receive callable that yields the buffered body's chunks, then the client's own messages."""
+    left = iter(enumerate(chunks, 1))
 
     async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        sent = next(left, None)
+        if sent is not None:
+            index, chunk = sent
+            return {"type": "http.request", "body": chunk, "more_body": index < len(chunks)}
         return await receive()
 
     return replay

@@ -7,6 +7,11 @@ and form the next batch. So a lone request runs at once (no batching delay)
 and batches grow with load. A request that waits longer than `max_wait_s`
 in total gets :class:`BatchTimeoutError` and leaves the queue.
 
+Deadlines are kept without a timer per image: every image waits the same
+`max_wait_s`, so they fall due in the order they were queued, and ONE timer
+per batcher, set for the oldest image still waiting, expires them in that
+order; the consumer skips expired images when it forms a batch.
+
 BentoML's own batching dispatcher only serves `@bentoml.api(batchable=True)`
 endpoints; calling such a method from another endpoint of the same service
 goes through BentoML's in-process HTTP proxy with JSON serialisation of every
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -54,6 +60,9 @@ class MicroBatcher(Generic[Row]):
         self._observe_delay = observe_queue_delay or (lambda seconds: None)
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Row], float]] | None = None
         self._consumer: asyncio.Task[None] | None = None
+        # (loop time it falls due, future) of each image not yet answered, oldest first.
+        self._waiting: deque[tuple[float, asyncio.Future[Row]]] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def submit(self, image: np.ndarray) -> Row:
         """The function's result for one image, computed within a batch.
@@ -61,16 +70,28 @@ class MicroBatcher(Generic[Row]):
         Raises:
             BatchTimeoutError: no result within `max_wait_s` (queue wait included).
         """
+        loop = asyncio.get_running_loop()
         if self._queue is None:  # created lazily on the serving event loop
             self._queue = asyncio.Queue()
             self._consumer = asyncio.create_task(self._consume())
-        future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, future, time.monotonic()))
-        try:
-            # A timed-out future is cancelled, so the consumer skips it.
-            return await asyncio.wait_for(future, self._max_wait_s)
-        except TimeoutError:
-            raise BatchTimeoutError(f"no result within {self._max_wait_s:g} s") from None
+        future: asyncio.Future[Row] = loop.create_future()
+        self._queue.put_nowait((image, future, time.monotonic()))
+        if self._max_wait_s is not None:
+            self._waiting.append((loop.time() + self._max_wait_s, future))
+            if self._expiry is None:
+                self._expiry = loop.call_at(self._waiting[0][0], self._expire)
+        return await future
+
+    def _expire(self) -> None:
+        """The timer: fail every image whose time is up (oldest first), then wait for the next one's."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = self._waiting
+        while waiting and (waiting[0][1].done() or waiting[0][0] <= now):
+            _, future = waiting.popleft()
+            if not future.done():
+                future.set_exception(BatchTimeoutError(f"no result within {self._max_wait_s:g} s"))
+        self._expiry = loop.call_at(waiting[0][0], self._expire) if waiting else None
 
     async def _consume(self) -> None:
         assert self._queue is not None
@@ -80,7 +101,7 @@ class MicroBatcher(Generic[Row]):
                 queued.append(self._queue.get_nowait())
             # How long the oldest image waited: what admission control reacts to.
             self._observe_delay(time.monotonic() - min(enqueued for _, _, enqueued in queued))
-            items = [(image, future) for image, future, _ in queued if not future.cancelled()]
+            items = [(image, future) for image, future, _ in queued if not future.done()]  # expired or cancelled
             if not items:
                 continue
             self._observe(len(items))
@@ -95,7 +116,12 @@ class MicroBatcher(Generic[Row]):
             for (_, future), row in zip(items, outputs, strict=True):
                 if not future.done():
                     future.set_result(row)
+            waiting = self._waiting
+            while waiting and waiting[0][1].done():  # answered: no longer kept for the timer
+                waiting.popleft()
 
     async def close(self) -> None:
         if self._consumer is not None:
             self._consumer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()

@@ -10,9 +10,11 @@ Labels are bounded: class names come from the model card, reasons from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from serving.problems import REFUSALS
 
@@ -31,6 +33,14 @@ METRIC_NAMES = (
 )
 
 
+class Answer(Protocol):
+    """What the metrics count of an answer (models.prediction.Prediction)."""
+
+    predicted_class: str
+    uncertain: bool
+    reasons: list[str]
+
+
 @dataclass(frozen=True)
 class ServiceMetrics:
     predictions: Any  # Counter{predicted_class}
@@ -41,6 +51,33 @@ class ServiceMetrics:
     inference_seconds: Any  # Histogram, per model call
     batch_size: Any  # Histogram
     model_info: Any  # Gauge{name, version, architecture} = 1
+    # Labelled children by label value, looked up once (a `labels()` call takes a lock and builds a key).
+    _children: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def _child(self, metric: str, value: str) -> Any:
+        key = (metric, value)
+        child = self._children.get(key)
+        if child is None:
+            family = getattr(self, metric)
+            child = self._children[key] = (family.labels(predicted_class=value) if metric == "predictions"
+                                           else family.labels(reason=value))
+        return child
+
+    def count_answers(self, answers: Iterable[Answer]) -> None:
+        """Count a request's answers: one increment per class and per reason, not one per answer."""
+        classes: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        uncertain = 0
+        for answer in answers:
+            classes[answer.predicted_class] += 1
+            uncertain += answer.uncertain
+            reasons.update(answer.reasons)
+        for name, count in classes.items():
+            self._child("predictions", name).inc(count)
+        for reason, count in reasons.items():
+            self._child("flagged", reason).inc(count)
+        if uncertain:
+            self.uncertain.inc(uncertain)
 
     def reject(self, status: int) -> None:
         """Count a refused upload under the reason its status stands for (others are not counted)."""
