@@ -32,6 +32,9 @@ What it guarantees:
 Errors are distinct types so the service can map them to HTTP statuses:
 :class:`EmptyImageError` (400), :class:`ImageTooLargeError` (413),
 :class:`UnsupportedImageError` (415), :class:`CorruptImageError` (422).
+
+A little over 400 lines on purpose: every check above sits beside the decode
+step it guards, so one reader sees the whole contract an upload crosses.
 """
 
 from __future__ import annotations
