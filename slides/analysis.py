@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TILE_SIZE = 768  # level-0 pixels: LC25000's tiles are 768x768 crops of slides
 DEFAULT_MIN_TISSUE = 0.01  # share of a tile the tissue mask must cover for it to be analysed (docs/slides.md)
+TILE_SIZE_LIMITS = (16, 16384)  # level-0 pixels a side a request may ask tiles of
 MASK_LONGEST_SIDE = 2048  # the low-resolution view tissue is found on: at most this long,
 MASK_AT_LEAST = 1024  # and a stored level this long or longer is used as it is (about 1.25x on a 40x scan)
 READERS = 2  # threads reading tiles while the model runs
