@@ -680,3 +680,19 @@ def test_slides_and_their_outputs_expire_unless_an_analysis_writes(tmp_path):
     assert store.ids() == ["b" * 32, "c" * 32] and not (tmp_path / ("a" * 32)).exists()
     assert not abandoned.exists() and (tmp_path / INCOMING).is_dir()
     assert store.expire(ttl_s=3600, now=time.time() + 2 * 3600) == ["b" * 32, "c" * 32]
+
+
+def test_the_page_and_the_api_document_name_the_states_the_store_names():
+    import re
+
+    from serving.http.openapi import PROGRESS_SCHEMA
+    from slides.store import SLIDE_STATES
+
+    page = (REPO_ROOT / "ui" / "app.js").read_text()
+    declared = re.search(r"const STATE = \{([^}]*)\};", page)
+    assert declared, "ui/app.js declares the states it compares with"
+    pairs = re.findall(r'(\w+): "(\w+)"', declared.group(1))
+    assert [key for key, _ in pairs] == [value for _, value in pairs] == list(SLIDE_STATES)
+    assert not re.search(r'state\s*[!=]==?\s*"', page), "the page compares states through STATE only"
+    assert re.findall(r"STATE\.(\w+)", page) and set(re.findall(r"STATE\.(\w+)", page)) <= set(SLIDE_STATES)
+    assert PROGRESS_SCHEMA["properties"]["state"]["enum"] == list(SLIDE_STATES)
