@@ -1,6 +1,6 @@
 """Slides on the Dask engine against the in-process analysis: tiles per second on the same slides.
 
-A cohort of synthetic slides (:mod:`training.synthetic_slides`, generated once
+A cohort of synthetic slides (:mod:`synthetic.slides`, generated once
 under artifacts/slides/, each used under several names) is analysed twice:
 
 * **in process**: `slides.analysis.analyze` slide after slide with one traced
@@ -54,7 +54,7 @@ class Run:
 
 def cohort_slides(size: int, distinct: int, copies: int, folder: Path) -> list[Path]:
     """`distinct` synthetic slides (generated once, kept), each linked `copies` times into `folder`."""
-    from training.synthetic_slides import generate_slide
+    from synthetic.slides import generate_slide
 
     SLIDES_DIR.mkdir(parents=True, exist_ok=True)
     slides = []
@@ -71,17 +71,15 @@ def cohort_slides(size: int, distinct: int, copies: int, folder: Path) -> list[P
 
 
 def in_process(slides: list[Path], model_tag: str) -> Run:
-    from models.inference import Predictor
+    from models.prediction import TileClassifier
     from models.store import load_model
     from slides.analysis import analyze
 
     stored = load_model(model_tag)
-    card = stored.card
-    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature,
-                          card.out_of_distribution.feature_layers)
-    analyze(slides[0], stored, predictor=predictor)  # warm-up: the first call traces the graph
+    classifier = TileClassifier(stored)
+    analyze(slides[0], stored, classifier=classifier)  # warm-up: the first call traces the graph
     started = time.perf_counter()
-    tiles = sum(len(analyze(slide, stored, predictor=predictor).tiles) for slide in slides)
+    tiles = sum(len(analyze(slide, stored, classifier=classifier).tiles) for slide in slides)
     return Run(tiles, time.perf_counter() - started)
 
 
@@ -142,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from models.tf_environment import prefer_onednn
+
+    prefer_onednn()  # in process as on the workers (slides.task.loaded_model), before TensorFlow loads
     from models.store import resolve_tag
 
     model = resolve_tag(args.model)
