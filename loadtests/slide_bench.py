@@ -41,7 +41,7 @@ import psutil
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import sample_jpeg
 from loadtests.report import results_dir, write_section
-from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server
+from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server, worker_pids
 from models.store import DEFAULT_MODEL_TAG, load_model
 from synthetic.slides import CELL, SlideTruth, generate_slide, plan_regions, score, truth_path
 
@@ -143,6 +143,34 @@ def analyse(url: str, slide_id: str, timeout: float = 1800) -> Analysis:
     return Analysis(slide_id, seconds, summary, geojson)
 
 
+def engine_workers(server: RunningServer) -> int:
+    """How many embedded slide-engine workers (the service workers' LocalClusters') are running."""
+    count = 0
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            count += "dask worker" in " ".join(process.cmdline())  # the title Dask gives its worker processes
+        except psutil.NoSuchProcess:
+            continue
+    return count
+
+
+def warm_engines(server: RunningServer, slide_name: str, timeout: float = 900) -> None:
+    """Analyse the slide root's `slide_name` (new ids, a few at once) until every service worker has started its
+    embedded engine: the first slide a worker takes starts the engine and loads the model there, a one-off that
+    is not what a slide costs (the service warms /predict up before it is ready, the engine on first use)."""
+    wanted = len(worker_pids(server))
+    deadline = time.monotonic() + timeout
+    while engine_workers(server) < wanted:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{engine_workers(server)} of {wanted} slide engines started within {timeout:.0f} s")
+        ids = [by_path(server.url, slide_name) for _ in range(wanted)]
+        runs = [threading.Thread(target=analyse, args=(server.url, slide_id)) for slide_id in ids]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+
+
 def features_inside(geojson: dict, width: int, height: int) -> bool:
     return all(0 <= x <= width and 0 <= y <= height
                for feature in geojson["features"] for x, y in feature["geometry"]["coordinates"][0])
@@ -226,6 +254,7 @@ def measure(model_tag: str, size: int, seed: int, seconds: float) -> Measured:
                                    "HISTO_SLIDE_ROOT": str(compressed.parent)})
         try:
             predict_alone = asyncio.run(closed_loop(f"{server.url}/predict", payload, CLIENTS, seconds))
+            warm_engines(server, compressed.name)
             slide_id = upload(server.url, compressed)
             alone = analyse(server.url, slide_id)
             under_load, tiles_under_load = predict_under_slides(server.url, compressed.name, payload, seconds)
