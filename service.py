@@ -5,8 +5,9 @@ Each upload is decoded and validated on a decode thread first
 never joins a batch. Valid images are queued to an in-process micro-batcher
 that runs the model, the quality gate and the out-of-distribution score on
 the stacked batch, and each tile is answered by the one answer rule
-(`models.prediction`). The plain GET routes and the slide upload are in
-`serving.http.handlers`; the middleware in `serving.http.stack`.
+(`models.prediction`). The plain GET routes and the slide routes are in
+`serving.http.handlers`; whole slides are analysed on the Dask engine
+(`serving.slide_analyses`); the middleware is in `serving.http.stack`.
 
 Run it with `make serve`, or `bentoml serve` from this folder.
 """
@@ -15,10 +16,8 @@ import asyncio
 import base64
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
 
 import bentoml
 import numpy as np
@@ -41,8 +40,7 @@ from serving.observability.metrics import ServiceMetrics, service_metrics
 from serving.observability.request_log import add_log_fields
 from serving.problems import Problem, answers_problems
 from serving.server_options import server_options
-from serving.slide_store import SlideStore
-from slides.reader import SlideError
+from serving.slide_analyses import SlideAnalyses
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +52,7 @@ UI_FOLDER = Path(__file__).resolve().parent / "ui"
 ADMISSION = Admission(
     SETTINGS.max_in_flight, SETTINGS.max_open_uploads, SETTINGS.max_queue_delay_ms / 1000, SETTINGS.max_buffered_bytes
 )
-SLIDES = SlideStore(SETTINGS.slide_dir, SETTINGS.slide_ttl_s, SETTINGS.slide_root)
-PLAIN_ROUTES = plain_routes(SETTINGS, SLIDES, UI_FOLDER)
+PLAIN_ROUTES = plain_routes(SETTINGS, UI_FOLDER)
 # Take effect when BentoML builds the worker's server, after this module is imported.
 bound_header_time(SETTINGS.header_timeout_ms / 1000)
 raise_open_file_limit()  # thousands of half-open connections must not exhaust a 1,024-descriptor default
@@ -101,8 +98,9 @@ class Histopathology:
         self.grad_cam: GradCam = GradCam(self.stored.model, card.architecture, card.input_size)
         # One explanation at a time: a gradient pass costs several predictions, and /predict comes first.
         self._explaining = asyncio.Semaphore(1)
-        self._analysing = asyncio.Semaphore(1)
-        self._slide_thread = ThreadPoolExecutor(1, thread_name_prefix="slide")
+        # Slides run on the Dask engine (an embedded cluster of niced workers unless HISTO_DASK_SCHEDULER
+        # names one), never in this process: /predict keeps its cores; state lives in the slide store.
+        self.slides = SlideAnalyses(SETTINGS, str(self.stored.tag))
         self.metrics: ServiceMetrics = service_metrics()
         name, _, version = self.stored.tag.partition(":")
         self.metrics.model_info.labels(name=name, version=version, architecture=card.architecture).set(1)
@@ -137,11 +135,15 @@ class Histopathology:
         self._warm.set()
         logger.info("warmed up for batch sizes 1..%d", SETTINGS.max_batch_size)
 
+    @bentoml.on_startup
+    async def start_slide_reconciler(self) -> None:
+        self.slides.start()
+
     @bentoml.on_shutdown
     async def stop_batcher(self) -> None:
         await self.batcher.close()
         self.decoder.close()
-        self._slide_thread.shutdown(wait=False, cancel_futures=True)
+        await self.slides.close()
 
     def __is_ready__(self) -> bool:
         return self._warm.is_set()
@@ -245,47 +247,6 @@ class Histopathology:
             overlay_png=base64.b64encode(explanation.overlay_png).decode("ascii"),
             heat_map=explanation.heat_map.round(4).tolist() if include_map else None,
         )
-
-    @bentoml.task(route="/analyze_slide")
-    @answers_problems
-    async def analyze_slide(
-        self, slide_id: str | None = None, path: str | None = None, tile_size: int | None = None,
-        min_tissue: float | None = None,
-    ) -> dict[str, Any]:
-        """Analyse a whole slide uploaded with POST /slides (`slide_id`) or in the service's slide folder
-        (`path`, relative): tissue tiles through the same gate, model and OOD score as /predict. The result
-        is the summary; GeoJSON and overlay are at GET /slides/{slide_id}/analysis.geojson and overlay.png."""
-        from slides.analysis import DEFAULT_MIN_TISSUE, analyze
-        from slides.outputs import write_outputs
-
-        min_tissue = DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue
-        if not 0.0 <= min_tissue <= 1.0 or (tile_size is not None and not 16 <= tile_size <= 16384):
-            raise Problem(HTTPStatus.BAD_REQUEST, "min_tissue is a share (0-1) and tile_size 16-16384 pixels")
-        slide, outputs = SLIDES.resolve(slide_id, path)
-
-        def on_progress(done: int, total: int) -> None:
-            SLIDES.write_progress(outputs, "running", done, total)
-
-        def run() -> dict[str, Any]:
-            analysis = analyze(slide, self.stored, tile_size, min_tissue, progress=on_progress,
-                               classifier=self.classifier)
-            facts = write_outputs(analysis, outputs, self.stored.card.abstention.cancer_classes)
-            SLIDES.write_progress(outputs, "done", len(analysis.tiles), len(analysis.tiles))
-            return facts
-
-        SLIDES.write_progress(outputs, "queued")
-        try:  # one slide at a time per worker, on a thread of its own: /predict keeps its batcher
-            async with self._analysing:
-                summary = await asyncio.get_running_loop().run_in_executor(self._slide_thread, run)
-        except SlideError as exc:
-            failure = Problem.from_error(exc)
-        except Exception as exc:  # a task that raises would stay "in progress" for ever
-            logger.exception("slide analysis failed")
-            failure = Problem(HTTPStatus.INTERNAL_SERVER_ERROR, f"the analysis failed ({type(exc).__name__})")
-        else:
-            return {"slide_id": outputs.name, **summary}
-        SLIDES.write_progress(outputs, "failed", detail=failure.detail)
-        raise failure
 
 
 def _reasons(prediction: Prediction) -> dict[str, str]:

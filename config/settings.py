@@ -94,8 +94,7 @@ class Settings:
     log_format: str
     max_in_flight: int  # uploads being served at once per worker; more get 503 + Retry-After
     max_files_per_request: int  # `file` parts /predict_batch takes
-    slide_dir: Path  # uploaded slides and analyses
-    slide_root: Path | None  # a server-side folder of slides requests may name by relative path
+    slide_root: Path | None  # a server-side folder of slides `POST /slides` may name by relative path
     max_slide_bytes: int  # a slide upload over this gets 413
     slide_ttl_s: int  # slides and their analyses are removed after this
     slide_upload_timeout_s: int  # a slide upload may take this long in all (BentoML's timeout is set above it)
@@ -162,7 +161,6 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         api_token=env.get("HISTO_API_TOKEN") or None,
         cors_origins=tuple(o.strip() for o in env.get("HISTO_CORS_ORIGINS", "").split(",") if o.strip()),
         sentry_dsn=env.get("SENTRY_DSN") or None,
-        slide_dir=Path(env.get("HISTO_SLIDE_DIR") or DEFAULT_SLIDE_DIR),
         slide_root=Path(env["HISTO_SLIDE_ROOT"]) if env.get("HISTO_SLIDE_ROOT") else None,
         max_slide_bytes=_read(env, "HISTO_MAX_SLIDE_BYTES", 4 * 1024**3, rule=at_least(MEGABYTE)),
         slide_ttl_s=_read(env, "HISTO_SLIDE_TTL_S", 24 * 3600, rule=at_least(60)),
@@ -250,10 +248,22 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(("HISTO_CORS_ORIGINS",), "comma-separated browser origins allowed to call the API", default="none"),
     Variable(("SENTRY_DSN",), "optional Sentry error tracking (`sentry-sdk` is in the Bento; off unless set)",
              default="none"),
-    Variable(("HISTO_SLIDE_DIR",), "where uploaded slides and their analyses go (one folder per slide)",
+    Variable(("HISTO_SLIDE_STORE", "HISTO_SLIDE_DIR"), "the slide store every replica and slide worker shares: "
+             "uploaded slides, their progress and outputs, one folder per slide (a folder, or an fsspec URL such as "
+             "`s3://bucket/slides`); `HISTO_SLIDE_DIR` is its older name",
              default="`histopathology-slides` in the system temporary folder"),
-    Variable(("HISTO_SLIDE_ROOT",), "a server-side folder `analyze_slide` may name slides in by relative path",
-             default="none"),
+    Variable(("HISTO_SLIDE_ROOT",), "a server-side folder `POST /slides` may name slides in by relative path "
+             "(JSON `path`); the slide workers must see it at the same path", default="none"),
+    Variable(("HISTO_DASK_SCHEDULER",), "`tcp://host:port` of the Dask cluster that analyses slides (`make engine`); "
+             "none: an embedded cluster per service worker, started on the first slide", default="none"),
+    Variable(("HISTO_DASK_WORKERS", "HISTO_DASK_WORKER_NICE"), "the embedded cluster's worker processes per service "
+             "worker, and the OS niceness of slide workers (they yield the CPU to `/predict`)",
+             ("dask_workers", "dask_worker_nice")),
+    Variable(("HISTO_SLIDE_STALE_S", "HISTO_SLIDE_RECONCILE_S"), "a queued or running slide without a heartbeat "
+             "for the first, and unknown to the scheduler, is submitted again; each service worker looks every "
+             "second seconds (and removes expired slides)", ("slide_stale_s", "slide_reconcile_s")),
+    Variable(("HISTO_SLIDE_MAX_ATTEMPTS",), "runs one slide gets (lost workers included) before it is `failed`",
+             ("slide_max_attempts",)),
     Variable(("HISTO_MAX_SLIDE_BYTES",), "slide upload cap (413 as soon as the body crosses it)",
              ("max_slide_bytes",)),
     Variable(("HISTO_SLIDE_TTL_S",), "seconds slides and their analyses are kept", ("slide_ttl_s",)),

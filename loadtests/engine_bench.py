@@ -3,9 +3,11 @@
 A cohort of synthetic slides (:mod:`synthetic.slides`, generated once
 under artifacts/slides/, each used under several names) is analysed twice:
 
-* **in process**: `slides.analysis.analyze` slide after slide with one traced
-  model, TensorFlow's threads left to TensorFlow (what `python -m
-  slides.analyze` does);
+* **in process**: `slides.analysis.analyze` and its outputs
+  (`slides.outputs.write_outputs`) slide after slide with one traced model,
+  TensorFlow's threads left to TensorFlow (what `python -m slides.analyze`
+  does; a worker writes the same outputs, which on a small slide are 40% of
+  its time, so timing the analysis alone favoured the in-process side);
 * **engine**: a `LocalCluster` of `--workers` single-threaded workers (models
   loaded before the clock starts), every slide submitted through
   :class:`slides.engine.SlideEngine` into a scratch store, timed until the
@@ -71,17 +73,22 @@ def cohort_slides(size: int, distinct: int, copies: int, folder: Path) -> list[P
 
 
 def in_process(slides: list[Path], model_tag: str) -> Run:
-    from models.inference import Predictor
+    from models.prediction import TileClassifier
     from models.store import load_model
     from slides.analysis import analyze
+    from slides.outputs import write_outputs
 
     stored = load_model(model_tag)
-    card = stored.card
-    predictor = Predictor(stored.model, card.input_size, card.calibration_temperature,
-                          card.out_of_distribution.feature_layers)
-    analyze(slides[0], stored, predictor=predictor)  # warm-up: the first call traces the graph
+    classifier = TileClassifier(stored)
+    analyze(slides[0], stored, classifier=classifier)  # warm-up: the first call traces the graph
+    cancer = stored.card.abstention.cancer_classes
     started = time.perf_counter()
-    tiles = sum(len(analyze(slide, stored, predictor=predictor).tiles) for slide in slides)
+    tiles = 0
+    with tempfile.TemporaryDirectory(prefix="engine-bench-out-") as out:
+        for slide in slides:  # as the CLI and a worker do: the analysis, then its outputs
+            analysis = analyze(slide, stored, classifier=classifier)
+            write_outputs(analysis, Path(out) / slide.stem, cancer)
+            tiles += len(analysis.tiles)
     return Run(tiles, time.perf_counter() - started)
 
 
@@ -142,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from models.tf_environment import prefer_onednn
+
+    prefer_onednn()  # in process as on the workers (slides.task.loaded_model), before TensorFlow loads
     from models.store import resolve_tag
 
     model = resolve_tag(args.model)

@@ -2,7 +2,9 @@
 
 On a synthetic slide with ground truth (:mod:`synthetic.slides`,
 20,000 pixels a side by default), through the flow a client uses (`POST
-/slides`, `/analyze_slide/submit`, `/status`, `/get`, the GeoJSON):
+/slides`, `POST /slides/{id}/analysis`, `/progress` until done, the summary
+and the GeoJSON), analysed by the service's embedded slide engine (niced Dask
+workers on the same host):
 
 * **accuracy**: tissue tiles given their region's class, glass tiles skipped,
   the true tissue's area inside analysed tiles (coverage), every GeoJSON
@@ -10,7 +12,8 @@ On a synthetic slide with ground truth (:mod:`synthetic.slides`,
 * **throughput**: tiles per second of one analysis against `/predict`'s images
   per second at 32 clients, on the same server;
 * **no starvation**: `/predict` at 32 clients while slides are analysed back to
-  back, against `/predict` alone;
+  back (each a new id for the same file, named by path in the slide root, so
+  the idempotent submit starts a new analysis), against `/predict` alone;
 * **memory**: the server's resident memory (supervisor and workers) while an
   uncompressed slide of a gigabyte or more is uploaded and analysed.
 
@@ -38,7 +41,7 @@ import psutil
 from loadtests.client import LevelResult, closed_loop
 from loadtests.inprocess import sample_jpeg
 from loadtests.report import results_dir, write_section
-from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server
+from loadtests.servers import REPO_ROOT, RunningServer, start_server, stop_server, worker_pids
 from models.store import DEFAULT_MODEL_TAG, load_model
 from synthetic.slides import CELL, SlideTruth, generate_slide, plan_regions, score, truth_path
 
@@ -55,6 +58,7 @@ MIN_COVERAGE = 0.98  # of the true tissue's area, inside analysed tiles
 # not; the target is a floor any such machine clears with room to spare (a slide that stopped reading ahead
 # of the model, or ran it a tile at a time, falls below it), and the run reports the ratio it measured.
 MIN_THROUGHPUT_RATIO = 0.50
+MIN_PREDICT_UNDER_SLIDES = 0.85  # of /predict's throughput alone, while slides run on the same host
 MAX_MEMORY_GROWTH_MB = 500
 MIN_RAW_SLIDE_BYTES = 10**9
 
@@ -114,22 +118,57 @@ def upload(url: str, path: Path) -> str:
     return answer.json()["slide_id"]
 
 
+def by_path(url: str, name: str) -> str:
+    """A new slide id for a file of the server's slide root (nothing copied)."""
+    answer = httpx.post(f"{url}/slides", json={"path": name}, timeout=60)
+    answer.raise_for_status()
+    return answer.json()["slide_id"]
+
+
 def analyse(url: str, slide_id: str, timeout: float = 1800) -> Analysis:
-    """Submit the analysis as a task, wait for it, and fetch its summary and GeoJSON."""
+    """Submit the analysis, poll its progress until it ends, and fetch its summary and GeoJSON."""
     started = time.perf_counter()
-    task_id = httpx.post(f"{url}/analyze_slide/submit", json={"slide_id": slide_id}, timeout=60).json()["task_id"]
+    httpx.post(f"{url}/slides/{slide_id}/analysis", json={}, timeout=60).raise_for_status()
     deadline = started + timeout
     while time.perf_counter() < deadline:
-        status = httpx.get(f"{url}/analyze_slide/status", params={"task_id": task_id}, timeout=30).json()["status"]
-        if status not in ("pending", "in_progress"):
+        progress = httpx.get(f"{url}/slides/{slide_id}/progress", timeout=30).json()
+        if progress["state"] in ("done", "failed"):
             break
         time.sleep(0.1)
     seconds = time.perf_counter() - started
-    result = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task_id}, timeout=60)
-    if status != "completed":
-        raise RuntimeError(f"the analysis ended {status}: {result.text}")
+    if progress["state"] != "done":
+        raise RuntimeError(f"the analysis ended {progress['state']}: {progress.get('reason')}")
+    summary = httpx.get(f"{url}/slides/{slide_id}/summary.json", timeout=60).json()
     geojson = httpx.get(f"{url}/slides/{slide_id}/analysis.geojson", timeout=60).json()
-    return Analysis(slide_id, seconds, result.json(), geojson)
+    return Analysis(slide_id, seconds, summary, geojson)
+
+
+def engine_workers(server: RunningServer) -> int:
+    """How many embedded slide-engine workers (the service workers' LocalClusters') are running."""
+    count = 0
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            count += "dask worker" in " ".join(process.cmdline())  # the title Dask gives its worker processes
+        except psutil.NoSuchProcess:
+            continue
+    return count
+
+
+def warm_engines(server: RunningServer, slide_name: str, timeout: float = 900) -> None:
+    """Analyse the slide root's `slide_name` (new ids, a few at once) until every service worker has started its
+    embedded engine: the first slide a worker takes starts the engine and loads the model there, a one-off that
+    is not what a slide costs (the service warms /predict up before it is ready, the engine on first use)."""
+    wanted = len(worker_pids(server))
+    deadline = time.monotonic() + timeout
+    while engine_workers(server) < wanted:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{engine_workers(server)} of {wanted} slide engines started within {timeout:.0f} s")
+        ids = [by_path(server.url, slide_name) for _ in range(wanted)]
+        runs = [threading.Thread(target=analyse, args=(server.url, slide_id)) for slide_id in ids]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
 
 
 def features_inside(geojson: dict, width: int, height: int) -> bool:
@@ -170,15 +209,15 @@ class MemoryWatch:
         self._thread.join()
 
 
-def predict_under_slides(url: str, slide_id: str, payload: bytes, seconds: float) -> tuple[LevelResult, float]:
-    """/predict at CLIENTS clients while the slide is analysed over and over; returns the /predict level
-    and the slide's tiles per second over the same window."""
+def predict_under_slides(url: str, slide_name: str, payload: bytes, seconds: float) -> tuple[LevelResult, float]:
+    """/predict at CLIENTS clients while the slide root's `slide_name` is analysed over and over (a new id each
+    time); returns the /predict level and the slides' tiles per second over the same window."""
     stop = threading.Event()
     runs: list[Analysis] = []  # every analysis started inside the window
 
     def keep_analysing() -> None:
         while not stop.is_set():
-            runs.append(analyse(url, slide_id))
+            runs.append(analyse(url, by_path(url, slide_name)))
 
     worker = threading.Thread(target=keep_analysing, daemon=True)
     level = asyncio.run(closed_loop(f"{url}/predict", payload, CLIENTS, seconds, on_window=worker.start))
@@ -211,12 +250,14 @@ def measure(model_tag: str, size: int, seed: int, seconds: float) -> Measured:
     payload = sample_jpeg(768)
     with tempfile.TemporaryDirectory(prefix="slide-bench-") as folder:
         server = start_server("service:Histopathology", Path(folder) / "serve.log",
-                              env={"HISTO_MODEL_TAG": stored.tag, "HISTO_SLIDE_DIR": str(Path(folder) / "slides")})
+                              env={"HISTO_MODEL_TAG": stored.tag, "HISTO_SLIDE_STORE": str(Path(folder) / "slides"),
+                                   "HISTO_SLIDE_ROOT": str(compressed.parent)})
         try:
             predict_alone = asyncio.run(closed_loop(f"{server.url}/predict", payload, CLIENTS, seconds))
+            warm_engines(server, compressed.name)
             slide_id = upload(server.url, compressed)
             alone = analyse(server.url, slide_id)
-            under_load, tiles_under_load = predict_under_slides(server.url, slide_id, payload, seconds)
+            under_load, tiles_under_load = predict_under_slides(server.url, compressed.name, payload, seconds)
             with MemoryWatch(server) as memory:
                 started = time.perf_counter()
                 raw_id = upload(server.url, raw)
@@ -233,6 +274,7 @@ def checks(m: Measured) -> list[tuple[str, bool]]:
     floor = MIN_SHARE_CORRECT if m.test_accuracy >= 0.95 else min(MIN_SHARE_CORRECT, m.test_accuracy - 0.05)
     ratio = m.alone.tiles_per_second / m.predict_alone.requests_per_second
     growth = m.memory_peak_mb - m.memory_start_mb
+    kept = m.predict_under_slides.requests_per_second / m.predict_alone.requests_per_second
     info = m.alone.summary["slide"]
     return [
         (f"tissue tiles given their region's class: {m.scored['share_correct']:.1%} >= {floor:.1%} "
@@ -247,10 +289,11 @@ def checks(m: Measured) -> list[tuple[str, bool]]:
          ratio >= MIN_THROUGHPUT_RATIO),
         (f"resident memory grew {growth:.0f} MB < {MAX_MEMORY_GROWTH_MB} MB on a {m.raw_bytes / 1e9:.2f} GB slide",
          growth < MAX_MEMORY_GROWTH_MB and m.raw_bytes >= MIN_RAW_SLIDE_BYTES),
-        (f"/predict served while slides are analysed: {m.predict_under_slides.requests_per_second:.0f} req/s "
-         f"({m.predict_under_slides.requests_per_second / m.predict_alone.requests_per_second:.0%} of alone), "
-         f"{m.predict_under_slides.errors} errors",
-         m.predict_under_slides.errors == 0 and m.predict_under_slides.requests > 0),
+        (f"/predict served while slides are analysed: {m.predict_under_slides.requests_per_second:.0f} req/s, "
+         f"{kept:.0%} >= {MIN_PREDICT_UNDER_SLIDES:.0%} of alone, {m.predict_under_slides.errors} errors; the "
+         f"slides made {m.tiles_per_second_under_load:.0f} tiles/s",
+         m.predict_under_slides.errors == 0 and kept >= MIN_PREDICT_UNDER_SLIDES
+         and m.tiles_per_second_under_load > 0),
     ]
 
 
@@ -270,8 +313,9 @@ def section(m: Measured, met: list[tuple[str, bool]]) -> list[str]:
         "",
         f"Latest run of `{COMMAND}` ({when}; {machine}; model `{m.model}`). A synthetic",
         f"{info['width']:,} x {info['height']:,} slide with ground truth (`{m.slide.name}`), through",
-        "`POST /slides`, `/analyze_slide/submit`, `/status`, `/get` and the GeoJSON, on one server with the",
-        "default settings. /predict: closed-loop clients posting a 768x768 JPEG.",
+        "`POST /slides`, `POST /slides/{id}/analysis`, `/progress` and the GeoJSON, on one server with the",
+        "default settings: slides run on its embedded engine (one niced Dask worker per service worker, on the",
+        "same host). /predict: closed-loop clients posting a 768x768 JPEG.",
         "",
         "| what | clients | per second | p50 ms | p95 ms | errors |",
         "|---|---:|---:|---:|---:|---:|",

@@ -42,9 +42,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TILE_SIZE = 768  # level-0 pixels: LC25000's tiles are 768x768 crops of slides
 DEFAULT_MIN_TISSUE = 0.01  # share of a tile the tissue mask must cover for it to be analysed (docs/slides.md)
+TILE_SIZE_LIMITS = (16, 16384)  # level-0 pixels a side a request may ask tiles of
 MASK_LONGEST_SIDE = 2048  # the low-resolution view tissue is found on: at most this long,
 MASK_AT_LEAST = 1024  # and a stored level this long or longer is used as it is (about 1.25x on a 40x scan)
 READERS = 2  # threads reading tiles while the model runs
+BATCH_SIZE = 32  # tiles per model call
 READ_AHEAD = 3  # batches read ahead of the model
 
 
@@ -150,7 +152,7 @@ def _tile_pixels(slide: Slide, x: int, y: int, level: int, tile_size: int, targe
 
 
 def analyze(path: Path, stored: StoredModel, tile_size: int | None = None,
-            min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = 32,
+            min_tissue: float = DEFAULT_MIN_TISSUE, batch_size: int = BATCH_SIZE,
             progress: Callable[[int, int], None] | None = None,
             classifier: TileClassifier | None = None) -> SlideAnalysis:
     """Classify every tissue tile of the slide at `path` with the stored model, in batches

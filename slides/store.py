@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,7 +34,11 @@ from slides.outputs import GEOJSON, OVERLAY, SUMMARY
 SLIDE_FILE = "slide"
 SOURCE_FILE = "source"
 PROGRESS_FILE = "progress.json"
+INCOMING = ".incoming"  # uploads still arriving (a local store): not a slide id, so never listed
+# The analysis states, named here only: the service, its OpenAPI document and the web page use these.
+UPLOADED = "uploaded"  # in the store, never submitted (no progress.json yet)
 STATES = ("queued", "running", "done", "failed")
+SLIDE_STATES = (UPLOADED, *STATES)
 ACTIVE = ("queued", "running")  # someone is, or should be, working on it
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # uploads get 32 hex digits; cohorts the file's stem
 
@@ -123,6 +127,54 @@ class SlideStore:
             return recorded.decode()
         return self.url_of(slide_id, SLIDE_FILE) if self.fs.exists(self.path(slide_id, SLIDE_FILE)) else None
 
+    def add_slide(self, slide_id: str, local_file: Path) -> None:
+        """Make a local file `slide_id`'s slide, moving it: a rename when it lies on the store's own disk
+        (see :meth:`scratch_folder`), else an upload, then the local file is removed."""
+        if self.local:
+            os.makedirs(self.path(slide_id), exist_ok=True)
+            shutil.move(local_file, self.path(slide_id, SLIDE_FILE))
+            return
+        try:
+            self.put_slide(slide_id, local_file)
+        finally:
+            local_file.unlink(missing_ok=True)
+
+    def scratch_folder(self) -> Path:
+        """Where an upload arrives before it becomes a slide: inside a local store (so the slide is renamed
+        into place, never copied), else the system temporary folder."""
+        folder = Path(self.root) / INCOMING if self.local else Path(tempfile.gettempdir()) / "histo-incoming"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def remove(self, slide_id: str) -> None:
+        """Remove a slide, its state and its outputs (the slide file at a recorded source stays)."""
+        with suppress(FileNotFoundError):
+            self.fs.rm(self.path(slide_id), recursive=True)
+
+    def expire(self, ttl_s: float, now: float | None = None) -> list[str]:
+        """Remove the slides none of whose files changed for `ttl_s` seconds (an analysis under way writes its
+        progress, so it stays), and uploads abandoned in the scratch folder as long; returns the ids removed."""
+        now = time.time() if now is None else now
+        gone = []
+        for slide_id in self.ids():
+            newest = self._newest_change(slide_id)
+            if newest is not None and now - newest > ttl_s:
+                self.remove(slide_id)
+                gone.append(slide_id)
+        incoming = Path(self.root) / INCOMING
+        for partial in incoming.iterdir() if self.local and incoming.is_dir() else []:
+            if now - partial.stat().st_mtime > ttl_s:
+                partial.unlink(missing_ok=True)
+        return gone
+
+    def _newest_change(self, slide_id: str) -> float | None:
+        """Epoch seconds of the slide folder's most recent write, or None when it is empty or gone."""
+        try:
+            files = self.fs.ls(self.path(slide_id), detail=False)
+            return max((self.fs.modified(name).timestamp() for name in files), default=None)
+        except FileNotFoundError:  # removed meanwhile (another replica expired it)
+            return None
+
     def ids(self) -> list[str]:
         """Every slide id in the store."""
         if not self.fs.exists(self.root):
@@ -157,17 +209,14 @@ class SlideStore:
     def local_copy(self, source: str) -> Iterator[Path]:
         """A local path to the slide at `source`: the file itself when local, else a scratch copy (OpenSlide
         reads paths, not streams), removed afterwards. A multi-file format (MRXS) needs a local source."""
-        fs, path = fsspec.core.url_to_fs(source) if "://" in source else (LocalFileSystem(), source)
-        if isinstance(fs, LocalFileSystem):
-            yield Path(path)
+        if "://" not in source or isinstance(fsspec.core.url_to_fs(source)[0], LocalFileSystem):
+            yield Path(source.removeprefix("file://"))
             return
-        scratch = Path(tempfile.mkdtemp(prefix="histo-slide-"))
+        local = copy_to_scratch(source)
         try:
-            local = scratch / (Path(path).name or SLIDE_FILE)  # keep the suffix: some readers go by it
-            fs.get_file(path, str(local))
             yield local
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(local.parent, ignore_errors=True)
 
     # Whole-file reads and writes.
 
@@ -187,3 +236,17 @@ class SlideStore:
         with open(partial, "wb") as handle:
             handle.write(data)
         os.replace(partial, path)
+
+
+def copy_to_scratch(source: str) -> Path:
+    """Copy the remote file at `source` into a new scratch folder of its own; its local path (the caller
+    removes the folder). The file keeps its name: some readers go by the suffix."""
+    fs, path = fsspec.core.url_to_fs(source)
+    scratch = Path(tempfile.mkdtemp(prefix="histo-slide-"))
+    local = scratch / (Path(path).name or SLIDE_FILE)
+    try:
+        fs.get_file(path, str(local))
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return local

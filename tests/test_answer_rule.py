@@ -1,5 +1,6 @@
-"""The one answer rule: the same pixels get the same answer from /predict and inside a slide, with the
-operator's thresholds (HISTO_ABSTAIN_THRESHOLD, HISTO_OOD_THRESHOLD) in force on both paths."""
+"""The one answer rule: the same pixels get the same answer from /predict and inside a slide (analysed by the
+engine's workers, processes of their own), with the operator's thresholds (HISTO_ABSTAIN_THRESHOLD,
+HISTO_OOD_THRESHOLD) in force on both paths."""
 
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def test_predict_and_a_slide_answer_the_same_pixels_alike_under_the_operators_th
         uploaded = httpx.post(f"{server.url}/slides", files={"file": ("grid.tiff", slide_path.read_bytes())},
                               timeout=60)
         slide_id = uploaded.json()["slide_id"]
-        submitted = httpx.post(f"{server.url}/analyze_slide/submit",
-                               json={"slide_id": slide_id, "tile_size": GRID_TILE}, timeout=30).json()
-        _wait_for_task(server.url, submitted["task_id"])
+        submitted = httpx.post(f"{server.url}/slides/{slide_id}/analysis", json={"tile_size": GRID_TILE},
+                               timeout=30)
+        assert submitted.status_code == 202, submitted.text
+        assert _wait_for_analysis(server.url, slide_id) == "done"
         features = httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]
         in_slide = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"] for f in features}
         level = choose_level(in_process.info, GRID_TILE, stored.card.input_size)
@@ -60,12 +62,12 @@ def test_predict_and_a_slide_answer_the_same_pixels_alike_under_the_operators_th
                 assert body["predicted_class"] == sliced["predicted_class"]
 
 
-def _wait_for_task(url: str, task_id: str) -> None:
-    def done() -> bool:
-        status = httpx.get(f"{url}/analyze_slide/status", params={"task_id": task_id}, timeout=10).json()["status"]
-        return status not in ("pending", "in_progress")
+def _wait_for_analysis(url: str, slide_id: str) -> str:
+    def ended() -> str | None:
+        state = httpx.get(f"{url}/slides/{slide_id}/progress", timeout=10).json()["state"]
+        return state if state in ("done", "failed") else None
 
-    wait_until(done, "the slide analysis", timeout=120, interval=0.5)
+    return wait_until(ended, "the slide analysis", timeout=240, interval=0.5)
 
 
 @pytest.mark.service

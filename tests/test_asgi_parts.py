@@ -146,11 +146,10 @@ def test_route_facts_come_from_the_service_routes():
     assert facts.upload_routes == {"/predict": 1, "/predict_batch": 7, "/explain": 1}
     assert facts.form_fields == {"/predict": {"mpp": NUMBER}, "/predict_batch": {"mpp": NUMBER},
                                  "/explain": {"target_class": TEXT, "include_map": BOOLEAN, "mpp": NUMBER}}
-    tasks = {f"/analyze_slide/{action}" for action in ("submit", "status", "get", "retry", "cancel")}
     assert facts.known_routes == {"/predict", "/predict_batch", "/explain", "/model", "/model/report", "/ui", "/ui/",
-                                  "/slides", "/analyze_slide", *tasks}
+                                  "/slides"}
     assert set(facts.served_prefixes) == {"/model/report/", "/ui/", "/slides/"}
-    assert facts.json_routes == {"/analyze_slide", "/analyze_slide/submit"}
+    assert facts.json_routes == frozenset()  # the slide routes read their own (small, capped) JSON
 
 
 def test_route_facts_refuse_an_input_the_guard_cannot_check():

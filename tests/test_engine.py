@@ -1,7 +1,7 @@
 """Slides on Dask with the real parts: a scheduler and workers in process groups of their own (`python -m
-slides.cluster`, what `make engine` runs), the cohort CLI in its own process, a store in a folder or on an
-S3 endpoint (moto's server: a wire-compatible fake), and the tiny model. Results are compared with the
-in-process analysis of the same slide."""
+slides.cluster`, what `make engine` runs), the cohort CLI in its own process, two real `bentoml serve`
+instances sharing one store, a store in a folder or on an S3 endpoint (moto's server: a wire-compatible
+fake), and the tiny model. Results are compared with the in-process analysis of the same slide."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loadtests.servers import REPO_ROOT, free_port
+from loadtests.servers import REPO_ROOT, free_port, start_server, stop_server
 from slides.analysis import analyze
 from slides.outputs import GEOJSON, SUMMARY, geojson
 from slides.store import Progress, SlideStore
@@ -48,7 +48,7 @@ def slide_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expected_features(slide_folder: Path, reference) -> list[dict]:
     """The in-process analysis of the grid slide, as GeoJSON features."""
-    analysis = analyze(slide_folder / f"{GOOD[0]}.tiff", reference.stored, TILE, predictor=reference.predictor)
+    analysis = analyze(slide_folder / f"{GOOD[0]}.tiff", reference.stored, TILE)
     return geojson(analysis)["features"]
 
 
@@ -165,6 +165,50 @@ def test_a_worker_killed_mid_slide_the_slide_still_ends_done_once_with_the_same_
         assert slides.submit("alpha", TILE) == done  # done: not submitted again
         time.sleep(2)
         assert store.progress("alpha") == done and store.read_output("alpha", SUMMARY) == summary
+
+
+@pytest.mark.service
+def test_two_service_instances_on_one_store_and_scheduler_answer_for_each_others_slides(
+        engine, tiny_model_tag, slide_folder, expected_features, tmp_path):
+    import httpx
+
+    store = SlideStore(str(tmp_path / "shared-store"))
+    env = {"HISTO_MODEL_TAG": tiny_model_tag, "HISTO_WORKERS": "1", "HISTO_SLIDE_STORE": store.url,
+           "HISTO_DASK_SCHEDULER": engine.address}
+    a = start_server("service:Histopathology", tmp_path / "a.log", env=env)
+    try:
+        b = start_server("service:Histopathology", tmp_path / "b.log", env=env)
+    except BaseException:
+        stop_server(a)
+        raise
+    try:
+        with (slide_folder / "alpha.tiff").open("rb") as handle:
+            uploaded = httpx.post(f"{a.url}/slides", files={"file": ("alpha.tiff", handle)}, timeout=60)
+        assert uploaded.status_code == 201, uploaded.text
+        slide_id = uploaded.json()["slide_id"]
+        assert httpx.get(f"{b.url}/slides/{slide_id}/progress", timeout=10).json()["state"] == "uploaded"
+        submitted = httpx.post(f"{a.url}/slides/{slide_id}/analysis", json={"tile_size": TILE}, timeout=60)
+        assert submitted.status_code == 202 and submitted.json()["state"] == "queued", submitted.text
+        again = httpx.post(f"{b.url}/slides/{slide_id}/analysis", json={"tile_size": TILE}, timeout=60)
+        assert again.status_code == 202 and again.json()["state"] in ("queued", "running", "done")
+
+        def ended() -> dict | None:
+            progress = httpx.get(f"{b.url}/slides/{slide_id}/progress", timeout=10).json()
+            return progress if progress["state"] in ("done", "failed") else None
+
+        done = wait_until(ended, "the slide analysed", timeout=300, interval=0.5)
+        assert done == {"state": "done", "tiles_done": len(expected_features), "tiles_total": len(expected_features),
+                        "attempt": 1, "reason": None}
+        assert store.progress(slide_id).submission == 1  # the second submit started nothing
+        features = httpx.get(f"{b.url}/slides/{slide_id}/analysis.geojson", timeout=60).json()["features"]
+        assert_same_tiles(features, expected_features)
+        summaries = [httpx.get(f"{server.url}/slides/{slide_id}/summary.json", timeout=30).content for server in (a, b)]
+        assert summaries[0] == summaries[1] == store.read_output(slide_id, SUMMARY)
+        tile = httpx.get(f"{b.url}/slides/{slide_id}/tile", params={"x": 0, "y": 0, "size": 64}, timeout=30)
+        assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
+    finally:
+        stop_server(b)
+        stop_server(a)
 
 
 def test_a_scheduler_restarted_mid_cohort_every_slide_ends_done(engine, tiny_model_tag, slide_folder, tmp_path):

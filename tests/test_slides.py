@@ -320,32 +320,41 @@ def test_edge_tiles_past_the_slide_are_read_as_glass_and_analysed(cut_slide, ref
     assert summary(old_rule, [])["tissue_coverage"] < facts["tissue_coverage"]
 
 
-def _finished(url: str, task_id: str) -> dict:
-    def status() -> dict | None:
-        body = httpx.get(f"{url}/analyze_slide/status", params={"task_id": task_id}, timeout=10).json()
-        return body if body["status"] not in ("pending", "in_progress") else None
+def _analysed(url: str, slide_id: str, **options: object) -> dict:
+    """Submit the slide's analysis (202) and poll its progress until it ends; the last progress."""
+    submitted = httpx.post(f"{url}/slides/{slide_id}/analysis", json=options, timeout=30)
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["state"] in ("queued", "running", "done")
 
-    return wait_until(status, f"task {task_id} to finish", timeout=120, interval=0.5)
+    def ended() -> dict | None:
+        progress = httpx.get(f"{url}/slides/{slide_id}/progress", timeout=10).json()
+        return progress if progress["state"] in ("done", "failed") else None
+
+    return wait_until(ended, f"slide {slide_id} analysed", timeout=240, interval=0.5)
+
+
+def _upload(url: str, path: Path) -> str:
+    uploaded = httpx.post(f"{url}/slides", files={"file": (path.name, path.read_bytes())}, timeout=60)
+    assert uploaded.status_code == 201, uploaded.text
+    return uploaded.json()["slide_id"]
 
 
 @pytest.mark.service
-def test_a_slide_uploaded_then_analysed_as_a_task_matches_the_cli(server, reference, slide_path):
-    uploaded = httpx.post(f"{server.url}/slides", files={"file": ("grid.tiff", slide_path.read_bytes())}, timeout=60)
-    assert uploaded.status_code == 201, uploaded.text
-    slide_id = uploaded.json()["slide_id"]
+def test_a_slide_uploaded_then_analysed_on_the_engine_matches_the_cli(server, reference, slide_path):
+    slide_id = _upload(server.url, slide_path)
     progress = f"{server.url}/slides/{slide_id}/progress"
-    assert httpx.get(progress, timeout=10).json() == {"state": "uploaded", "tiles_done": 0, "tiles_total": None}
-    submitted = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": slide_id, "tile_size": TILE},
-                           timeout=30)
-    assert submitted.status_code == 200, submitted.text
-    assert _finished(server.url, submitted.json()["task_id"])["status"] == "completed"
-    assert httpx.get(progress, timeout=10).json() == {"state": "done", "tiles_done": 4, "tiles_total": 4}
-    result = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": submitted.json()["task_id"]},
-                       timeout=30).json()
-    assert result["slide_id"] == slide_id and result["tiles_analysed"] == 4
+    assert httpx.get(progress, timeout=10).json() == {"state": "uploaded", "tiles_done": 0, "tiles_total": None,
+                                                      "attempt": 0, "reason": None}
+    done = _analysed(server.url, slide_id, tile_size=TILE)
+    assert done == {"state": "done", "tiles_done": 4, "tiles_total": 4, "attempt": 1, "reason": None}
+    again = httpx.post(f"{server.url}/slides/{slide_id}/analysis", json={"tile_size": TILE}, timeout=30)
+    assert again.status_code == 202 and again.json() == done  # done: nothing started again
+    result = httpx.get(f"{server.url}/slides/{slide_id}/summary.json", timeout=30).json()
+    assert result["tiles_analysed"] == 4
     features = httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]
     expected = analyze(slide_path, reference.stored, tile_size=TILE)  # the same slide, in-process
     by_corner = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"] for f in features}
+    assert set(by_corner) == {(tile.x, tile.y) for tile in expected.tiles}
     for tile in expected.tiles:
         served = by_corner[(tile.x, tile.y)]
         assert served["predicted_class"] == tile.prediction.predicted_class
@@ -375,12 +384,9 @@ def test_a_tile_is_served_at_full_resolution(server, slide_path, tmp_path):
 
 @pytest.mark.service
 def test_the_heat_map_of_a_suspicious_tile_explains_the_slides_answer(server, reference, cut_slide):
-    uploaded = httpx.post(f"{server.url}/slides", files={"file": ("cut.tiff", cut_slide.read_bytes())}, timeout=60)
-    slide_id = uploaded.json()["slide_id"]
-    task = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": slide_id, "tile_size": TILE},
-                      timeout=30).json()
-    assert _finished(server.url, task["task_id"])["status"] == "completed"
-    result = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30).json()
+    slide_id = _upload(server.url, cut_slide)
+    assert _analysed(server.url, slide_id, tile_size=TILE)["state"] == "done"
+    result = httpx.get(f"{server.url}/slides/{slide_id}/summary.json", timeout=30).json()
     features = httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]
     by_corner = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"] for f in features}
     assert len(result["most_suspicious"]) == len(CUT_TISSUE_TILES)
@@ -434,10 +440,8 @@ def test_a_real_aperio_slide_is_read_end_to_end_the_same_by_the_cli_and_the_serv
         uploaded = httpx.post(f"{server.url}/slides", files={"file": ("CMU-1-Small-Region.svs", handle)}, timeout=60)
     assert uploaded.status_code == 201, uploaded.text
     slide_id = uploaded.json()["slide_id"]
-    task = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": slide_id, "tile_size": APERIO_TILE},
-                      timeout=30).json()
-    assert _finished(server.url, task["task_id"])["status"] == "completed"
-    served = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30).json()
+    assert _analysed(server.url, slide_id, tile_size=APERIO_TILE)["state"] == "done"
+    served = httpx.get(f"{server.url}/slides/{slide_id}/summary.json", timeout=30).json()
     as_json = json.loads(json.dumps(facts))
     for key in ("tissue_coverage", "tissue_answered", "scale_declared", "tiles_analysed", "slide", "grid"):
         assert served[key] == as_json[key], key
@@ -452,57 +456,80 @@ def test_a_real_aperio_slide_is_read_end_to_end_the_same_by_the_cli_and_the_serv
 
 
 @pytest.mark.service
-def test_slide_failures_are_problems_and_a_failed_task_ends(server):
+def test_slide_failures_are_problems(server, slide_path):
     notes = httpx.post(f"{server.url}/slides", files={"file": ("notes.svs", b"not a slide at all")}, timeout=30)
     assert_problem(notes, 415)
     assert_problem(httpx.post(f"{server.url}/slides", content=b"raw", headers={"Content-Type": "image/tiff"}), 415)
     assert_problem(httpx.get(f"{server.url}/slides/{'0' * 32}/overlay.png", timeout=10), 404)
-    assert_problem(httpx.get(f"{server.url}/slides/not-an-id/overlay.png", timeout=10), 400)
-    missing = httpx.post(f"{server.url}/analyze_slide/submit", json={"slide_id": "0" * 32}, timeout=30).json()
-    assert _finished(server.url, missing["task_id"])["status"] == "failed"  # never stuck "in progress"
-    answer = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": missing["task_id"]}, timeout=30)
-    assert_problem(answer, 404)
-    neither = httpx.post(f"{server.url}/analyze_slide/submit", json={}, timeout=30).json()
-    assert _finished(server.url, neither["task_id"])["status"] == "failed"
+    assert_problem(httpx.get(f"{server.url}/slides/not an id/overlay.png", timeout=10), 400)
+    assert_problem(httpx.get(f"{server.url}/slides/{'0' * 32}/progress", timeout=10), 404)
+    assert_problem(httpx.post(f"{server.url}/slides/{'0' * 32}/analysis", json={}, timeout=30), 404)
+    assert_problem(httpx.post(f"{server.url}/slides/not an id/analysis", json={}, timeout=30), 400)
+    slide_id = _upload(server.url, slide_path)
+    submit = f"{server.url}/slides/{slide_id}/analysis"
+    for options in ({"tile_size": 8}, {"tile_size": 20_000}, {"tile_size": "768"}, {"min_tissue": 1.5},
+                    {"min_tissue": -0.1}, {"min_tissue": True}, {"size": 768}):
+        assert_problem(httpx.post(submit, json=options, timeout=30), 400)
+    assert_problem(httpx.post(submit, content=b"tile_size=768",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30), 415)
+    assert_problem(httpx.post(submit, content=b"{", headers={"Content-Type": "application/json"}, timeout=30), 400)
+    # Nothing was submitted by any of those.
+    assert httpx.get(f"{server.url}/slides/{slide_id}/progress", timeout=10).json()["state"] == "uploaded"
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
 
 
 @pytest.fixture(scope="module")
 def slide_server(tiny_model_tag, tmp_path_factory, slide_path):
-    """A 1 MiB slide cap, a slide folder of its own, a server-side slide root holding the grid, short
-    request and body-idle timeouts."""
+    """A 1 MiB slide cap, a slide store of its own, a server-side slide root holding the grid (and a copy to
+    remove), short request and body-idle timeouts."""
     folder = tmp_path_factory.mktemp("slide-server")
     root = folder / "root"
     root.mkdir()
     (root / "grid.tiff").write_bytes(slide_path.read_bytes())
+    (root / "gone.tiff").write_bytes(slide_path.read_bytes())
     (root / "escape.tiff").symlink_to(slide_path)  # a link out of the root
     # A 2 s request deadline made BentoML's own backstop timeout 12 s, which used to cut slide uploads too.
     for running in serve_tiny_model(tiny_model_tag, tmp_path_factory, "slides", HISTO_WORKERS="1",
-                                    HISTO_MAX_SLIDE_BYTES=str(1024 * 1024), HISTO_SLIDE_DIR=str(folder / "uploads"),
+                                    HISTO_MAX_SLIDE_BYTES=str(1024 * 1024), HISTO_SLIDE_STORE=str(folder / "uploads"),
                                     HISTO_SLIDE_ROOT=str(root), HISTO_REQUEST_TIMEOUT_MS="2000",
                                     HISTO_BODY_IDLE_TIMEOUT_MS="1500"):
-        yield running, folder / "uploads"
+        yield running, folder / "uploads", root
 
 
 @pytest.mark.service
 def test_the_slide_cap_leaves_nothing_and_paths_stay_inside_the_root(slide_server):
-    server, uploads = slide_server
+    server, uploads, _ = slide_server
     url = server.url
     big = bytes(2 * 1024 * 1024)
     assert_problem(httpx.post(f"{url}/slides", files={"file": ("big.tiff", big)}, timeout=60), 413)
     assert not uploads.exists() or not [p for p in uploads.rglob("*") if p.is_file()]  # nothing kept
-    ok = httpx.post(f"{url}/analyze_slide/submit", json={"path": "grid.tiff", "tile_size": TILE}, timeout=30).json()
-    assert _finished(url, ok["task_id"])["status"] == "completed"
+    named = httpx.post(f"{url}/slides", json={"path": "grid.tiff"}, timeout=30)
+    assert named.status_code == 201, named.text
     # A slide named by path gets an id of its own, for its outputs, its progress and its tiles.
-    slide_id = httpx.get(f"{url}/analyze_slide/get", params={"task_id": ok["task_id"]}, timeout=30).json()["slide_id"]
+    slide_id = named.json()["slide_id"]
+    assert _analysed(url, slide_id, tile_size=TILE)["state"] == "done"
     assert len(httpx.get(f"{url}/slides/{slide_id}/analysis.geojson", timeout=30).json()["features"]) == 4
-    assert httpx.get(f"{url}/slides/{slide_id}/progress", timeout=10).json()["state"] == "done"
+    assert not [p for p in uploads.rglob("*") if p.name == "slide"]  # read where it is, never copied
     tile = httpx.get(f"{url}/slides/{slide_id}/tile", params={"x": 0, "y": 0, "size": 64}, timeout=30)
     assert tile.status_code == 200 and Image.open(io.BytesIO(tile.content)).size == (64, 64)
-    for path in ("../grid.tiff", "/etc/passwd", "escape.tiff", "http://127.0.0.1:9/x.svs"):
-        task = httpx.post(f"{url}/analyze_slide/submit", json={"path": path}, timeout=30).json()
-        assert _finished(url, task["task_id"])["status"] == "failed", path
-        answer = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task["task_id"]}, timeout=30)
-        assert answer.status_code in (400, 404), path
+    for path, status in (("../grid.tiff", 400), ("/etc/passwd", 400), ("escape.tiff", 400),
+                         ("http://127.0.0.1:9/x.svs", 400), ("missing.tiff", 404)):
+        assert_problem(httpx.post(f"{url}/slides", json={"path": path}, timeout=30), status)
+    assert_problem(httpx.post(f"{url}/slides", json={"path": "grid.tiff", "url": "x"}, timeout=30), 400)
+
+
+@pytest.mark.service
+def test_a_slide_that_cannot_be_analysed_ends_failed_with_its_reason(slide_server):
+    server, _, root = slide_server
+    named = httpx.post(f"{server.url}/slides", json={"path": "gone.tiff"}, timeout=30)
+    assert named.status_code == 201, named.text
+    slide_id = named.json()["slide_id"]
+    (root / "gone.tiff").unlink()  # between its check and its analysis
+    failed = _analysed(server.url, slide_id, tile_size=TILE)
+    assert failed["state"] == "failed" and failed["reason"] and failed["attempt"] == 1  # a bad slide: no retry
+    again = httpx.post(f"{server.url}/slides/{slide_id}/analysis", json={}, timeout=30)
+    assert again.status_code == 202 and again.json() == failed
+    assert_problem(httpx.get(f"{server.url}/slides/{slide_id}/analysis.geojson", timeout=10), 404)
 
 
 def _trickled_multipart(content: bytes, pieces: int, gap_s: float, stall_s: float = 0.0) -> tuple[object, dict]:
@@ -528,7 +555,7 @@ def _trickled_multipart(content: bytes, pieces: int, gap_s: float, stall_s: floa
 
 @pytest.mark.service
 def test_a_slow_slide_upload_finishes_and_a_stalled_one_leaves_nothing(slide_server):
-    server, uploads = slide_server
+    server, uploads, _ = slide_server
     image = fresh_tile("lung_aca", 752)  # a plain image under the pixel cap is a slide too
     body, headers = _trickled_multipart(image, pieces=28, gap_s=0.5)  # 14 s: past BentoML's old 12 s cut
     started = time.monotonic()
@@ -549,36 +576,35 @@ async def _chunks(pieces: list[bytes], gap_s: float) -> AsyncIterator[dict]:
         yield {"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1}
 
 
-def test_a_slide_upload_goes_straight_to_its_folder_within_its_time_limit(tmp_path, monkeypatch):
+def test_a_slide_upload_goes_straight_to_the_store_within_its_time_limit(tmp_path, monkeypatch):
     import starlette.formparsers
-    from starlette.requests import Request
 
+    from serving.admission.slide_upload import UploadLimits, receive_upload
     from serving.problems import Problem
-    from serving.slide_store import SLIDE_FILE, SlideStore
+    from slides.store import INCOMING, SLIDE_FILE, SlideStore
 
     boundary = "b"
-    store = SlideStore(tmp_path / "slides", ttl_s=3600)
+    store = SlideStore(str(tmp_path / "slides"))
 
     def part(name: str, filename: str | None, content: bytes) -> bytes:
         disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
         return f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
 
     async def upload(pieces: list[bytes], gap_s: float = 0.0, total_s: float = 10) -> str:
-        scope = {"type": "http", "method": "POST", "path": "/slides",
-                 "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]}
         messages = _chunks([*pieces, f"--{boundary}--\r\n".encode()], gap_s)
-        request = Request(scope, receive=messages.__anext__)
-        return await store.receive(request, 10**6, idle_timeout_s=1, total_timeout_s=total_s)
+        return await receive_upload(messages.__anext__, f"multipart/form-data; boundary={boundary}", store,
+                                    UploadLimits(10**6, idle_timeout_s=1, total_timeout_s=total_s))
 
     def no_spooling(*_: object, **__: object) -> None:
         raise AssertionError("the slide was spooled to the temporary folder")
 
     # Starlette's form parser spools a file part to the system temporary folder: a pod's small /tmp.
     monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", no_spooling)
-    content = bytes(range(256)) * 40  # 10 KB, every byte value, split across messages below
-    first = part("file", "s.svs", content)
+    content = fresh_tile("lung_n", 5)  # a plain image is a slide too; split across messages below
+    first = part("file", "s.jpeg", content)
     slide_id = asyncio.run(upload([first[:100], first[100:5000], first[5000:]], gap_s=0.01))
-    assert (store.folder / slide_id / SLIDE_FILE).read_bytes() == content
+    assert Path(store.path(slide_id, SLIDE_FILE)).read_bytes() == content
+    assert store.source(slide_id) == store.path(slide_id, SLIDE_FILE) and store.progress(slide_id) is None
     with pytest.raises(Problem, match=r"did not arrive within 0\.1 s") as slow:
         asyncio.run(upload([first[i : i + 500] for i in range(0, len(first), 500)], gap_s=0.02, total_s=0.1))
     assert slow.value.status == 408  # each gap is short, all of them are not
@@ -589,7 +615,11 @@ def test_a_slide_upload_goes_straight_to_its_folder_within_its_time_limit(tmp_pa
         with pytest.raises(Problem, match="one `file` part") as problem:
             asyncio.run(upload(refused))
         assert problem.value.status == 400
-    assert [p.name for p in store.folder.iterdir()] == [slide_id]  # nothing kept of the others
+    with pytest.raises(Problem, match="not a slide") as not_a_slide:
+        asyncio.run(upload([part("file", "notes.svs", b"notes, not a slide")]))
+    assert not_a_slide.value.status == 415
+    assert store.ids() == [slide_id]  # nothing kept of the others
+    assert not list((tmp_path / "slides" / INCOMING).iterdir())
 
 
 def tiff_claiming(width: int, height: int, tile: int) -> bytes:
@@ -615,7 +645,7 @@ def tiff_claiming(width: int, height: int, tile: int) -> bytes:
 
 @pytest.mark.service
 def test_hostile_slides_are_refused_and_leave_nothing(slide_server, slide_path):
-    server, uploads = slide_server
+    server, uploads, _ = slide_server
     truncated = slide_path.read_bytes()[: 900 * 1024]  # under the 1 MiB cap: its smaller levels are cut off
     hostile = {
         "truncated.tiff": (truncated, "damaged"),
@@ -632,17 +662,37 @@ def test_hostile_slides_are_refused_and_leave_nothing(slide_server, slide_path):
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
 
 
-def test_slides_and_their_outputs_expire(tmp_path):
-    import time
+def test_slides_and_their_outputs_expire_unless_an_analysis_writes(tmp_path):
+    from slides.store import INCOMING, SLIDE_FILE, Progress, SlideStore
 
-    from serving.slide_store import SLIDE_FILE, SlideStore
-
-    store = SlideStore(tmp_path, ttl_s=3600)
-    old, new = tmp_path / ("a" * 32), tmp_path / ("b" * 32)
-    for folder in (old, new):
-        folder.mkdir()
-        (folder / SLIDE_FILE).write_bytes(b"x")
+    store = SlideStore(str(tmp_path))
+    local = tmp_path / "upload.tiff"
+    for slide_id in ("a" * 32, "b" * 32, "c" * 32):
+        local.write_bytes(b"x")
+        store.add_slide(slide_id, local)
+    store.write_progress("c" * 32, Progress("running"))
+    abandoned = store.scratch_folder() / "half-an-upload"
+    abandoned.write_bytes(b"x")
     hours_ago = time.time() - 2 * 3600
-    os.utime(old, (hours_ago, hours_ago))
-    assert store.expire() == 1
-    assert not old.exists() and store.folder_of("b" * 32) == new
+    for path in (tmp_path / ("a" * 32) / SLIDE_FILE, tmp_path / ("c" * 32) / SLIDE_FILE, abandoned):
+        os.utime(path, (hours_ago, hours_ago))
+    assert store.expire(ttl_s=3600) == ["a" * 32]  # c's analysis wrote its progress just now
+    assert store.ids() == ["b" * 32, "c" * 32] and not (tmp_path / ("a" * 32)).exists()
+    assert not abandoned.exists() and (tmp_path / INCOMING).is_dir()
+    assert store.expire(ttl_s=3600, now=time.time() + 2 * 3600) == ["b" * 32, "c" * 32]
+
+
+def test_the_page_and_the_api_document_name_the_states_the_store_names():
+    import re
+
+    from serving.http.openapi import PROGRESS_SCHEMA
+    from slides.store import SLIDE_STATES
+
+    page = (REPO_ROOT / "ui" / "app.js").read_text()
+    declared = re.search(r"const STATE = \{([^}]*)\};", page)
+    assert declared, "ui/app.js declares the states it compares with"
+    pairs = re.findall(r'(\w+): "(\w+)"', declared.group(1))
+    assert [key for key, _ in pairs] == [value for _, value in pairs] == list(SLIDE_STATES)
+    assert not re.search(r'state\s*[!=]==?\s*"', page), "the page compares states through STATE only"
+    assert re.findall(r"STATE\.(\w+)", page) and set(re.findall(r"STATE\.(\w+)", page)) <= set(SLIDE_STATES)
+    assert PROGRESS_SCHEMA["properties"]["state"]["enum"] == list(SLIDE_STATES)

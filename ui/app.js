@@ -1,6 +1,6 @@
 // The web page of the histopathology service: no build step, no dependencies.
 // Talks to the same origin: POST /explain (prediction + Grad-CAM), GET /model (card), and for whole
-// slides POST /slides, POST /analyze_slide/submit, GET /analyze_slide/status and /get, GET /slides/{id}/...
+// slides POST /slides, POST /slides/{id}/analysis, GET /slides/{id}/progress, GET /slides/{id}/...
 "use strict";
 
 const api = new URL("..", window.location.href); // the page lives at /ui/
@@ -8,6 +8,8 @@ const $ = (id) => document.getElementById(id);
 const state = { preview: null, overlay: null, card: null };
 const slide = { id: null, summary: null, tile: null, heatMap: null, urls: [] };
 const POLL_MS = 1000;
+// The analysis states GET /slides/{id}/progress answers (slides/store.py names them; a test checks these).
+const STATE = { uploaded: "uploaded", queued: "queued", running: "running", done: "done", failed: "failed" };
 
 const percent = (value) => `${(100 * value).toFixed(1)}%`;
 
@@ -239,7 +241,7 @@ async function openReport(event, path, type) {
   window.open(URL.createObjectURL(new Blob([text], { type })), "_blank", "noopener");
 }
 
-// ---- Whole slides: upload, analyse as a BentoML task, show the map ----
+// ---- Whole slides: upload, analyse on the slide engine, show the map ----
 
 function slideError(message) {
   $("slide-error").textContent = message;
@@ -300,22 +302,17 @@ async function getJson(path) {
 
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
-// Poll the task until it ends; the slide's own progress file says how many tiles are done.
-async function waitForAnalysis(taskId) {
+// Poll the slide's progress until its analysis ends; any replica of the service answers.
+async function waitForAnalysis() {
   for (;;) {
-    const task = await getJson(`analyze_slide/status?task_id=${encodeURIComponent(taskId)}`);
-    if (task.status === "completed") return getJson(`analyze_slide/get?task_id=${encodeURIComponent(taskId)}`);
-    if (task.status === "failed") {
-      const answer = await fetch(new URL(`analyze_slide/get?task_id=${encodeURIComponent(taskId)}`, api),
-        { headers: authHeaders() });
-      throw new Error(await problemMessage(answer));
-    }
     const progress = await getJson(`slides/${slide.id}/progress`);
-    if (progress.tiles_total) {
+    if (progress.state === STATE.done) return getJson(`slides/${slide.id}/summary.json`);
+    if (progress.state === STATE.failed) throw new Error(`The analysis failed: ${progress.reason}`);
+    if (progress.state === STATE.running && progress.tiles_total) {
       slideStatus(`Analysing: ${progress.tiles_done} of ${progress.tiles_total} tissue tiles`,
         progress.tiles_done, progress.tiles_total);
     } else {
-      slideStatus(progress.state === "running" ? "Finding the tissue…" : "Waiting for the analysis to start…");
+      slideStatus(progress.state === STATE.running ? "Finding the tissue…" : "Waiting for the analysis to start…");
     }
     await sleep(POLL_MS);
   }
@@ -331,8 +328,8 @@ async function analyseSlide(file) {
   try {
     slide.id = await uploadSlide(file);
     slideStatus("Uploaded; starting the analysis…");
-    const task = await postJson("analyze_slide/submit", { slide_id: slide.id });
-    slide.summary = await waitForAnalysis(task.task_id);
+    await postJson(`slides/${slide.id}/analysis`, {});
+    slide.summary = await waitForAnalysis();
     await showSlide(file.name);
   } catch (error) {
     slideError(error.message);

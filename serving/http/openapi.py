@@ -20,7 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from models.card import ModelCard
 from models.store import REPORT_FILES, REPORT_MARKDOWN
 from serving.problems import PROBLEM_MEDIA_TYPE, REFUSALS
+from slides.analysis import DEFAULT_MIN_TISSUE, TILE_SIZE_LIMITS
 from slides.outputs import OUTPUT_FILES
+from slides.store import SLIDE_STATES
 
 DOCUMENT_PATH = "/docs.json"
 SCHEMAS = "#/components/schemas/{model}"
@@ -99,39 +101,66 @@ def _model_routes(token_routes: Iterable[str]) -> dict[str, dict]:
     }
 
 
+PROGRESS_SCHEMA = {
+    "type": "object", "required": ["state", "tiles_done", "tiles_total", "attempt", "reason"],
+    "properties": {"state": {"type": "string", "enum": list(SLIDE_STATES)},
+                   "tiles_done": {"type": "integer"},
+                   "tiles_total": {"type": ["integer", "null"]},
+                   "attempt": {"type": "integer", "description": "runs started (a lost worker's run counts)"},
+                   "reason": {"type": ["string", "null"], "description": "why it failed"}}}
+
+
 def _slide_routes(token_routes: Iterable[str]) -> dict[str, dict]:
     errors = {401: UPLOAD_ERRORS[401]} if "/slides" in token_routes else {}
     slide_id = {"name": "slide_id", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         "/slides": {"post": {
-            "tags": ["Service APIs"], "operationId": "upload_slide",
-            "description": "Stream a whole-slide image to the service (multipart `file`); answers its `slide_id` for "
-                           "`/analyze_slide/submit`.",
-            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+            "tags": ["Service APIs"], "operationId": "add_slide",
+            "description": "Stream a whole-slide image into the slide store (multipart `file`), or name a file in "
+                           "the service's slide folder (JSON `path`, relative to HISTO_SLIDE_ROOT); answers its "
+                           "`slide_id` for `POST /slides/{slide_id}/analysis`.",
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                                   "properties": {"file": {"type": "string", "format": "binary"}}}},
+                "application/json": {"schema": {"type": "object", "required": ["path"], "additionalProperties": False,
+                                                "properties": {"path": {"type": "string"}}}}}},
             "responses": {
                 "201": {"description": "the slide's id",
                         "content": _content("application/json", {"type": "object", "required": ["slide_id"],
                                                                  "properties": {"slide_id": {"type": "string"}}})},
-                **_problem_responses({**errors, 400: UPLOAD_ERRORS[400], 413: "over HISTO_MAX_SLIDE_BYTES",
-                                      415: "not multipart, or not a slide",
-                                      422: "a slide over a cap (side, stored tile, overview level) or damaged",
-                                      503: UPLOAD_ERRORS[503]}),
+                **_problem_responses({**errors, 400: f"{UPLOAD_ERRORS[400]}; a path outside the slide folder",
+                                      404: "no such file in the slide folder", 408: UPLOAD_ERRORS[408],
+                                      413: "over HISTO_MAX_SLIDE_BYTES", 415: "not multipart or JSON, or not a slide",
+                                      422: "a slide over a cap (side, stored tile, overview level) or damaged"}),
+            },
+        }},
+        "/slides/{slide_id}/analysis": {"post": {
+            "tags": ["Service APIs"], "operationId": "analyse_slide",
+            "description": "Analyse the slide on the slide engine: tissue tiles through the same gate, model and "
+                           "out-of-distribution score as /predict. Idempotent: a slide queued, running, done or "
+                           "failed is not submitted again. Poll `/slides/{slide_id}/progress` at any replica.",
+            "parameters": [slide_id],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "tile_size": {"type": ["integer", "null"], "minimum": min(TILE_SIZE_LIMITS),
+                                  "maximum": max(TILE_SIZE_LIMITS),
+                                  "description": "level-0 pixels a side (default: from the model card)"},
+                    "min_tissue": {"type": "number", "minimum": 0, "maximum": 1, "default": DEFAULT_MIN_TISSUE,
+                                   "description": "the tissue share that admits a tile"}}}}}},
+            "responses": {
+                "202": {"description": "submitted (or already on its way, or finished): its progress",
+                        "content": _content("application/json", PROGRESS_SCHEMA)},
+                **_problem_responses({**errors, 400: "not a slide id, or options out of range",
+                                      404: "no such slide", 415: "a body that is not JSON",
+                                      503: "the slide engine (HISTO_DASK_SCHEDULER) cannot be reached"}),
             },
         }},
         "/slides/{slide_id}/progress": {"get": {
             "tags": ["Service APIs"], "operationId": "slide_progress",
-            "description": "The analysis' state (uploaded, queued, running, done, failed) and tiles done of the total.",
+            "description": "The analysis' state, tiles done of the total, the run's attempt and, when failed, why.",
             "parameters": [slide_id],
             "responses": {
-                "200": {"description": "the state", "content": _content("application/json", {
-                    "type": "object", "required": ["state", "tiles_done", "tiles_total"],
-                    "properties": {"state": {"type": "string",
-                                             "enum": ["uploaded", "queued", "running", "done", "failed"]},
-                                   "tiles_done": {"type": "integer"},
-                                   "tiles_total": {"type": ["integer", "null"]},
-                                   "detail": {"type": "string"}}})},
+                "200": {"description": "the state", "content": _content("application/json", PROGRESS_SCHEMA)},
                 **_problem_responses({**errors, 400: "not a slide id", 404: "no such slide"}),
             },
         }},

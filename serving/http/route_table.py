@@ -21,7 +21,6 @@ from starlette.routing import BaseRoute, Mount, Route
 from serving.admission.forms import BOOLEAN, FILE_FIELD, NUMBER, TEXT
 
 _FIELD_KINDS = {str: TEXT, bool: BOOLEAN, float: NUMBER}
-TASK_ACTIONS = ("submit", "status", "get", "retry", "cancel")
 PROBES = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # BentoML's probes and metrics: always open
 BENTOML_ROUTES = frozenset({"/docs.json", "/"})  # BentoML's own pages
 BENTOML_PREFIXES = ("/static_content/",)
@@ -32,7 +31,7 @@ class RouteFacts:
     upload_routes: Mapping[str, int]  # POST path -> most `file` parts it takes
     form_fields: Mapping[str, Mapping[str, str]]  # POST path -> {plain field: TEXT, BOOLEAN or NUMBER}
     known_routes: frozenset[str]  # every exact path served
-    json_routes: frozenset[str]  # POST paths whose body is JSON: APIs without a file, and task submissions
+    json_routes: frozenset[str]  # POST paths whose body is JSON: APIs without a file
     served_prefixes: tuple[str, ...]  # everything under these is served (mounts, path parameters)
 
 
@@ -59,13 +58,10 @@ def route_facts(apis: Iterable[Any], http_routes: Iterable[BaseRoute], max_files
     api_routes: set[str] = set()
     json_routes: set[str] = set()
     for api in apis:
-        is_task = getattr(api, "is_task", False)
         api_routes.add(api.route)
-        if is_task:  # BentoML serves a task at these
-            api_routes |= {f"{api.route}/{action}" for action in TASK_ACTIONS}
         inputs = api.input_spec.model_fields
         if FILE_FIELD not in inputs:
-            json_routes |= {api.route, f"{api.route}/submit"} if is_task else {api.route}
+            json_routes.add(api.route)
         file = _base(inputs[FILE_FIELD].annotation) if FILE_FIELD in inputs else None
         if file is Path:
             uploads[api.route] = 1

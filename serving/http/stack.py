@@ -24,7 +24,7 @@ from serving.http.route_table import BENTOML_PREFIXES, BENTOML_ROUTES, PROBES, r
 from serving.observability.request_log import RequestLog
 
 # Besides the upload routes, these (and everything under them) need the token when one is set.
-TOKEN_PREFIXES = frozenset({"/model", "/slides", "/analyze_slide"})
+TOKEN_PREFIXES = frozenset({"/model", "/slides"})
 
 
 def install_middleware(service: Any, plain_routes: Starlette, settings: Settings, admission: Admission) -> None:
