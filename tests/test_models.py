@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from models.architectures import LOGITS_LAYER, OOD_FEATURE_LAYERS, apply_phase, build_model, fine_tune_schedule
 from models.card import CARD_FILE, ModelCard
 from models.explain import GradCam
-from models.inference import Predictor
+from models.inference import Predictor, probability_function
 from models.ood import OOD_FILE, OutOfDistribution
 from models.quality import QualityGate
 from models.store import ModelLoadError, load_model, save_model
@@ -139,9 +139,17 @@ def test_predictor_matches_keras_and_applies_temperature(cnn):
     images = np.random.default_rng(1).integers(0, 255, (5, SIZE, SIZE, 3), dtype=np.uint8)
     expected = cnn.predict(images.astype("float32"), verbose=0)
     assert np.allclose(Predictor(cnn, SIZE)(images), expected, atol=1e-5)
-    hot = Predictor(cnn, SIZE, temperature=0.25)(images)
-    assert np.all(hot.max(1) >= expected.max(1) - 1e-6)  # T < 1 sharpens
-    assert np.array_equal(hot.argmax(1), expected.argmax(1))  # never changes the class
+    # The card's temperature divides the logits before the softmax: computed here from the logits alone.
+    logits = keras.Model(cnn.inputs, cnn.get_layer(LOGITS_LAYER).output).predict(images.astype("float32"), verbose=0)
+    for temperature in (0.25, 1.7):
+        scaled = logits / temperature
+        softmax = np.exp(scaled - scaled.max(1, keepdims=True))
+        softmax /= softmax.sum(1, keepdims=True)
+        assert not np.allclose(softmax, expected, atol=1e-3)  # the temperature changes these images' answers
+        calibrated = Predictor(cnn, SIZE, temperature=temperature, feature_layers=OOD_FEATURE_LAYERS["cnn"])
+        np.testing.assert_allclose(calibrated(images), softmax, atol=1e-5)
+        np.testing.assert_allclose(calibrated.outputs(images).probabilities, softmax, atol=1e-5)
+        np.testing.assert_allclose(probability_function(cnn, SIZE, temperature)(images).numpy(), softmax, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         Predictor(cnn, SIZE)(images.astype("float32"))
 

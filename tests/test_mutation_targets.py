@@ -1,0 +1,93 @@
+"""Exact checks of the pieces every request crosses, written to kill what `make mutation` found surviving:
+the answer rule, the micro-batcher's batching and order, and the gate's and score's arithmetic."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from models.quality import QualityReport, Range
+from serving.batcher import MicroBatcher
+from serving.predictions import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, TrustEvidence, to_prediction
+
+CLASSES = ["a", "b", "c"]
+
+
+def _quality(failed: list[str]) -> QualityReport:
+    return QualityReport(passed=not failed, failed_checks=failed, background_fraction=0.1, stain_fraction=0.9,
+                         stain_distance=1.5, saturation=0.3, focus=120.0)
+
+
+@pytest.mark.parametrize(
+    ("confidence", "threshold", "ood_score", "ood_threshold", "failed", "reasons"),
+    [
+        (0.5, 0.5, 1.0, 1.0, [], []),  # at both thresholds: an answer (abstain below, OOD above)
+        (0.49, 0.5, 1.0, 1.0, [], [LOW_CONFIDENCE]),
+        (0.9, 0.5, 1.0001, 1.0, [], [OUT_OF_DISTRIBUTION]),
+        (0.9, 0.5, 0.2, 1.0, ["stain", "blur"], ["stain", "blur"]),
+        (0.4, 0.5, 3.0, 1.0, ["background"], [LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, "background"]),
+    ],
+)
+def test_the_answer_rule_gives_every_reason_in_order(confidence, threshold, ood_score, ood_threshold, failed, reasons):
+    rest = (1.0 - confidence) / 2
+    row = np.array([rest, confidence, rest], np.float32)
+    evidence = TrustEvidence(_quality(failed), ood_score, ood_threshold)
+    prediction = to_prediction(row, CLASSES, threshold, "m:1", evidence)
+    assert prediction.reasons == reasons
+    assert prediction.uncertain is bool(reasons)
+    assert prediction.predicted_class == "b" and prediction.confidence == pytest.approx(confidence)
+    assert prediction.out_of_distribution is (ood_score > ood_threshold)
+    assert prediction.ood_score == round(ood_score, 4) and prediction.ood_threshold == round(ood_threshold, 4)
+    assert prediction.quality == evidence.quality and prediction.model == "m:1"
+    assert prediction.probabilities == {name: float(p) for name, p in zip(CLASSES, row, strict=True)}
+
+
+def test_without_trust_evidence_the_trust_fields_stay_null():
+    prediction = to_prediction(np.array([0.1, 0.2, 0.7]), CLASSES, 0.5, "m:1")
+    assert prediction.predicted_class == "c" and prediction.reasons == [] and not prediction.uncertain
+    assert prediction.out_of_distribution is None and prediction.ood_score is None and prediction.quality is None
+    rounded = to_prediction(np.array([0.1, 0.2, 0.7]), CLASSES, 0.5, "m:1",
+                            TrustEvidence(_quality([]), 0.123456, 2.987654))
+    assert rounded.ood_score == 0.1235 and rounded.ood_threshold == 2.9877
+
+
+def test_a_probability_row_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError, match="expected 3 probabilities, got shape"):
+        to_prediction(np.array([0.5, 0.5]), CLASSES, 0.5, "m:1")
+    with pytest.raises(ValueError, match="expected 3"):
+        to_prediction(np.ones((1, 3)) / 3, CLASSES, 0.5, "m:1")
+
+
+def test_a_range_contains_its_ends_and_open_sides():
+    closed = Range(low=1.0, high=2.0)
+    assert closed.contains(1.0) and closed.contains(2.0) and closed.contains(1.5)
+    assert not closed.contains(0.999) and not closed.contains(2.001)
+    assert Range(low=1.0).contains(1e9) and not Range(low=1.0).contains(0.5)
+    assert Range(high=1.0).contains(-1e9) and not Range(high=1.0).contains(1.5)
+    assert Range().contains(float("inf"))
+
+
+def test_batches_take_everything_queued_up_to_the_cap_in_order():
+    batches: list[list[int]] = []
+    observed: list[int] = []
+    delays: list[float] = []
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        batches.append([int(v) for v in batch[:, 0]])
+        return batch * 10
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = MicroBatcher(record, max_batch_size=3, observe_batch_size=observed.append,
+                               observe_queue_delay=delays.append)
+        try:
+            # All seven are queued before the consumer first runs: batches of exactly 3, 3 and 1.
+            return await asyncio.gather(*(batcher.submit(np.full(2, i)) for i in range(7)))
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(scenario())
+    assert [r.tolist() for r in results] == [[10 * i, 10 * i] for i in range(7)]
+    assert batches == [[0, 1, 2], [3, 4, 5], [6]] and observed == [3, 3, 1]
+    assert len(delays) == 3 and all(delay >= 0 for delay in delays)
