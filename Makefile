@@ -31,7 +31,7 @@ USERS ?= 32
 SPAWN_RATE ?= 8
 DURATION ?= 30s
 
-.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark cpu-budget slide-benchmark decoders runtimes loadtest resilience clean
+.PHONY: help setup system-deps data model train model-report compare serve build containerize lock-serving test lint bench-model benchmark cpu-budget slide-benchmark decoders runtimes loadtest resilience mutation clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -125,6 +125,15 @@ resilience: model ## overload at 4x capacity, recovery, a killed worker, a 10,00
 
 test: setup system-deps ## every test group, as CI runs them
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The modules and the test groups are listed once, in pyproject.toml's [tool.mutmut]; MUTANTS picks a subset
+# by mutmut's names (e.g. MUTANTS='serving.predictions.*'), scored on its own.
+MUTANTS ?=
+MUTATION_CHILDREN ?= 2
+mutation: setup ## mutation testing (mutmut) of the modules every request crosses: score per module, at least 85%
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	$(PY) -m tests.mutation_score $(if $(MUTANTS),--partial)
 
 lint: setup ## ruff (style, imports, bandit security rules)
 	$(VENV)/bin/ruff check .

@@ -152,6 +152,22 @@ def test_predictor_matches_keras_and_applies_temperature(cnn):
         np.testing.assert_allclose(probability_function(cnn, SIZE, temperature)(images).numpy(), softmax, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         Predictor(cnn, SIZE)(images.astype("float32"))
+    # Evaluation in batches gives the rows of one pass, in order, features included.
+    tapped = Predictor(cnn, SIZE, 1.7, OOD_FEATURE_LAYERS["cnn"])
+    whole = tapped.outputs(images)
+    for batch_size in (2, 5, 64):
+        batched = tapped.outputs_in_batches(images, batch_size=batch_size)
+        np.testing.assert_allclose(batched.probabilities, whole.probabilities, atol=1e-6)
+        np.testing.assert_allclose(batched.features, whole.features, rtol=1e-5, atol=1e-5)
+    assert whole.features.shape == (5, sum(cnn.get_layer(n).output.shape[-1] for n in OOD_FEATURE_LAYERS["cnn"]))
+    assert Predictor(cnn, SIZE).outputs(images).features.shape == (5, 0)  # no layer tapped: no features
+    for wrong in (images[0], images[:, :-1], np.repeat(images[..., :1], 4, axis=3)):
+        with pytest.raises(ValueError, match=f"expected uint8 images of shape \\(batch, {SIZE}, {SIZE}, 3\\)"):
+            tapped.outputs(wrong)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        Predictor(cnn, SIZE, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        probability_function(cnn, SIZE, temperature=-1.0)
 
 
 def test_card_validation_rejects_inconsistent_cards():
