@@ -232,6 +232,8 @@ def test_json_routes_take_json_only():
         assert client.post("/json", content=b"{}", headers={"Content-Type": "Application/JSON; charset=utf-8"}
                            ).status_code == 200
         assert client.get("/json").status_code == 200  # only POST bodies are checked
+        assert problem_of(client.post("/json", content=b"{}", headers={"Content-Type": ""}), 415) == detail
+        assert problem_of(client.post("/json"), 415) == detail  # no content type at all
 
 
 def test_uploads_must_be_multipart_and_other_methods_pass():
@@ -355,9 +357,13 @@ def test_the_overload_response_names_its_request():
         return sent
 
     start, body = asyncio.run(capture())
-    assert start["status"] == 503 and (b"x-request-id", b"req-1") in start["headers"]
-    assert json.loads(body["body"])["detail"] == "over capacity (test); retry after 1 s"
-    assert (b"content-length", str(len(body["body"])).encode()) in start["headers"]
+    assert start["status"] == 503
+    # ASGI header names are lower-case bytes: exactly these, in this order.
+    length = str(len(body["body"])).encode()
+    assert start["headers"] == [(b"content-type", PROBLEM.encode()), (b"content-length", length),
+                                (b"retry-after", b"1"), (b"connection", b"close"), (b"x-request-id", b"req-1")]
+    assert json.loads(body["body"]) == {"type": "about:blank", "title": "Service Unavailable", "status": 503,
+                                        "detail": "over capacity (test); retry after 1 s"}
 
 
 def test_admission_counts_the_upload_while_it_arrives_and_in_flight_while_served():

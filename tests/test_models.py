@@ -168,6 +168,18 @@ def test_predictor_matches_keras_and_applies_temperature(cnn):
         Predictor(cnn, SIZE, temperature=0.0)
     with pytest.raises(ValueError, match="temperature must be positive"):
         probability_function(cnn, SIZE, temperature=-1.0)
+    tapped.warm_up([1, 3])  # every batch size the batcher can form runs once, as the service does at start
+
+
+def test_thread_pools_are_set_as_asked():
+    # In a fresh process: TensorFlow takes pool sizes only before its first operation.
+    script = ("import tensorflow as tf; from models.inference import configure_threads; configure_threads(3, 2); "
+              "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+              "tf.config.threading.get_inter_op_parallelism_threads())")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["3", "2"]
 
 
 def test_card_validation_rejects_inconsistent_cards():

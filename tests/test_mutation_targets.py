@@ -91,3 +91,20 @@ def test_batches_take_everything_queued_up_to_the_cap_in_order():
     assert [r.tolist() for r in results] == [[10 * i, 10 * i] for i in range(7)]
     assert batches == [[0, 1, 2], [3, 4, 5], [6]] and observed == [3, 3, 1]
     assert len(delays) == 3 and all(delay >= 0 for delay in delays)
+
+
+def test_a_batcher_that_never_ran_closes_quietly():
+    async def scenario() -> None:
+        batcher = MicroBatcher(lambda batch: batch, max_batch_size=2)
+        await batcher.close()  # nothing started: nothing to cancel
+
+    asyncio.run(scenario())
+
+
+def test_a_scorer_file_with_pickled_objects_is_refused(tmp_path):
+    from models.ood import FeatureScorer, file_sha256
+
+    path = tmp_path / "ood.npz"
+    np.savez(path, scales=np.array([1.0, 2.0], dtype=object))  # loading it would run the unpickler
+    with pytest.raises(ValueError, match="allow_pickle"):
+        FeatureScorer.load(path, file_sha256(path))
