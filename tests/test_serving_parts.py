@@ -135,7 +135,7 @@ def test_a_request_waiting_too_long_times_out_and_leaves_the_queue():
         batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0.1)
         first = asyncio.create_task(batcher.submit(np.zeros(1)))
         await asyncio.sleep(0.01)  # the first occupies the model; the second queues behind it
-        with pytest.raises(BatchTimeoutError):
+        with pytest.raises(BatchTimeoutError, match=r"^no result within 0\.1 s$"):
             await batcher.submit(np.ones(1))
         with pytest.raises(BatchTimeoutError):
             await first  # 0.3 s of model time is over the 0.1 s budget too
