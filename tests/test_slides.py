@@ -275,6 +275,8 @@ def test_slide_failures_are_problems_and_a_failed_task_ends(server):
     assert_problem(answer, 404)
     neither = httpx.post(f"{server.url}/analyze_slide/submit", json={}, timeout=30).json()
     assert _finished(server.url, neither["task_id"])["status"] == "failed"
+    answer = httpx.get(f"{server.url}/analyze_slide/get", params={"task_id": neither["task_id"]}, timeout=30)
+    assert assert_problem(answer, 400)["detail"] == "give exactly one of `slide_id` and `path`"
 
 
 @pytest.fixture(scope="module")
