@@ -15,6 +15,9 @@ from serving.predictions import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, TrustEviden
 
 CLASSES = ["a", "b", "c"]
 
+# A batcher that never answers fails the test in this time (not a speed limit: the scenarios take ms).
+BATCHER_BOUND_S = 10
+
 
 def _quality(failed: list[str]) -> QualityReport:
     return QualityReport(passed=not failed, failed_checks=failed, background_fraction=0.1, stain_fraction=0.9,
@@ -89,7 +92,7 @@ def test_batches_take_everything_queued_up_to_the_cap_in_order():
             await batcher.close()
 
     started = time.monotonic()
-    results = asyncio.run(scenario())
+    results = asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))
     elapsed = time.monotonic() - started
     assert [r.tolist() for r in results] == [[10 * i, 10 * i] for i in range(7)]
     assert batches == [[0, 1, 2], [3, 4, 5], [6]] and observed == [3, 3, 1]
@@ -102,7 +105,7 @@ def test_a_batcher_that_never_ran_closes_quietly():
         batcher = MicroBatcher(lambda batch: batch, max_batch_size=2)
         await batcher.close()  # nothing started: nothing to cancel
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))
 
 
 def test_a_scorer_file_with_pickled_objects_is_refused(tmp_path):

@@ -18,6 +18,9 @@ from serving.predictions import to_prediction
 from serving.problems import PROBLEM_MEDIA_TYPE, Problem, answers_problems
 from serving.settings import SettingsError, load_settings
 
+# A batcher that never answers fails the test in this time (not a speed limit: the scenarios take ms).
+BATCHER_BOUND_S = 10
+
 
 def _slow_double(batch: np.ndarray) -> np.ndarray:
     time.sleep(0.02)  # long enough for concurrent requests to queue behind a batch
@@ -34,7 +37,7 @@ def test_concurrent_requests_form_batches_and_get_their_own_rows():
         finally:
             await batcher.close()
 
-    results = asyncio.run(scenario())
+    results = asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))
     assert [int(r[0]) for r in results] == [2 * i for i in range(20)]
     assert sum(seen) == 20
     assert max(seen) > 1 and max(seen) <= 8
@@ -66,7 +69,7 @@ def test_a_lone_request_runs_at_once():
             released.set()
             await batcher.close()
 
-    assert asyncio.run(scenario()) == [1]
+    assert asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S)) == [1]
     assert batches == [1, 1]
 
 
@@ -90,7 +93,7 @@ def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working():
         await batcher.close()
         return result
 
-    assert asyncio.run(scenario())[0] == 5
+    assert asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))[0] == 5
 
 
 @pytest.mark.parametrize(
@@ -142,7 +145,7 @@ def test_a_request_waiting_too_long_times_out_and_leaves_the_queue():
         await asyncio.sleep(0.4)
         await batcher.close()
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))
     assert calls == [1]  # the timed-out queued request never reached the model
 
 
