@@ -43,7 +43,12 @@ async def _echo(request: Request) -> JSONResponse:
     return JSONResponse({"body_bytes": len(body), "files": files, "deadline": REQUEST_DEADLINE.get()})
 
 
+RAN_PAST_THE_DEADLINE: list[bool] = []
+
+
 async def _slow(request: Request) -> JSONResponse:
+    await asyncio.sleep(0.8)
+    RAN_PAST_THE_DEADLINE.append(True)  # never, when the 0.3 s deadline cancels the route in time
     await asyncio.sleep(2)
     return JSONResponse({"late": True})
 
@@ -389,8 +394,10 @@ def test_admission_counts_the_upload_while_it_arrives_and_in_flight_while_served
 
 
 def test_a_request_not_answered_in_time_gets_the_guards_504():
+    RAN_PAST_THE_DEADLINE.clear()
     with TestClient(app(request_timeout_s=0.3)) as client:
         assert problem_of(upload(client, "/slow"), 504) == "the request was not answered within 0.3 s; retry later"
+    assert not RAN_PAST_THE_DEADLINE  # cancelled at its deadline, not some time later
 
 
 def test_an_answer_already_started_is_not_rewritten_at_the_deadline():

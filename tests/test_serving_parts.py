@@ -73,7 +73,7 @@ def test_a_lone_request_runs_at_once():
     assert batches == [1, 1]
 
 
-def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working():
+def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working(caplog):
     calls = {"n": 0}
     lock = threading.Lock()
 
@@ -94,6 +94,8 @@ def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working():
         return result
 
     assert asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))[0] == 5
+    [failure] = [r for r in caplog.records if r.name == "serving.batcher"]
+    assert failure.getMessage() == "batch of 1 failed" and failure.exc_info[0] is RuntimeError
 
 
 @pytest.mark.parametrize(
@@ -143,10 +145,15 @@ def test_a_request_waiting_too_long_times_out_and_leaves_the_queue():
         with pytest.raises(BatchTimeoutError):
             await first  # 0.3 s of model time is over the 0.1 s budget too
         await asyncio.sleep(0.4)
+        assert calls == [1]  # the timed-out queued request never reached the model
+        # The batch of only timed-out requests was skipped, and the batcher still takes new work.
+        with pytest.raises(BatchTimeoutError):
+            await batcher.submit(np.full(1, 2))
+        while calls != [1, 1]:
+            await asyncio.sleep(0.01)
         await batcher.close()
 
     asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))
-    assert calls == [1]  # the timed-out queued request never reached the model
 
 
 def test_settings_come_from_the_environment():
