@@ -279,12 +279,20 @@ def _trickled(guarded: Starlette, body: bytes, gap_s: float, pieces: int) -> tup
     would read the whole body first); returns (status, headers, detail)."""
     step = -(-len(body) // pieces)
     chunks = [body[start : start + step] for start in range(0, len(body), step)]
+    messages = [{"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}
+                for index, chunk in enumerate(chunks)]
+    return _through_asgi(guarded, messages, gap_s)
+
+
+def _through_asgi(guarded: Starlette, messages: list[dict], gap_s: float = 0.0) -> tuple[int, dict, str]:
+    """POST /one with these body messages, as a server would hand them over; (status, headers, detail
+    or, for a 200, the route's JSON)."""
+    messages = list(messages)
     sent: list[dict] = []
 
     async def receive() -> dict:
         await asyncio.sleep(gap_s)
-        chunk = chunks.pop(0)
-        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        return messages.pop(0)
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -294,9 +302,9 @@ def _trickled(guarded: Starlette, body: bytes, gap_s: float, pieces: int) -> tup
              "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
     asyncio.run(guarded(scope, receive, send))
     start = sent[0]
-    payload = b"".join(m.get("body", b"") for m in sent[1:])
+    payload = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
     headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
-    return start["status"], headers, json.loads(payload)["detail"] if start["status"] >= 400 else ""
+    return start["status"], headers, payload["detail"] if start["status"] >= 400 else payload
 
 
 def test_a_stalled_body_gets_408_for_its_pause():
@@ -315,6 +323,59 @@ def test_a_slow_body_gets_408_for_its_total():
 def test_a_body_that_keeps_coming_within_both_limits_passes():
     body, _ = _multipart_body()
     assert _trickled(app(body_idle_timeout_s=2.0, body_timeout_s=20.0), body, 0.01, 4)[0] == 200
+
+
+def _pieces(body: bytes, *sizes: int) -> list[dict]:
+    """Body messages of these sizes (the rest in a last one, which names no `more_body`: the default)."""
+    messages, start = [], 0
+    for size in sizes:
+        messages.append({"type": "http.request", "body": body[start : start + size], "more_body": True})
+        start += size
+    messages.append({"type": "http.request", "body": body[start:]})
+    return messages
+
+
+def test_the_body_cap_counts_every_chunk():
+    body, _ = _multipart_body()
+    status, headers, detail = _through_asgi(app(max_body_bytes=len(body) - 1), _pieces(body, 60, 60))
+    assert (status, detail) == (413, f"request body over the {len(body) - 1}-byte cap")
+    assert headers["connection"] == "close"
+    status, _, answer = _through_asgi(app(max_body_bytes=len(body)), _pieces(body, 60, 60))
+    assert status == 200 and answer["body_bytes"] == len(body)
+
+
+def test_messages_without_a_body_add_nothing():
+    body, _ = _multipart_body()
+    messages = [{"type": "http.request", "more_body": True}, *_pieces(body, 50)]
+    status, _, answer = _through_asgi(app(), messages)
+    assert status == 200 and answer["body_bytes"] == len(body) and answer["files"] == [["t", len(IMAGE)]]
+
+
+def test_bytes_still_arriving_over_the_workers_budget_get_503():
+    body, _ = _multipart_body()  # 178 bytes
+    admission = Admission(8, 8, 2.0, max_buffered_bytes=100)
+    status, headers, detail = _through_asgi(app(admission=admission), _pieces(body, 40, 40, 40))
+    assert (status, detail) == (503, "over capacity (0 MiB of uploads arriving); retry after 1 s")
+    assert headers["retry-after"] == "1" and headers["connection"] == "close"
+    assert admission.buffered_bytes == 0 and admission.open_uploads == 0  # everything given back
+    # The last chunk may cross the budget: the body is complete, nothing more is held for it.
+    status, _, answer = _through_asgi(app(admission=admission), _pieces(body, 90))
+    assert status == 200 and answer["body_bytes"] == len(body)
+    status, _, _ = _through_asgi(app(admission=Admission(8, 8, 2.0, max_buffered_bytes=100)), _pieces(body, 100))
+    assert status == 200  # exactly at the budget while arriving: still taken
+
+
+def test_the_parsers_own_limits_are_one_over_the_routes():
+    with TestClient(app()) as client:
+        three = [("file", (f"{i}.jpeg", IMAGE)) for i in range(3)]
+        assert problem_of(client.post("/one", files=three), 400) == (
+            "malformed multipart body: Too many files. Maximum number of files is 2.")
+        fields = {f"f{i}": "x" for i in range(17)}
+        assert problem_of(client.post("/one", data=fields, files={"file": ("t", IMAGE)}), 400) == (
+            "malformed multipart body: Too many fields. Maximum number of fields is 16.")
+        names = {f"{'n' * 45}{i}": "x" for i in range(7)}
+        detail = problem_of(client.post("/one", data=names, files={"file": ("t", IMAGE)}), 400)
+        assert detail == f"unexpected field(s) {['n' * 40] * 5}; this route takes `file`"
 
 
 def test_a_client_that_leaves_mid_body_gets_400():
