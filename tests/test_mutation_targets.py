@@ -115,3 +115,23 @@ def test_a_scorer_file_with_pickled_objects_is_refused(tmp_path):
     np.savez(path, scales=np.array([1.0, 2.0], dtype=object))  # loading it would run the unpickler
     with pytest.raises(ValueError, match="allow_pickle"):
         FeatureScorer.load(path, file_sha256(path))
+
+
+def test_the_ood_score_is_the_largest_scaled_layer_distance():
+    from models.ood import FeatureScorer, LayerScorer
+
+    scorer = FeatureScorer(
+        layers=(
+            LayerScorer(np.eye(2, dtype=np.float32), np.array([[0.0, 0.0], [3.0, 4.0]], np.float32)),
+            LayerScorer(np.full((1, 1), 2.0, np.float32), np.array([[2.0]], np.float32)),
+            LayerScorer(np.eye(1, dtype=np.float32), np.array([[0.0]], np.float32)),
+        ),
+        scales=np.array([1.0, 2.0, 4.0], np.float32),
+    )
+    features = np.array([[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 0.0, 0.0], [0.0, 8.0, 1.0, 0.0]])
+    # Each layer: the distance to its nearest class mean, after the projection; three layers, three slices.
+    np.testing.assert_allclose(scorer.layer_distances(features), [[0, 0, 2], [0, 2, 0], [5, 0, 0]], atol=1e-6)
+    np.testing.assert_allclose(scorer(features), [0.5, 1.0, 5.0], atol=1e-6)  # one score per row
+    assert scorer.sizes == [2, 1, 1]
+    with pytest.raises(ValueError, match="expected 4 features, got 5"):
+        scorer(np.zeros((1, 5)))
