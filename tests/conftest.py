@@ -22,6 +22,7 @@ from tests.helpers import (
     TINY_MODEL_NAME,
     TINY_TILE,
     encode,
+    gradient_image,
     serve_tiny_model,
 )
 
@@ -39,6 +40,14 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-test-")
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Mark every test that needs the tiny model (a server, the in-process reference): `-m "not tiny_model"`
+    # leaves the fast groups, which is what `make mutation` runs once per mutant.
+    for item in items:
+        if "tiny_model_tag" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.tiny_model)
 
 
 @pytest.fixture(scope="session")
@@ -184,10 +193,7 @@ def make_image() -> Callable[..., bytes]:
     """Encode a gradient test image of the given mode and format."""
 
     def factory(mode: str = "RGB", fmt: str = "PNG", size: tuple[int, int] = (64, 48), **save_args: object) -> bytes:
-        w, h = size
-        ramp = np.linspace(0, 255, w * h, dtype=np.float64).reshape(h, w)
-        rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 128)], -1).astype(np.uint8)
-        image = Image.fromarray(rgb, "RGB")
+        image = gradient_image(size)
         if mode != "RGB":
             image = image.convert(mode)
         return encode(image, fmt, **save_args)

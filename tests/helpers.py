@@ -42,6 +42,13 @@ def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
     return buffer.getvalue()
 
 
+def gradient_image(size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """The RGB test image of `make_image`: a ramp, the ramp reversed and a flat 128, one per channel."""
+    w, h = size
+    ramp = np.linspace(0, 255, w * h, dtype=np.float64).reshape(h, w)
+    return Image.fromarray(np.stack([ramp, ramp[::-1], np.full_like(ramp, 128)], -1).astype(np.uint8), "RGB")
+
+
 def fresh_tile(class_name: str, index: int) -> bytes:
     """A JPEG tile of this class that no test model was trained on."""
     from synthetic.tissue import render_tile, tile_seed

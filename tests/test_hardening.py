@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,7 +19,15 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from loadtests.servers import start_server
+from loadtests.servers import (
+    BENTOML,
+    REPO_ROOT,
+    WORKER_MODULE,
+    RunningServer,
+    free_port,
+    private_home,
+    stop_server,
+)
 from synthetic.tissue import render_tile
 from tests.helpers import (
     PROBLEM,
@@ -210,26 +224,6 @@ def test_cors_allows_only_the_configured_origin(strict_server, server):
     assert "access-control-allow-origin" not in default.headers  # no origins by default
 
 
-def test_sigterm_drains_requests_in_flight(tiny_model_tag, tmp_path):
-    server = start_server("service:Histopathology", tmp_path / "drain.log", env={"HISTO_MODEL_TAG": tiny_model_tag})
-    tiles = [("file", (f"{i}.jpeg", fresh_tile("lung_n", 500 + i), "image/jpeg")) for i in range(32)]
-
-    async def slow_requests() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            tasks = [asyncio.create_task(client.post("/predict_batch", files=tiles)) for _ in range(6)]
-            await asyncio.sleep(0.3)  # all six are in flight (each decodes 32 tiles) ...
-            server.process.send_signal(signal.SIGTERM)  # ... when the server is told to stop
-            return await asyncio.gather(*tasks)
-
-    try:
-        responses = asyncio.run(slow_requests())
-        assert [response.status_code for response in responses] == [200] * 6
-        assert server.process.wait(30) == 0
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-
-
 def test_schemathesis_finds_no_server_errors(server, tmp_path):
     result = subprocess.run(
         [
@@ -244,3 +238,136 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "/predict" in result.stdout
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------- one server's life: warm-up, a killed
+# worker, SIGTERM. These three run in this order on one server (the last one ends it).
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tiny_model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A one-worker server started by hand, and the first /readyz sent as soon as its port took connections.
+    The warm-up runs every batch size up to 64, so it takes seconds after the port opens."""
+    log_path = tmp_path_factory.mktemp("lifecycle") / "serve.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [BENTOML, "serve", "service:Histopathology", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "BENTOML_HOME": str(private_home(log_path.parent / "home")),
+                 "HISTO_MODEL_TAG": tiny_model_tag, "HISTO_WORKERS": "1", "HISTO_MAX_BATCH_SIZE": "64"},
+        )
+    server = RunningServer(url, process, log_path)
+    try:
+        wait_until(lambda: _port_open(port) or process.poll() is not None, "the port open", timeout=300)
+        assert process.poll() is None, server.log()[-3000:]
+        warm_when_sent = WARMED_UP in server.log()
+        first = httpx.get(f"{url}/readyz", timeout=300)  # waits in the listen backlog while the worker warms up
+        yield {"server": server, "warm_when_sent": warm_when_sent, "first": first,
+               "warm_when_answered": WARMED_UP in server.log()}
+    finally:
+        stop_server(server)
+
+
+WARMED_UP = "warmed up for batch sizes 1..64"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_request_during_warm_up_waits_for_it_instead_of_failing(lifecycle):
+    # BentoML 1.4 runs start-up hooks (the warm-up) before its worker serves anything, so /readyz is never
+    # seen 503 over HTTP: a request that arrives meanwhile waits, and is answered once the worker is warm.
+    assert not lifecycle["warm_when_sent"]  # the port opens long before the worker has loaded the model
+    assert lifecycle["first"].status_code == 200 and lifecycle["warm_when_answered"]
+
+
+def _workers(server: RunningServer) -> list[int]:
+    """The live workers' PIDs (a killed one stays a zombie until reaped, with no command line to read)."""
+    import psutil
+
+    alive = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE and WORKER_MODULE in " ".join(child.cmdline()):
+                alive.append(child.pid)
+    return alive
+
+
+def test_a_killed_worker_is_restarted_and_answers(lifecycle, reference):
+    server = lifecycle["server"]
+    [worker] = _workers(server)
+    os.kill(worker, signal.SIGKILL)
+    replacement = wait_until(lambda: [pid for pid in _workers(server) if pid != worker], "a new worker", 120)
+    assert len(replacement) == 1 and server.process.poll() is None
+    wait_until(lambda: _ready(server.url), "the new worker ready", timeout=300, interval=0.2)
+    payload = fresh_tile("lung_aca", 77)
+    answer = post_file(server.url, payload)
+    assert answer.status_code == 200 and answer.json()["predicted_class"] == reference.predicted_class(payload)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_sigterm_drains_requests_in_flight(lifecycle, reference):
+    server = lifecycle["server"]
+    host, port = server.url.removeprefix("http://").split(":")
+    tiles = [fresh_tile("lung_n", 500 + i) for i in range(16)]
+    body, headers = _multipart([("file", f"{i}.jpeg", tile) for i, tile in enumerate(tiles)])
+    connections = []
+    for _ in range(3):
+        connection = socket.create_connection((host, int(port)), timeout=60)
+        connection.sendall(
+            f"POST /predict_batch HTTP/1.1\r\nHost: {host}\r\nContent-Type: {headers['Content-Type']}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        # The barrier: the server answers 100 Continue once the service reads this request's body, so the
+        # request is in flight there before the signal, however busy this machine is.
+        assert connection.recv(1024).startswith(b"HTTP/1.1 100 Continue"), "no 100 Continue"
+        connections.append(connection)
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # not a barrier: only gives the signal time to reach the worker before the bodies
+        for connection in connections:
+            connection.sendall(body)
+        expected = [reference.predicted_class(tile) for tile in tiles]
+        for connection in connections:
+            head, _, content = _read_all(connection).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            answers = json.loads(_dechunked(head, content))
+            assert [a["predicted_class"] for a in answers] == expected
+        assert server.process.wait(60) == 0
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def _read_all(connection: socket.socket) -> bytes:
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+        head, _, content = received.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), None)
+        if length is not None and len(content) >= length:
+            break
+    return received
+
+
+def _dechunked(head: bytes, content: bytes) -> bytes:
+    if b"transfer-encoding: chunked" not in head.lower():
+        return content
+    out, rest = b"", content
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out, rest = out + rest[:size], rest[size + 2:]

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from models.architectures import LOGITS_LAYER, OOD_FEATURE_LAYERS, apply_phase, build_model, fine_tune_schedule
 from models.card import CARD_FILE, ModelCard
 from models.explain import GradCam
-from models.inference import Predictor
+from models.inference import Predictor, probability_function
 from models.ood import OOD_FILE, OutOfDistribution
 from models.quality import QualityGate
 from models.store import ModelLoadError, load_model, save_model
@@ -139,11 +139,47 @@ def test_predictor_matches_keras_and_applies_temperature(cnn):
     images = np.random.default_rng(1).integers(0, 255, (5, SIZE, SIZE, 3), dtype=np.uint8)
     expected = cnn.predict(images.astype("float32"), verbose=0)
     assert np.allclose(Predictor(cnn, SIZE)(images), expected, atol=1e-5)
-    hot = Predictor(cnn, SIZE, temperature=0.25)(images)
-    assert np.all(hot.max(1) >= expected.max(1) - 1e-6)  # T < 1 sharpens
-    assert np.array_equal(hot.argmax(1), expected.argmax(1))  # never changes the class
+    # The card's temperature divides the logits before the softmax: computed here from the logits alone.
+    logits = keras.Model(cnn.inputs, cnn.get_layer(LOGITS_LAYER).output).predict(images.astype("float32"), verbose=0)
+    for temperature in (0.25, 1.7):
+        scaled = logits / temperature
+        softmax = np.exp(scaled - scaled.max(1, keepdims=True))
+        softmax /= softmax.sum(1, keepdims=True)
+        assert not np.allclose(softmax, expected, atol=1e-3)  # the temperature changes these images' answers
+        calibrated = Predictor(cnn, SIZE, temperature=temperature, feature_layers=OOD_FEATURE_LAYERS["cnn"])
+        np.testing.assert_allclose(calibrated(images), softmax, atol=1e-5)
+        np.testing.assert_allclose(calibrated.outputs(images).probabilities, softmax, atol=1e-5)
+        np.testing.assert_allclose(probability_function(cnn, SIZE, temperature)(images).numpy(), softmax, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         Predictor(cnn, SIZE)(images.astype("float32"))
+    # Evaluation in batches gives the rows of one pass, in order, features included.
+    tapped = Predictor(cnn, SIZE, 1.7, OOD_FEATURE_LAYERS["cnn"])
+    whole = tapped.outputs(images)
+    for batch_size in (2, 5, 64):
+        batched = tapped.outputs_in_batches(images, batch_size=batch_size)
+        np.testing.assert_allclose(batched.probabilities, whole.probabilities, atol=1e-6)
+        np.testing.assert_allclose(batched.features, whole.features, rtol=1e-5, atol=1e-5)
+    assert whole.features.shape == (5, sum(cnn.get_layer(n).output.shape[-1] for n in OOD_FEATURE_LAYERS["cnn"]))
+    assert Predictor(cnn, SIZE).outputs(images).features.shape == (5, 0)  # no layer tapped: no features
+    for wrong in (images[0], images[:, :-1], np.repeat(images[..., :1], 4, axis=3)):
+        with pytest.raises(ValueError, match=f"expected uint8 images of shape \\(batch, {SIZE}, {SIZE}, 3\\)"):
+            tapped.outputs(wrong)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        Predictor(cnn, SIZE, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        probability_function(cnn, SIZE, temperature=-1.0)
+    tapped.warm_up([1, 3])  # every batch size the batcher can form runs once, as the service does at start
+
+
+def test_thread_pools_are_set_as_asked():
+    # In a fresh process: TensorFlow takes pool sizes only before its first operation.
+    script = ("import tensorflow as tf; from models.inference import configure_threads; configure_threads(3, 2); "
+              "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+              "tf.config.threading.get_inter_op_parallelism_threads())")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["3", "2"]
 
 
 def test_card_validation_rejects_inconsistent_cards():

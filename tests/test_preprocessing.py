@@ -21,7 +21,7 @@ from models.preprocessing import (
     decode_image,
     sniff_format,
 )
-from tests.helpers import encode
+from tests.helpers import encode, gradient_image
 
 SIZE = 32
 
@@ -65,11 +65,36 @@ def test_every_mode_becomes_rgb(make_image, mode, fmt):
     array = decode_image(make_image(mode, fmt), SIZE)
     assert array.shape == (SIZE, SIZE, 3)
     assert array.dtype == np.uint8
+    # The content, not just the shape: what the gradient looks like in that mode, computed from the
+    # source pixels without the decoder (JPEG and WebP are lossy: a few levels of slack on average).
+    expected = np.asarray(_in_mode(gradient_image(), mode).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+    assert np.abs(array.astype(int) - expected).mean() < (6 if fmt in ("JPEG", "WEBP") else 1.5), mode
+    assert expected.std() > 10 or mode == "I;16"  # the comparison is not between two blank images
+
+
+def _in_mode(rgb: Image.Image, mode: str) -> Image.Image:
+    """The RGB source as a file in `mode` shows it, back in RGB (transparency: none in the source)."""
+    if mode == "I;16":  # 8-bit values stored in 16 bits: 255 of 65535 is nearly black
+        grey = np.asarray(rgb.convert("L"), dtype=np.uint32) * 255 // 65535
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    if mode == "CMYK":  # PIL's naive conversion, inverted by hand
+        cmyk = np.asarray(rgb.convert("CMYK")).astype(int)
+        return Image.fromarray((255 - cmyk[..., :3]).clip(0, 255).astype(np.uint8), "RGB")
+    if mode == "1":  # dithered: every pixel black or white
+        bits = np.asarray(rgb.convert("1"), dtype=np.uint8) * 255
+        return Image.fromarray(np.repeat(bits[..., None], 3, axis=2), "RGB")
+    if mode in ("L", "LA"):
+        grey = np.asarray(rgb.convert("L"))
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if mode == "P":
+        return rgb.convert("P").convert("RGB")
+    return rgb
 
 
 def test_grayscale_gives_equal_channels(make_image):
     array = decode_image(make_image("L", "PNG"), SIZE)
     assert np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 1], array[..., 2])
+    assert array.std() > 10  # the gradient, not a flat grey
 
 
 def test_sixteen_bit_is_scaled_not_clipped():

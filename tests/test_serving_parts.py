@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +16,9 @@ from models.preprocessing import CorruptImageError, EmptyImageError, ImageTooLar
 from serving.inference.batcher import BatchTimeoutError, MicroBatcher
 from serving.observability.logs import JsonFormatter
 from serving.problems import PROBLEM_MEDIA_TYPE, Problem, answers_problems
+
+# A batcher that never answers fails the test in this time (not a speed limit: the scenarios take ms).
+BATCHER_BOUND_S = 10
 
 
 def _slow_double(batch: np.ndarray) -> np.ndarray:
@@ -33,24 +36,43 @@ def test_concurrent_requests_form_batches_and_get_their_own_rows():
         finally:
             await batcher.close()
 
-    results = asyncio.run(scenario())
+    results = asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))
     assert [int(r[0]) for r in results] == [2 * i for i in range(20)]
     assert sum(seen) == 20
     assert max(seen) > 1 and max(seen) <= 8
 
 
 def test_a_lone_request_runs_at_once():
-    async def scenario() -> float:
-        batcher = MicroBatcher(lambda b: b, max_batch_size=32)
-        started = time.perf_counter()
-        await batcher.submit(np.zeros(2))
-        await batcher.close()
-        return time.perf_counter() - started
+    # No clock: a lone request must be taken into a batch within a few turns of the event loop (no
+    # batching window), and a request that comes after it was taken must form a batch of its own.
+    batches: list[int] = []
+    released = threading.Event()
 
-    assert asyncio.run(scenario()) < 0.5
+    def held(batch: np.ndarray) -> np.ndarray:
+        released.wait(10)  # the first batch runs until the second request has been queued
+        return batch
+
+    async def scenario() -> list[int]:
+        batcher = MicroBatcher(held, max_batch_size=32, observe_batch_size=batches.append)
+        try:
+            first = asyncio.create_task(batcher.submit(np.zeros(2)))
+            for _ in range(5):  # submit, then the consumer's first pass: no timer may be involved
+                await asyncio.sleep(0)
+            taken = list(batches)
+            second = asyncio.create_task(batcher.submit(np.ones(2)))
+            await asyncio.sleep(0)
+            released.set()
+            await asyncio.gather(first, second)
+            return taken
+        finally:
+            released.set()
+            await batcher.close()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S)) == [1]
+    assert batches == [1, 1]
 
 
-def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working():
+def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working(caplog):
     calls = {"n": 0}
     lock = threading.Lock()
 
@@ -70,7 +92,9 @@ def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working():
         await batcher.close()
         return result
 
-    assert asyncio.run(scenario())[0] == 5
+    assert asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))[0] == 5
+    [failure] = [r for r in caplog.records if r.name == "serving.inference.batcher"]
+    assert failure.getMessage() == "batch of 1 failed" and failure.exc_info[0] is RuntimeError
 
 
 @pytest.mark.parametrize(
@@ -115,15 +139,20 @@ def test_a_request_waiting_too_long_times_out_and_leaves_the_queue():
         batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0.1)
         first = asyncio.create_task(batcher.submit(np.zeros(1)))
         await asyncio.sleep(0.01)  # the first occupies the model; the second queues behind it
-        with pytest.raises(BatchTimeoutError):
+        with pytest.raises(BatchTimeoutError, match=r"^no result within 0\.1 s$"):
             await batcher.submit(np.ones(1))
         with pytest.raises(BatchTimeoutError):
             await first  # 0.3 s of model time is over the 0.1 s budget too
         await asyncio.sleep(0.4)
+        assert calls == [1]  # the timed-out queued request never reached the model
+        # The batch of only timed-out requests was skipped, and the batcher still takes new work.
+        with pytest.raises(BatchTimeoutError):
+            await batcher.submit(np.full(1, 2))
+        while calls != [1, 1]:
+            await asyncio.sleep(0.01)
         await batcher.close()
 
-    asyncio.run(scenario())
-    assert calls == [1]  # the timed-out queued request never reached the model
+    asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S))
 
 
 def test_settings_come_from_the_environment():
@@ -178,19 +207,39 @@ def test_json_log_lines_parse():
     assert line["message"] == "loaded m:1" and line["level"] == "INFO" and line["logger"] == "service"
 
 
+def _cpus_allowed_by_the_kernel() -> int:
+    """The affinity mask's size as /proc reports it (e.g. "0-3,8"), not through os.sched_getaffinity."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Cpus_allowed_list"))
+    count = 0
+    for part in line.split(":")[1].strip().split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
 def test_workers_default_to_the_cpus_the_process_may_use(tmp_path):
     from config.cpus import cgroup_cpu_limit, usable_cpus
 
-    assert load_settings({}).workers == usable_cpus() >= 1
+    affinity = _cpus_allowed_by_the_kernel()
+    v2, v1 = Path("/sys/fs/cgroup/cpu.max"), Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+    if v2.is_file():
+        quota, period = v2.read_text().split()
+    elif v1.is_file():
+        quota, period = v1.read_text().strip(), v1.with_name("cpu.cfs_period_us").read_text().strip()
+    else:
+        quota, period = "max", "1"
+    limited = quota != "max" and int(quota) > 0
+    expected = min(affinity, max(1, -(-int(quota) // int(period)))) if limited else affinity
+    assert load_settings({}).workers == usable_cpus() == expected
     assert load_settings({"HISTO_WORKERS": "3"}).workers == 3
     cgroup = tmp_path / "sys" / "fs" / "cgroup"
     cgroup.mkdir(parents=True)
     assert cgroup_cpu_limit(tmp_path) is None  # no quota file: no limit
     (cgroup / "cpu.max").write_text("max 100000\n")
-    assert cgroup_cpu_limit(tmp_path) is None and usable_cpus(tmp_path) == usable_cpus()
+    assert cgroup_cpu_limit(tmp_path) is None and usable_cpus(tmp_path) == affinity
     (cgroup / "cpu.max").write_text("150000 100000\n")  # a container limited to 1.5 CPUs
     assert cgroup_cpu_limit(tmp_path) == 1.5
-    assert usable_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    assert usable_cpus(tmp_path) == min(2, affinity)
     (cgroup / "cpu.max").write_text("10000 100000\n")  # a tenth of a CPU still gets one worker
     assert usable_cpus(tmp_path) == 1
     (cgroup / "cpu.max").unlink()

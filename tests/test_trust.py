@@ -155,6 +155,37 @@ def test_generated_ood_sets_are_deterministic_and_shaped_like_the_tiles():
     for a, b in zip(first, second, strict=True):
         assert a.images.dtype == np.uint8 and a.images.shape[1:] == (SIZE, SIZE, 3)
         np.testing.assert_array_equal(a.images, b.images)
+    # Each set is what its name says, measured against the very tiles it was made from (the first draw of
+    # the set's generator picks them), so none can quietly become in-distribution tissue.
+    sources = test_images[np.random.default_rng(3).permutation(len(test_images))].astype(np.float64)
+    made = {s.name: s.images.astype(np.float64) for s in first}
+    assert set(made) == {"blank_glass", "sparse_cells", "heavy_blur", "heavy_jpeg", "noise", "stain_wash",
+                         "shifted_stain", "greyscale", "textures"}
+    grey = sources.mean(axis=3)
+    np.testing.assert_allclose(made["greyscale"], np.repeat(grey[..., None], 3, axis=3), atol=1.0)
+    for image, source in zip(made["shifted_stain"], sources, strict=True):  # a channel rotation, never none
+        assert any(np.array_equal(image, source[..., order]) for order in ([1, 2, 0], [2, 0, 1]))
+    assert np.all(_sharpness(made["heavy_blur"]) < 0.5 * _sharpness(sources))
+    assert np.all(made["stain_wash"].std(axis=(1, 2)) < 4)  # flat, in the tile's mean colour
+    np.testing.assert_allclose(made["stain_wash"].mean(axis=(1, 2)), sources.mean(axis=(1, 2)), atol=2)
+    assert np.all(np.abs(made["heavy_jpeg"] - sources).mean(axis=(1, 2, 3)) > 3)  # visibly degraded
+    assert made["blank_glass"].mean() > 200 and made["blank_glass"].std(axis=(1, 2, 3)).max() < 20  # glass
+    assert np.all(_bright_share(made["sparse_cells"]) > 0.8) and np.all(_bright_share(sources) < 0.8)
+    assert abs(made["noise"].mean() - 127.5) < 3 and abs(made["noise"].std() - 73.9) < 2  # uniform 0..255
+    assert made["textures"].std(axis=(1, 2, 3)).min() > 10  # drawn patterns, not blanks
+
+
+def _sharpness(images: np.ndarray) -> np.ndarray:
+    """Variance of the 4-neighbour Laplacian of each grey image: low when blurred."""
+    grey = images.mean(axis=3)
+    neighbours = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
+    laplacian = 4 * grey[:, 1:-1, 1:-1] - neighbours
+    return laplacian.var(axis=(1, 2))
+
+
+def _bright_share(images: np.ndarray) -> np.ndarray:
+    """Share of each image's pixels brighter than 200 in every channel (glass)."""
+    return (images.min(axis=3) > 200).mean(axis=(1, 2))
 
 
 def flagged_share(stored, images: np.ndarray) -> float:

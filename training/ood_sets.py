@@ -102,7 +102,8 @@ def near_ood_sets(test_images: np.ndarray, seed: int = 0) -> list[OodSet]:
         return (flat + rng.normal(0, 2, tile.shape)).clip(0, 255).astype(np.uint8)
 
     def shifted(tile: np.ndarray) -> np.ndarray:
-        return tile[..., list(rng.permutation([1, 2, 0]) if rng.random() < 0.5 else [2, 0, 1])]
+        # One of the two rotations, never the identity or a swap (a permutation of [1, 2, 0] could be either).
+        return tile[..., [1, 2, 0] if rng.random() < 0.5 else [2, 0, 1]]
 
     def grey(tile: np.ndarray) -> np.ndarray:
         return np.repeat(tile.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8)
