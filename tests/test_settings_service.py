@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serving.slide_store import SLIDE_FILE
 
 from loadtests.servers import RunningServer
 from slides.analysis import analyze
+from slides.store import SLIDE_FILE
 from tests.helpers import (
     STRICT_TOKEN,
     assert_problem,
@@ -66,7 +66,7 @@ def tight(reference, tiny_model_tag: str, tmp_path_factory: pytest.TempPathFacto
         tiny_model_tag, tmp_path_factory, "tight", HISTO_WORKERS="1", HISTO_MAX_OPEN_UPLOADS="2",
         HISTO_MAX_BUFFERED_BYTES=str(1024 * 1024), HISTO_BODY_TIMEOUT_MS=str(int(BODY_TIMEOUT_S * 1000)),
         HISTO_MAX_FILES_PER_REQUEST="3", HISTO_ABSTAIN_THRESHOLD=repr(threshold), HISTO_SLIDE_DIR=str(slides),
-        HISTO_SLIDE_TTL_S="60",
+        HISTO_SLIDE_TTL_S="60", HISTO_SLIDE_RECONCILE_S="1",
     ):
         yield {"server": running, "threshold": threshold, "slides": slides}
 
@@ -160,21 +160,27 @@ def _upload(url: str, content: bytes) -> str:
     return answer.json()["slide_id"]
 
 
-def _finished(url: str, task_id: str) -> dict:
-    def status() -> dict | None:
-        body = httpx.get(f"{url}/analyze_slide/status", params={"task_id": task_id}, timeout=10).json()
-        return body if body["status"] not in ("pending", "in_progress") else None
+def _submit(url: str, slide_id: str, **options: object) -> dict:
+    answer = httpx.post(f"{url}/slides/{slide_id}/analysis", json=options, timeout=30)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
 
-    return wait_until(status, f"task {task_id} to finish", timeout=180, interval=0.2)
+
+def _ended(url: str, slide_id: str) -> dict:
+    def progress() -> dict | None:
+        body = httpx.get(f"{url}/slides/{slide_id}/progress", timeout=10).json()
+        return body if body["state"] in ("done", "failed") else None
+
+    return wait_until(progress, f"slide {slide_id}'s analysis to end", timeout=300, interval=0.2)
 
 
 def test_slide_progress_goes_queued_running_done_and_the_summary_matches(tight, slide_file, reference):
     url = tight["server"].url
     first, second = _upload(url, slide_file.read_bytes()), _upload(url, slide_file.read_bytes())
-    # Small tiles make the first analysis long enough to be seen running; one worker analyses one slide at a
-    # time, so the second waits its turn.
-    tasks = [httpx.post(f"{url}/analyze_slide/submit", json={"slide_id": slide, "tile_size": 32},
-                        timeout=30).json()["task_id"] for slide in (first, second)]
+    # Small tiles make the first analysis long enough to be seen running; the worker's one engine worker
+    # analyses one slide at a time, so the second waits its turn.
+    for slide in (first, second):
+        _submit(url, slide, tile_size=32)
     seen: dict[str, set] = {first: set(), second: set()}
     running: list[dict] = []
 
@@ -184,33 +190,30 @@ def test_slide_progress_goes_queued_running_done_and_the_summary_matches(tight, 
             seen[slide].add(progress["state"])
             if progress["state"] == "running":
                 running.append(progress)
-        return seen[first] >= {"done"} and "done" in seen[second]
+        return "done" in seen[first] and "done" in seen[second]
 
     wait_until(both_done, "both analyses done", timeout=300, interval=0.02)
     assert "running" in seen[first] and "queued" in seen[second], seen
     assert any(0 < p["tiles_done"] < p["tiles_total"] for p in running), running[:3]
-    results = [httpx.get(f"{url}/analyze_slide/get", params={"task_id": task}, timeout=30).json() for task in tasks]
     expected = analyze(slide_file, reference.stored, tile_size=32)
-    for slide, result in zip((first, second), results, strict=True):
+    for slide in (first, second):
         summary = httpx.get(f"{url}/slides/{slide}/summary.json", timeout=30)
         assert summary.status_code == 200 and summary.headers["content-type"] == "application/json"
-        assert {"slide_id": slide, **summary.json()} == result
-        assert result["tiles_analysed"] == len(expected.tiles)
-        assert httpx.get(f"{url}/slides/{slide}/progress", timeout=10).json() == {
-            "state": "done", "tiles_done": len(expected.tiles), "tiles_total": len(expected.tiles)}
+        assert summary.json()["tiles_analysed"] == len(expected.tiles)
+        done = httpx.get(f"{url}/slides/{slide}/progress", timeout=10).json()
+        assert (done["state"], done["tiles_done"], done["tiles_total"], done["attempt"], done["reason"]) == (
+            "done", len(expected.tiles), len(expected.tiles), 1, None)
 
 
-def test_a_failed_analysis_shows_failed_with_its_detail(tight, slide_file):
+def test_a_failed_analysis_shows_failed_with_its_reason(tight, slide_file):
     url = tight["server"].url
     slide = _upload(url, slide_file.read_bytes())
     content = slide_file.read_bytes()
     (tight["slides"] / slide / SLIDE_FILE).write_bytes(content[: len(content) // 3])  # damaged after its upload
-    task = httpx.post(f"{url}/analyze_slide/submit", json={"slide_id": slide}, timeout=30).json()["task_id"]
-    assert _finished(url, task)["status"] == "failed"
-    answer = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task}, timeout=30)
-    detail = assert_problem(answer, 422)["detail"]
-    progress = httpx.get(f"{url}/slides/{slide}/progress", timeout=10).json()
-    assert progress["state"] == "failed" and progress["detail"] == detail
+    _submit(url, slide)
+    failed = _ended(url, slide)
+    assert failed["state"] == "failed" and failed["reason"] and failed["attempt"] == 1  # a bad slide: no retry
+    assert_problem(httpx.get(f"{url}/slides/{slide}/summary.json", timeout=10), 404)
 
 
 @pytest.mark.parametrize("options", [{"min_tissue": 1.5}, {"min_tissue": -0.1}, {"tile_size": 8},
@@ -218,21 +221,19 @@ def test_a_failed_analysis_shows_failed_with_its_detail(tight, slide_file):
 def test_slide_options_out_of_range_get_400(tight, slide_file, options):
     url = tight["server"].url
     slide = _upload(url, slide_file.read_bytes())
-    task = httpx.post(f"{url}/analyze_slide/submit", json={"slide_id": slide, **options}, timeout=30).json()["task_id"]
-    assert _finished(url, task)["status"] == "failed"
-    answer = httpx.get(f"{url}/analyze_slide/get", params={"task_id": task}, timeout=30)
-    assert "min_tissue is a share" in assert_problem(answer, 400)["detail"]
+    assert_problem(httpx.post(f"{url}/slides/{slide}/analysis", json=options, timeout=30), 400)
     assert httpx.get(f"{url}/slides/{slide}/progress", timeout=10).json()["state"] == "uploaded"  # never queued
 
 
 def test_slides_expire_in_the_running_service(tight, slide_file):
     url = tight["server"].url
-    old = _upload(url, slide_file.read_bytes())
+    old, new = _upload(url, slide_file.read_bytes()), _upload(url, slide_file.read_bytes())
     hours_ago = time.time() - 2 * 3600
-    os.utime(tight["slides"] / old, (hours_ago, hours_ago))  # older than HISTO_SLIDE_TTL_S (60 s)
-    assert httpx.get(f"{url}/slides/{old}/progress", timeout=10).status_code == 200  # kept until the next upload
-    new = _upload(url, slide_file.read_bytes())
-    assert_problem(httpx.get(f"{url}/slides/{old}/progress", timeout=10), 404)
+    for path in [tight["slides"] / old, *(tight["slides"] / old).rglob("*")]:
+        os.utime(path, (hours_ago, hours_ago))  # older than HISTO_SLIDE_TTL_S (60 s)
+    # The reconciler (every HISTO_SLIDE_RECONCILE_S, 1 s here) removes it.
+    wait_until(lambda: httpx.get(f"{url}/slides/{old}/progress", timeout=10).status_code == 404,
+               "the old slide to expire", timeout=60, interval=0.5)
     assert not (tight["slides"] / old).exists()
     assert httpx.get(f"{url}/slides/{new}/progress", timeout=10).json()["state"] == "uploaded"
 
@@ -249,8 +250,7 @@ def test_the_slide_routes_need_the_token(strict_server, slide_file):
         ("GET", f"/slides/{'0' * 32}/progress", {}),
         ("GET", f"/slides/{'0' * 32}/summary.json", {}),
         ("GET", f"/slides/{'0' * 32}/tile", {"params": {"x": 0, "y": 0, "size": 16}}),
-        ("POST", "/analyze_slide/submit", {"json": {"slide_id": "0" * 32}}),
-        ("GET", "/analyze_slide/status", {"params": {"task_id": "x"}}),
+        ("POST", f"/slides/{'0' * 32}/analysis", {"json": {}}),
     ]:
         refused = httpx.request(method, f"{url}{path}", timeout=30, **kwargs)
         assert_problem(refused, 401)
