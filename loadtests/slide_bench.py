@@ -54,10 +54,9 @@ CLIENTS = 32
 MIN_SHARE_CORRECT = 0.90  # of tissue tiles, or the model's own test accuracy less 5 points when that is below 95%
 MIN_GLASS_SKIPPED = 0.95
 MIN_COVERAGE = 0.98  # of the true tissue's area, inside analysed tiles
-# Slide tiles/s over /predict images/s on the same server. Measured 75-94% on 2-core machines, shared or
-# not; the target is a floor any such machine clears with room to spare (a slide that stopped reading ahead
-# of the model, or ran it a tile at a time, falls below it), and the run reports the ratio it measured.
-MIN_THROUGHPUT_RATIO = 0.50
+# A slide's tiles/s is reported beside /predict's images/s, not gated: slides now run on the engine's one
+# niced worker per service worker (yielding to /predict), so the two no longer share a bound. The engine's
+# own efficiency is gated by loadtests/engine_bench.py (a cohort against in-process analysis).
 MIN_PREDICT_UNDER_SLIDES = 0.85  # of /predict's throughput alone, while slides run on the same host
 MAX_MEMORY_GROWTH_MB = 500
 MIN_RAW_SLIDE_BYTES = 10**9
@@ -272,7 +271,6 @@ def measure(model_tag: str, size: int, seed: int, seconds: float) -> Measured:
 
 def checks(m: Measured) -> list[tuple[str, bool]]:
     floor = MIN_SHARE_CORRECT if m.test_accuracy >= 0.95 else min(MIN_SHARE_CORRECT, m.test_accuracy - 0.05)
-    ratio = m.alone.tiles_per_second / m.predict_alone.requests_per_second
     growth = m.memory_peak_mb - m.memory_start_mb
     kept = m.predict_under_slides.requests_per_second / m.predict_alone.requests_per_second
     info = m.alone.summary["slide"]
@@ -284,9 +282,6 @@ def checks(m: Measured) -> list[tuple[str, bool]]:
         (f"tissue inside analysed tiles: {m.scored['tissue_coverage']:.1%} >= {MIN_COVERAGE:.0%} (answered: "
          f"{m.scored['tissue_answered']:.1%})", m.scored["tissue_coverage"] >= MIN_COVERAGE),
         ("every GeoJSON feature inside the slide", features_inside(m.alone.geojson, info["width"], info["height"])),
-        (f"slide tiles/s {m.alone.tiles_per_second:.0f} >= {MIN_THROUGHPUT_RATIO:.0%} of /predict's "
-         f"{m.predict_alone.requests_per_second:.0f} images/s at {CLIENTS} clients ({ratio:.0%})",
-         ratio >= MIN_THROUGHPUT_RATIO),
         (f"resident memory grew {growth:.0f} MB < {MAX_MEMORY_GROWTH_MB} MB on a {m.raw_bytes / 1e9:.2f} GB slide",
          growth < MAX_MEMORY_GROWTH_MB and m.raw_bytes >= MIN_RAW_SLIDE_BYTES),
         (f"/predict served while slides are analysed: {m.predict_under_slides.requests_per_second:.0f} req/s, "
