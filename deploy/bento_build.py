@@ -41,8 +41,13 @@ def source_digest(model_tag: str, root: Path = REPO_ROOT) -> str:
 def existing_bento(name: str, digest: str) -> str | None:
     """The tag of a stored Bento built from exactly these inputs, if any."""
     import bentoml
+    from bentoml.exceptions import NotFound
 
-    for bento in bentoml.list(name):
+    try:
+        bentos = bentoml.list(name)
+    except NotFound:  # no Bento of this name yet
+        return None
+    for bento in bentos:
         if bento.info.labels.get(DIGEST_LABEL) == digest:
             return str(bento.tag)
     return None
