@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from loadtests.servers import REPO_ROOT
+from models.store import REPORT_FILES
 from tests.helpers import STRICT_TOKEN, encode, fresh_tile, write_pyramidal_tiff
 
 pytestmark = [pytest.mark.browser, pytest.mark.service]
@@ -42,6 +43,9 @@ def page(browser, strict_server):
     page.goto(f"{strict_server.url}/ui/")
     yield page
     context.close()
+
+
+REPORT_FIGURES = [name for name, media in REPORT_FILES.items() if media == "image/png"]
 
 
 def screenshot(page, name: str) -> Path:
@@ -209,8 +213,10 @@ def test_a_whole_slide_is_uploaded_analysed_and_mapped(page, reference, tmp_path
     facts = summary(expected, reference.stored.card.abstention.cancer_classes)
     expect(page.locator("#slide-coverage")).to_contain_text(
         f"{100 * facts['tissue_coverage']:.1f}% of the tissue found lies in analysed tiles")
-    # The tiny model's card has no pixel size: the page says the tiles are not rescaled.
-    expect(page.locator("#slide-scale")).to_contain_text("declares no pixel size")
+    # The tiny model's card and the slide both declare a pixel size: the tiles are cut at the model's scale,
+    # and the page has no warning about the scale to show.
+    assert facts["scale_declared"] and facts["tile_size_basis"] == "microns_per_pixel"
+    expect(page.locator("#slide-scale")).to_be_hidden()
     answered = [t.prediction.predicted_class for t in expected.tiles if not t.prediction.uncertain]
     rows = page.locator("#slide-fractions tbody tr")
     expect(rows).to_have_count(len(expected.class_names))
@@ -278,7 +284,7 @@ def assert_report_page(report) -> None:
     expect(report.locator("h1")).to_contain_text("Model report")
     expect(report.locator("table").first).to_be_visible()
     figures = report.locator("img")
-    expect(figures).to_have_count(5)
+    expect(figures).to_have_count(len(REPORT_FIGURES))  # every figure the report writes
     for figure in figures.all():
         figure.scroll_into_view_if_needed()
         assert figure.evaluate("image => image.complete && image.naturalWidth > 0"), figure.get_attribute("alt")
