@@ -389,7 +389,7 @@ def test_a_client_that_leaves_mid_body_gets_400():
              "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
     asyncio.run(guarded(scope, receive, send))
     assert sent[0]["status"] == 400
-    assert json.loads(sent[1]["body"])["detail"] == "client disconnected before the body was complete"
+    assert json.loads(sent[1]["body"])["detail"] == "the client went away before the request body was complete"
 
 
 # --------------------------------------------------------------------------- admission
