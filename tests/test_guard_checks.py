@@ -495,3 +495,26 @@ def test_other_error_responses_become_problems_with_safe_details():
 ])
 def test_error_details_are_rewritten_safely(status, original, detail):
     assert client_safe_detail(status, original) == detail
+
+
+def test_a_chunk_that_arrives_after_the_body_deadline_ends_the_upload():
+    # The chunk comes back late but whole (this receive blocks the loop, so no timer can fire first):
+    # the next read finds the deadline gone and refuses without waiting.
+    body, _ = _multipart_body()
+    guarded = app(body_idle_timeout_s=5.0, body_timeout_s=0.3)
+    messages = _pieces(body, 60, 60)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        time.sleep(0.5)  # blocking on purpose: past the whole body's deadline
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/one", "raw_path": b"/one", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
+    asyncio.run(guarded(scope, receive, send))
+    assert sent[0]["status"] == 408 and len(messages) == 2  # refused after the first chunk
+    assert json.loads(sent[1]["body"])["detail"] == "the request body did not arrive within 0.3 s"
