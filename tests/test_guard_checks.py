@@ -518,3 +518,43 @@ def test_a_chunk_that_arrives_after_the_body_deadline_ends_the_upload():
     asyncio.run(guarded(scope, receive, send))
     assert sent[0]["status"] == 408 and len(messages) == 2  # refused after the first chunk
     assert json.loads(sent[1]["body"])["detail"] == "the request body did not arrive within 0.3 s"
+
+
+def test_a_streamed_error_body_is_rewritten_whole():
+    async def streamed_error(request: Request) -> StreamingResponse:
+        async def parts():
+            yield b"first half, "
+            yield b"second half"
+
+        return StreamingResponse(parts(), status_code=409, media_type="text/plain")
+
+    starlette = Starlette(routes=[Route("/conflict", streamed_error)])
+    starlette.add_middleware(RequestGuard, policy=GuardPolicy(
+        upload_routes={}, token_routes=frozenset(), max_body_bytes=1000, admission=Admission(8, 8, 2.0),
+        request_timeout_s=10, body_timeout_s=10, body_idle_timeout_s=5))
+    with TestClient(starlette) as client:
+        assert problem_of(client.get("/conflict"), 409) == "first half, second half"
+
+
+def test_a_worker_that_filled_up_while_the_body_arrived_refuses_after_it():
+    admission = Admission(max_in_flight=1, max_open_uploads=8, max_queue_delay_s=2.0)
+    body, _ = _multipart_body()
+    messages = _pieces(body, 60)
+
+    async def fill_up_then_deliver() -> dict:
+        admission.in_flight = 1  # another request was admitted meanwhile
+        return messages.pop(0)
+
+    guarded = app(admission=admission)
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/one", "raw_path": b"/one", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
+    asyncio.run(guarded(scope, fill_up_then_deliver, send))
+    assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["detail"] == "over capacity (1 requests in flight); retry after 1 s"
+    assert admission.open_uploads == 0 and admission.in_flight == 1  # its own count never taken
