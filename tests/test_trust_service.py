@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from loadtests.servers import RunningServer
+from models.prediction import Thresholds, magnification_flagged
 from synthetic.tissue import render_tile
 from tests.helpers import encode, fresh_tile, metric_delta, metric_samples, serve_tiny_model
 
@@ -46,6 +48,10 @@ def assert_matches_reference(body: dict, data: bytes, reference, threshold: floa
     assert body["ood_threshold"] == pytest.approx(threshold, abs=1e-4)
     assert body["out_of_distribution"] == (expected["ood_score"] > threshold)
     flagged = ["out_of_distribution"] * body["out_of_distribution"] + expected["quality"].failed_checks
+    # The magnification check, on the estimate the answer shows, with the card's limits (models.prediction).
+    limits = Thresholds.resolve(reference.stored.card).magnification
+    estimate = math.nan if body["magnification"] is None else body["magnification"]
+    flagged += ["magnification"] * bool(magnification_flagged(estimate, limits))
     assert [reason for reason in body["reasons"] if reason != "low_confidence"] == flagged
     assert body["uncertain"] == bool(body["reasons"])
 
