@@ -54,7 +54,7 @@ def test_building_again_without_changes_reuses_the_bento_and_a_change_builds_a_n
     shutil.copytree(REPO_ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "data", "artifacts", "build",
                                                                   "__pycache__", ".*cache"))
     assert source_digest(model_tag, copy) == source_digest(model_tag)
-    (copy / "serving" / "settings.py").write_text((copy / "serving" / "settings.py").read_text() + "\n")
+    (copy / "config" / "settings.py").write_text((copy / "config" / "settings.py").read_text() + "\n")
     assert source_digest(model_tag, copy) != source_digest(model_tag)
 
 
