@@ -55,6 +55,13 @@ async def _stalled_answer(request: Request) -> StreamingResponse:
     return StreamingResponse(parts())
 
 
+def _upload_scope(guarded: object) -> dict:
+    """The ASGI scope of a multipart POST to /one, for driving the guard with hand-made messages."""
+    return {"type": "http", "method": "POST", "path": "/one", "raw_path": b"/one", "query_string": b"",
+            "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
+            "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
+
+
 def _plain_error(status: int, text: str):
     async def route(request: Request) -> Response:
         return PlainTextResponse(text, status_code=status, headers={"X-Kept": "yes"})
@@ -293,9 +300,7 @@ def _through_asgi(guarded: Starlette, messages: list[dict], gap_s: float = 0.0) 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/one", "raw_path": b"/one", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
-             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
+    scope = _upload_scope(guarded)
     asyncio.run(guarded(scope, receive, send))
     start = sent[0]
     payload = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
@@ -384,9 +389,7 @@ def test_a_client_that_leaves_mid_body_gets_400():
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/one", "raw_path": b"/one", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
-             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
+    scope = _upload_scope(guarded)
     asyncio.run(guarded(scope, receive, send))
     assert sent[0]["status"] == 400
     assert json.loads(sent[1]["body"])["detail"] == "the client went away before the request body was complete"
@@ -512,9 +515,7 @@ def test_a_chunk_that_arrives_after_the_body_deadline_ends_the_upload():
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/one", "raw_path": b"/one", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
-             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
+    scope = _upload_scope(guarded)
     asyncio.run(guarded(scope, receive, send))
     assert sent[0]["status"] == 408 and len(messages) == 2  # refused after the first chunk
     assert json.loads(sent[1]["body"])["detail"] == "the request body did not arrive within 0.3 s"
@@ -551,9 +552,7 @@ def test_a_worker_that_filled_up_while_the_body_arrived_refuses_after_it():
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/one", "raw_path": b"/one", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=b")], "http_version": "1.1",
-             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": guarded}
+    scope = _upload_scope(guarded)
     asyncio.run(guarded(scope, fill_up_then_deliver, send))
     assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["detail"] == "over capacity (1 requests in flight); retry after 1 s"
