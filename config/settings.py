@@ -101,7 +101,7 @@ class Settings:
     slide_store: str  # folder path or fsspec URL (s3://...) of the shared slide store (slides.store)
     dask_scheduler: str | None  # tcp://host:port of a Dask cluster for slide analyses; None: an embedded one
     dask_workers: int  # workers of the embedded cluster (per service process)
-    dask_worker_nice: int  # OS niceness of slide workers (0: normal priority); they yield to /predict
+    dask_worker_nice: int  # OS niceness of slide workers (0: normal; 19: also the idle class); they yield to /predict
     slide_stale_s: int  # a queued or running slide whose heartbeat is older than this may be resubmitted
     slide_max_attempts: int  # runs of one slide (lost workers and errors included) before it is failed
     slide_reconcile_s: int  # how often the service looks for slides to resubmit
@@ -170,7 +170,7 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         dask_scheduler=env.get("HISTO_DASK_SCHEDULER") or None,
         # One per service process: with one service worker per core, one slide worker per core in all.
         dask_workers=_read(env, "HISTO_DASK_WORKERS", 1, rule=at_least(1)),
-        dask_worker_nice=_read(env, "HISTO_DASK_WORKER_NICE", 10, rule=Rule(lambda v: 0 <= v <= 19, "0-19")),
+        dask_worker_nice=_read(env, "HISTO_DASK_WORKER_NICE", 19, rule=Rule(lambda v: 0 <= v <= 19, "0-19")),
         slide_stale_s=_read(env, "HISTO_SLIDE_STALE_S", 120, rule=at_least(1)),
         slide_max_attempts=_read(env, "HISTO_SLIDE_MAX_ATTEMPTS", 3, rule=at_least(1)),
         slide_reconcile_s=_read(env, "HISTO_SLIDE_RECONCILE_S", 30, rule=at_least(1)),
@@ -257,7 +257,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(("HISTO_DASK_SCHEDULER",), "`tcp://host:port` of the Dask cluster that analyses slides (`make engine`); "
              "none: an embedded cluster per service worker, started on the first slide", default="none"),
     Variable(("HISTO_DASK_WORKERS", "HISTO_DASK_WORKER_NICE"), "the embedded cluster's worker processes per service "
-             "worker, and the OS niceness of slide workers (they yield the CPU to `/predict`)",
+             "worker, and the OS niceness of slide workers (they yield the CPU to `/predict`; at 19, the "
+             "default, they also take Linux's idle scheduling class and run only on CPU time the service leaves)",
              ("dask_workers", "dask_worker_nice")),
     Variable(("HISTO_SLIDE_STALE_S", "HISTO_SLIDE_RECONCILE_S"), "a queued or running slide without a heartbeat "
              "for the first, and unknown to the scheduler, is submitted again; each service worker looks every "

@@ -1,6 +1,6 @@
 """`make engine`: a Dask scheduler and one slide worker per usable core, in the foreground.
 
-    python -m slides.cluster [--scheduler tcp://127.0.0.1:8786] [--workers N] [--nice 10]
+    python -m slides.cluster [--scheduler tcp://127.0.0.1:8786] [--workers N] [--nice 19]
 
 Each process runs in a process group of its own and is started again if it
 exits (a worker also exits when it loses its scheduler, and a restarted

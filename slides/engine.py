@@ -28,7 +28,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from slides.analysis import DEFAULT_MIN_TISSUE
 from slides.store import ACTIVE, Progress, SlideStore
-from slides.task import SlideJob, analyse_slide, loaded_model, lower_priority
+from slides.task import LOWEST_NICE, SlideJob, analyse_slide, loaded_model, lower_priority
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -71,7 +71,7 @@ class SlideEngine:
     """Submits slides of one store to a Dask cluster (connected, or embedded and started on first use)."""
 
     def __init__(self, store: SlideStore, model_tag: str, scheduler: str | None = None, workers: int = 1,
-                 nice: int = 10, stale_s: float = 120, max_attempts: int = 3) -> None:
+                 nice: int = LOWEST_NICE, stale_s: float = 120, max_attempts: int = 3) -> None:
         self.store = store
         self.model_tag = model_tag
         self.scheduler = scheduler

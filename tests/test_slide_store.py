@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +55,32 @@ def test_the_store_setting_keeps_the_old_name_as_an_alias():
         "s3://lab/slides"
     assert load_settings({"HISTO_SLIDE_DIR": "/x"}).slide_store == "/x"
     settings = load_settings({})
-    assert settings.dask_scheduler is None and settings.dask_workers == 1 and settings.dask_worker_nice == 10
+    assert settings.dask_scheduler is None and settings.dask_workers == 1 and settings.dask_worker_nice == 19
     with pytest.raises(SettingsError, match="HISTO_DASK_WORKER_NICE"):
         load_settings({"HISTO_DASK_WORKER_NICE": "25"})
+
+
+@pytest.mark.parametrize(("nice", "idle"), [(10, False), (19, True)])
+def test_slide_workers_lower_every_thread_and_take_the_idle_class_at_the_lowest_niceness(nice, idle):
+    # In a child: a lowered priority cannot be raised again by an unprivileged process.
+    script = f"""
+import os, threading
+from slides.task import lower_priority
+started = threading.Event(); done = threading.Event()
+def wait():
+    started.set(); done.wait()
+thread = threading.Thread(target=wait, daemon=True); thread.start(); started.wait()
+lower_priority({nice})
+late = threading.Thread(target=lambda: print("late", os.getpriority(os.PRIO_PROCESS, 0),
+                                              os.sched_getscheduler(0) == os.SCHED_IDLE))
+late.start(); late.join()
+for tid in (thread.native_id, threading.main_thread().native_id):
+    print("thread", os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid) == os.SCHED_IDLE)
+done.set()
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=60, check=True)
+    lines = result.stdout.split("\n")
+    threads = [line for line in lines if line.startswith("thread")]
+    assert threads == [f"thread {nice} {idle}"] * 2  # the thread started before, and the main thread
+    assert f"late {nice} {idle}" in lines  # a thread started afterwards inherits both
