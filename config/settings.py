@@ -102,6 +102,7 @@ class Settings:
     dask_scheduler: str | None  # tcp://host:port of a Dask cluster for slide analyses; None: an embedded one
     dask_workers: int  # workers of the embedded cluster (per service process)
     dask_worker_nice: int  # OS niceness of slide workers (0: normal; 19: also the idle class); they yield to /predict
+    slide_busy_duty: float  # share of the time a slide worker on the service's host computes while it is busy
     slide_stale_s: int  # a queued or running slide whose heartbeat is older than this may be resubmitted
     slide_max_attempts: int  # runs of one slide (lost workers and errors included) before it is failed
     slide_reconcile_s: int  # how often the service looks for slides to resubmit
@@ -171,6 +172,8 @@ def load_settings(env: Mapping[str, str] | None = None, bento_arguments: Mapping
         # One per service process: with one service worker per core, one slide worker per core in all.
         dask_workers=_read(env, "HISTO_DASK_WORKERS", 1, rule=at_least(1)),
         dask_worker_nice=_read(env, "HISTO_DASK_WORKER_NICE", 19, rule=Rule(lambda v: 0 <= v <= 19, "0-19")),
+        slide_busy_duty=_read(env, "HISTO_SLIDE_BUSY_DUTY", 0.2, float,
+                              Rule(lambda v: 0 < v <= 1, "above 0, at most 1")),
         slide_stale_s=_read(env, "HISTO_SLIDE_STALE_S", 120, rule=at_least(1)),
         slide_max_attempts=_read(env, "HISTO_SLIDE_MAX_ATTEMPTS", 3, rule=at_least(1)),
         slide_reconcile_s=_read(env, "HISTO_SLIDE_RECONCILE_S", 30, rule=at_least(1)),
@@ -260,6 +263,9 @@ VARIABLES: tuple[Variable, ...] = (
              "worker, and the OS niceness of slide workers (they yield the CPU to `/predict`; at 19, the "
              "default, they also take Linux's idle scheduling class and run only on CPU time the service leaves)",
              ("dask_workers", "dask_worker_nice")),
+    Variable(("HISTO_SLIDE_BUSY_DUTY",), "while the rest of the host keeps half its cores busy, the share of the "
+             "time a slide worker at a niceness above 0 computes (it pauses between batches; 1: never pauses)",
+             ("slide_busy_duty",)),
     Variable(("HISTO_SLIDE_STALE_S", "HISTO_SLIDE_RECONCILE_S"), "a queued or running slide without a heartbeat "
              "for the first, and unknown to the scheduler, is submitted again; each service worker looks every "
              "second seconds (and removes expired slides)", ("slide_stale_s", "slide_reconcile_s")),

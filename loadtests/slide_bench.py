@@ -3,8 +3,8 @@
 On a synthetic slide with ground truth (:mod:`synthetic.slides`,
 20,000 pixels a side by default), through the flow a client uses (`POST
 /slides`, `POST /slides/{id}/analysis`, `/progress` until done, the summary
-and the GeoJSON), analysed by the service's embedded slide engine (niced Dask
-workers on the same host):
+and the GeoJSON), analysed by the service's embedded slide engine (Dask workers on the same
+host, in the idle scheduling class):
 
 * **accuracy**: tissue tiles given their region's class, glass tiles skipped,
   the true tissue's area inside analysed tiles (coverage), every GeoJSON
@@ -13,7 +13,8 @@ workers on the same host):
   per second at 32 clients, on the same server;
 * **no starvation**: `/predict` at 32 clients while slides are analysed back to
   back (each a new id for the same file, named by path in the slide root, so
-  the idempotent submit starts a new analysis), against `/predict` alone;
+  the idempotent submit starts a new analysis), against `/predict` alone in
+  the windows just before and just after (their mean), the engines started;
 * **memory**: the server's resident memory (supervisor and workers) while an
   uncompressed slide of a gigabyte or more is uploaded and analysed.
 
@@ -231,7 +232,8 @@ class Measured:
     test_accuracy: float
     slide: Path
     raw_bytes: int
-    predict_alone: LevelResult
+    predict_alone: LevelResult  # just before the slides' window
+    predict_alone_after: LevelResult  # and just after it: the machine's speed drifts between windows
     alone: Analysis
     scored: dict
     predict_under_slides: LevelResult
@@ -252,11 +254,14 @@ def measure(model_tag: str, size: int, seed: int, seconds: float) -> Measured:
                               env={"HISTO_MODEL_TAG": stored.tag, "HISTO_SLIDE_STORE": str(Path(folder) / "slides"),
                                    "HISTO_SLIDE_ROOT": str(compressed.parent)})
         try:
-            predict_alone = asyncio.run(closed_loop(f"{server.url}/predict", payload, CLIENTS, seconds))
             warm_engines(server, compressed.name)
             slide_id = upload(server.url, compressed)
             alone = analyse(server.url, slide_id)
+            # /predict alone on either side of the slides' window, all with the engines started, so the ratio
+            # is what running slides costs /predict and not the drift of a shared host's speed over a minute.
+            predict_alone = asyncio.run(closed_loop(f"{server.url}/predict", payload, CLIENTS, seconds))
             under_load, tiles_under_load = predict_under_slides(server.url, compressed.name, payload, seconds)
+            predict_alone_after = asyncio.run(closed_loop(f"{server.url}/predict", payload, CLIENTS, seconds))
             with MemoryWatch(server) as memory:
                 started = time.perf_counter()
                 raw_id = upload(server.url, raw)
@@ -265,14 +270,20 @@ def measure(model_tag: str, size: int, seed: int, seconds: float) -> Measured:
         finally:
             stop_server(server)
     scored = score(SlideTruth.load(truth_path(compressed)), alone.geojson, alone.summary["grid"]["tile_size"])
-    return Measured(stored.tag, stored.card.metrics.accuracy, compressed, raw.stat().st_size, predict_alone, alone,
+    return Measured(stored.tag, stored.card.metrics.accuracy, compressed, raw.stat().st_size, predict_alone,
+                    predict_alone_after, alone,
                     scored, under_load, tiles_under_load, upload_s, big.seconds, memory.start_mb, memory.peak_mb)
+
+
+def predict_alone_rate(m: Measured) -> float:
+    """/predict's requests/s alone: the mean of the windows before and after the slides' window."""
+    return (m.predict_alone.requests_per_second + m.predict_alone_after.requests_per_second) / 2
 
 
 def checks(m: Measured) -> list[tuple[str, bool]]:
     floor = MIN_SHARE_CORRECT if m.test_accuracy >= 0.95 else min(MIN_SHARE_CORRECT, m.test_accuracy - 0.05)
     growth = m.memory_peak_mb - m.memory_start_mb
-    kept = m.predict_under_slides.requests_per_second / m.predict_alone.requests_per_second
+    kept = m.predict_under_slides.requests_per_second / predict_alone_rate(m)
     info = m.alone.summary["slide"]
     return [
         (f"tissue tiles given their region's class: {m.scored['share_correct']:.1%} >= {floor:.1%} "
@@ -285,7 +296,8 @@ def checks(m: Measured) -> list[tuple[str, bool]]:
         (f"resident memory grew {growth:.0f} MB < {MAX_MEMORY_GROWTH_MB} MB on a {m.raw_bytes / 1e9:.2f} GB slide",
          growth < MAX_MEMORY_GROWTH_MB and m.raw_bytes >= MIN_RAW_SLIDE_BYTES),
         (f"/predict served while slides are analysed: {m.predict_under_slides.requests_per_second:.0f} req/s, "
-         f"{kept:.0%} >= {MIN_PREDICT_UNDER_SLIDES:.0%} of alone, {m.predict_under_slides.errors} errors; the "
+         f"{kept:.0%} >= {MIN_PREDICT_UNDER_SLIDES:.0%} of alone (the mean of before and after), "
+         f"{m.predict_under_slides.errors} errors; the "
          f"slides made {m.tiles_per_second_under_load:.0f} tiles/s",
          m.predict_under_slides.errors == 0 and kept >= MIN_PREDICT_UNDER_SLIDES
          and m.tiles_per_second_under_load > 0),
@@ -309,12 +321,13 @@ def section(m: Measured, met: list[tuple[str, bool]]) -> list[str]:
         f"Latest run of `{COMMAND}` ({when}; {machine}; model `{m.model}`). A synthetic",
         f"{info['width']:,} x {info['height']:,} slide with ground truth (`{m.slide.name}`), through",
         "`POST /slides`, `POST /slides/{id}/analysis`, `/progress` and the GeoJSON, on one server with the",
-        "default settings: slides run on its embedded engine (one niced Dask worker per service worker, on the",
-        "same host). /predict: closed-loop clients posting a 768x768 JPEG.",
+        "default settings: slides run on its embedded engine (one Dask worker per service worker, on the",
+        "same host, at the lowest priority). /predict: closed-loop clients posting a 768x768 JPEG, once the",
+        "engines have started.",
         "",
         "| what | clients | per second | p50 ms | p95 ms | errors |",
         "|---|---:|---:|---:|---:|---:|",
-        row.format("/predict alone (images)", CLIENTS, m.predict_alone.requests_per_second,
+        row.format("/predict alone, before the slides (images)", CLIENTS, m.predict_alone.requests_per_second,
                    m.predict_alone.p50_ms, m.predict_alone.p95_ms, m.predict_alone.errors),
         f"| one slide alone (tiles: {m.alone.summary['tiles_analysed']} in {m.alone.seconds:.1f} s, submit to "
         f"result) | - | {m.alone.tiles_per_second:.0f} | - | - | 0 |",
@@ -322,6 +335,9 @@ def section(m: Measured, met: list[tuple[str, bool]]) -> list[str]:
                    m.predict_under_slides.requests_per_second, m.predict_under_slides.p50_ms,
                    m.predict_under_slides.p95_ms, m.predict_under_slides.errors),
         f"| slides under that /predict load (tiles) | - | {m.tiles_per_second_under_load:.0f} | - | - | 0 |",
+        row.format("/predict alone, after the slides (images)", CLIENTS,
+                   m.predict_alone_after.requests_per_second, m.predict_alone_after.p50_ms,
+                   m.predict_alone_after.p95_ms, m.predict_alone_after.errors),
         "",
         f"Accuracy against the truth: {s['tissue_tiles_correct']} of {s['tissue_tiles']} tissue tiles given "
         f"their region's class ({s['share_correct']:.1%}); {s['tissue_tiles_uncertain']} uncertain, "

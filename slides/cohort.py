@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(names)) != len(names):
         parser.error("several slides share a name: their store folders would collide")
     engine = SlideEngine(SlideStore(args.out), args.model, args.scheduler, args.workers, settings.dask_worker_nice,
-                         args.stale_s, settings.slide_max_attempts)
+                         args.stale_s, settings.slide_max_attempts, settings.slide_busy_duty)
     failed = run(args.slides, engine, args.tile_size, args.min_tissue, args.reconcile_s)
     if failed:
         sys.stderr.write(f"{failed} of {len(args.slides)} slides failed ({COHORT_TABLE} says why)\n")

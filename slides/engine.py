@@ -71,12 +71,14 @@ class SlideEngine:
     """Submits slides of one store to a Dask cluster (connected, or embedded and started on first use)."""
 
     def __init__(self, store: SlideStore, model_tag: str, scheduler: str | None = None, workers: int = 1,
-                 nice: int = LOWEST_NICE, stale_s: float = 120, max_attempts: int = 3) -> None:
+                 nice: int = LOWEST_NICE, stale_s: float = 120, max_attempts: int = 3,
+                 busy_duty: float = 1.0) -> None:
         self.store = store
         self.model_tag = model_tag
         self.scheduler = scheduler
         self.workers = workers
         self.nice = nice
+        self.busy_duty = busy_duty
         self.stale_s = stale_s
         self.max_attempts = max_attempts
         self._client: Client | None = None
@@ -87,7 +89,8 @@ class SlideEngine:
         """The engine the service's settings describe (HISTO_SLIDE_STORE, HISTO_DASK_*, HISTO_SLIDE_*)."""
         s = settings
         return cls(SlideStore(s.slide_store), s.model_tag, s.dask_scheduler, s.dask_workers,  # type: ignore[attr-defined]
-                   s.dask_worker_nice, s.slide_stale_s, s.slide_max_attempts)  # type: ignore[attr-defined]
+                   s.dask_worker_nice, s.slide_stale_s, s.slide_max_attempts,  # type: ignore[attr-defined]
+                   s.slide_busy_duty)  # type: ignore[attr-defined]
 
     # The cluster.
 
@@ -150,8 +153,9 @@ class SlideEngine:
         job = SlideJob(self.store.url, slide_id, self.model_tag, queued.tile_size, queued.min_tissue,
                        self.max_attempts)
         # Dask's retries cover an error inside the task; a lost worker is rescheduled by the scheduler.
-        future = self.client().submit(analyse_slide, job, self.nice, key=task_key(slide_id, queued.submission),
-                                      retries=self.max_attempts - 1, pure=False)
+        future = self.client().submit(analyse_slide, job, self.nice, self.busy_duty,
+                                      key=task_key(slide_id, queued.submission), retries=self.max_attempts - 1,
+                                      pure=False)
         fire_and_forget(future)  # runs to the end even if this client goes
         logger.info("slide %s submitted (submission %d)", slide_id, queued.submission)
         return queued

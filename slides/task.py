@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from slides.analysis import DEFAULT_MIN_TISSUE
 from slides.reader import SlideError
 from slides.store import Progress, SlideStore
+from slides.yielding import HostYield
 
 if TYPE_CHECKING:  # TensorFlow loads only when a slide is analysed
     from models.prediction import TileClassifier
@@ -101,8 +102,11 @@ def _whoami() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def analyse_slide(job: SlideJob, nice: int = 0) -> str:
+def analyse_slide(job: SlideJob, nice: int = 0, busy_duty: float = 1.0) -> str:
     """Analyse `job`'s slide into its store folder; returns the final state (`done` or `failed`).
+
+    With `nice` above 0 (a worker sharing its host with the service) the worker runs at that priority and,
+    while the rest of the host is busy, computes only `busy_duty` of the time (:mod:`slides.yielding`).
 
     Safe to run twice: a slide already done or failed is left as it is.
     """
@@ -135,6 +139,7 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
     store.write_progress(job.slide_id, running)
     lock = threading.Lock()  # progress comes from the analysis' thread only, but stay safe
     written, every_s = 0.0, 0.0 if store.local else REMOTE_PROGRESS_EVERY_S
+    yielding = HostYield(busy_duty) if nice > 0 else None
 
     def on_progress(done: int, total: int) -> None:
         nonlocal running, written
@@ -143,6 +148,8 @@ def analyse_slide(job: SlideJob, nice: int = 0) -> str:
             if done in (0, total) or time.monotonic() - written >= every_s:
                 store.write_progress(job.slide_id, running)
                 written = time.monotonic()
+        if yielding is not None and 0 < done < total:
+            yielding.after_batch()
 
     try:
         with store.local_copy(source) as path:

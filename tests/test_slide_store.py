@@ -58,6 +58,10 @@ def test_the_store_setting_keeps_the_old_name_as_an_alias():
     assert settings.dask_scheduler is None and settings.dask_workers == 1 and settings.dask_worker_nice == 19
     with pytest.raises(SettingsError, match="HISTO_DASK_WORKER_NICE"):
         load_settings({"HISTO_DASK_WORKER_NICE": "25"})
+    assert settings.slide_busy_duty == 0.2 and load_settings({"HISTO_SLIDE_BUSY_DUTY": "1"}).slide_busy_duty == 1
+    for bad in ("0", "1.5", "most"):
+        with pytest.raises(SettingsError, match="HISTO_SLIDE_BUSY_DUTY"):
+            load_settings({"HISTO_SLIDE_BUSY_DUTY": bad})
 
 
 @pytest.mark.parametrize(("nice", "idle"), [(10, False), (19, True)])
