@@ -148,7 +148,7 @@ def analyse_slide(job: SlideJob, nice: int = 0, busy_duty: float = 1.0) -> str:
             if done in (0, total) or time.monotonic() - written >= every_s:
                 store.write_progress(job.slide_id, running)
                 written = time.monotonic()
-        if yielding is not None and 0 < done < total:
+        if yielding is not None and done < total:  # at 0: after the tissue mask and the grid
             yielding.after_batch()
 
     try:
@@ -175,4 +175,6 @@ def analyse_slide(job: SlideJob, nice: int = 0, busy_duty: float = 1.0) -> str:
     total = len(analysis.tiles)
     store.write_progress(job.slide_id, running.beat(state="done", tiles_done=total, tiles_total=total,
                                                     seconds=round(time.time() - started, 3)))
+    if yielding is not None:  # the last batch and the outputs (the overlay's PNG is a second of CPU), once done
+        yielding.after_batch()
     return "done"
