@@ -102,7 +102,7 @@ class Settings:
     dask_scheduler: str | None  # tcp://host:port of a Dask cluster for slide analyses; None: an embedded one
     dask_workers: int  # workers of the embedded cluster (per service process)
     dask_worker_nice: int  # OS niceness of slide workers (0: normal; 19: also the idle class); they yield to /predict
-    slide_busy_duty: float  # share of the time a slide worker on the service's host computes while it is busy
+    slide_busy_duty: float  # share of the time a niced slide worker computes while the service keeps the host busy
     slide_stale_s: int  # a queued or running slide whose heartbeat is older than this may be resubmitted
     slide_max_attempts: int  # runs of one slide (lost workers and errors included) before it is failed
     slide_reconcile_s: int  # how often the service looks for slides to resubmit
@@ -263,8 +263,9 @@ VARIABLES: tuple[Variable, ...] = (
              "worker, and the OS niceness of slide workers (they yield the CPU to `/predict`; at 19, the "
              "default, they also take Linux's idle scheduling class and run only on CPU time the service leaves)",
              ("dask_workers", "dask_worker_nice")),
-    Variable(("HISTO_SLIDE_BUSY_DUTY",), "while the rest of the host keeps half its cores busy, the share of the "
-             "time a slide worker at a niceness above 0 computes (it pauses between batches; 1: never pauses)",
+    Variable(("HISTO_SLIDE_BUSY_DUTY",), "while processes at normal priority (the service) keep half the host's cores "
+             "busy, the share of the time a slide worker at a niceness above 0 computes (it pauses between "
+             "batches; 1: never pauses)",
              ("slide_busy_duty",)),
     Variable(("HISTO_SLIDE_STALE_S", "HISTO_SLIDE_RECONCILE_S"), "a queued or running slide without a heartbeat "
              "for the first, and unknown to the scheduler, is submitted again; each service worker looks every "

@@ -4,13 +4,15 @@ Scheduling priority alone does not keep /predict's throughput: on a 2-core VM, t
 busy loops in Linux's idle scheduling class still took 20-40% of /predict's
 requests/s at 32 clients (the hypervisor, the shared caches and the cores' clocks
 do not see Linux priorities), and slides at that class took 15-30%. So after each
-batch the worker looks at how busy the rest of the host kept the cores meanwhile
-(host CPU time less its own); at BUSY_SHARE of the host or more, it sleeps so that
-it computes only `duty` of the time. On an otherwise quiet host it never pauses.
+batch the worker looks at how busy the host's foreground (processes at normal
+priority: the service) kept the cores meanwhile; at BUSY_SHARE of the host or more,
+it sleeps so that it computes only `duty` of the time. Niced work, its own and other
+slide workers', does not count: on a host of slide workers alone it never pauses.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import NamedTuple
 
@@ -28,10 +30,15 @@ def pause_after(work_s: float, others_share: float, duty: float) -> float:
 
 
 def _busy_and_total(times: NamedTuple) -> tuple[float, float]:
-    # Steal is time the hypervisor gave elsewhere, and guest time is already inside user: neither counts.
-    total = sum(getattr(times, field) for field in ("user", "nice", "system", "idle", "iowait", "irq", "softirq")
-                if hasattr(times, field))
-    return total - times.idle - getattr(times, "iowait", 0.0), total
+    """CPU seconds of the host's foreground work, and of all its time, from psutil.cpu_times().
+
+    Niced work is not foreground: the kernel counts the user time of processes above niceness 0 as `nice`,
+    so this worker's own computing, its sibling slide workers' and any other batch job's are left out (two
+    slide workers sharing a host must not yield to each other). Steal is time the hypervisor gave elsewhere,
+    and guest time is already inside user: neither counts.
+    """
+    busy = sum(getattr(times, field, 0.0) for field in ("user", "system", "irq", "softirq"))
+    return busy, busy + times.nice + times.idle + getattr(times, "iowait", 0.0)
 
 
 class HostYield:
@@ -43,13 +50,13 @@ class HostYield:
 
     def _mark(self) -> None:
         self._host = _busy_and_total(psutil.cpu_times())
-        self._own = time.process_time()  # every thread of this process (the tile readers too)
+        self._own = os.times().system  # its kernel time counts as `system`; its user time, niced, as `nice`
         self._started = time.monotonic()
 
     def others_share(self) -> float:
-        """The share of the host's CPU time that other processes used since the last mark."""
+        """The share of the host's CPU time that other processes at normal priority used since the last mark."""
         busy, total = _busy_and_total(psutil.cpu_times())
-        own = time.process_time() - self._own
+        own = os.times().system - self._own
         spent = total - self._host[1]
         return max(0.0, busy - self._host[0] - own) / spent if spent > 0 else 0.0
 
