@@ -106,7 +106,8 @@ def analyse_slide(job: SlideJob, nice: int = 0, busy_duty: float = 1.0) -> str:
     """Analyse `job`'s slide into its store folder; returns the final state (`done` or `failed`).
 
     With `nice` above 0 (a worker sharing its host with the service) the worker runs at that priority and,
-    while the rest of the host is busy, computes only `busy_duty` of the time (:mod:`slides.yielding`).
+    while the service (work at normal priority) keeps the host busy, computes only `busy_duty` of the
+    time (:mod:`slides.yielding`).
 
     Safe to run twice: a slide already done or failed is left as it is.
     """

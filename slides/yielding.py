@@ -1,4 +1,4 @@
-"""A slide worker that shares a host with the service pauses between batches while the rest of the host is busy.
+"""A slide worker that shares a host with the service pauses between batches while the service keeps it busy.
 
 Scheduling priority alone does not keep /predict's throughput: on a 2-core VM, two
 busy loops in Linux's idle scheduling class still took 20-40% of /predict's
@@ -18,12 +18,12 @@ from typing import NamedTuple
 
 import psutil
 
-BUSY_SHARE = 0.5  # of the host's cores kept busy by others during a batch: the service is loaded
+BUSY_SHARE = 0.5  # of the host's cores kept busy by foreground work during a batch: the service is loaded
 MAX_PAUSE_S = 10.0  # one pause at most: the heartbeat goes on, and a slow batch does not stall a slide
 
 
 def pause_after(work_s: float, others_share: float, duty: float) -> float:
-    """Seconds to pause after `work_s` of work while others kept `others_share` of the host busy."""
+    """Seconds to pause after `work_s` of work while foreground work kept `others_share` of the host busy."""
     if duty >= 1 or others_share < BUSY_SHARE:
         return 0.0
     return min(work_s * (1 / duty - 1), MAX_PAUSE_S)
@@ -42,7 +42,7 @@ def _busy_and_total(times: NamedTuple) -> tuple[float, float]:
 
 
 class HostYield:
-    """Call :meth:`after_batch` after each batch; it pauses when the rest of the host was busy."""
+    """Call :meth:`after_batch` after each batch; it pauses when foreground work kept the host busy."""
 
     def __init__(self, duty: float) -> None:
         self.duty = duty
@@ -61,7 +61,7 @@ class HostYield:
         return max(0.0, busy - self._host[0] - own) / spent if spent > 0 else 0.0
 
     def after_batch(self) -> float:
-        """Pause if the rest of the host was busy during the last batch; returns the seconds paused."""
+        """Pause if foreground work kept the host busy during the last batch; returns the seconds paused."""
         pause = pause_after(time.monotonic() - self._started, self.others_share(), self.duty)
         if pause:
             time.sleep(pause)
