@@ -6,10 +6,13 @@ Tests import from here, never from each other; fixtures live in conftest.py.
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,11 +52,41 @@ def gradient_image(size: tuple[int, int] = (64, 48)) -> Image.Image:
     return Image.fromarray(np.stack([ramp, ramp[::-1], np.full_like(ramp, 128)], -1).astype(np.uint8), "RGB")
 
 
+@functools.cache
+def _tile_cache_dir() -> Path:
+    """A folder of rendered tiles, named after the synthetic package's source: any change to the
+    renderer starts a new folder, so a cached tile is always the one the code would draw."""
+    digest = hashlib.sha256()
+    for source in sorted((REPO_ROOT / "synthetic").glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    return Path(tempfile.gettempdir()) / "histo-test-tiles" / digest.hexdigest()[:16]
+
+
+def rendered_tile(class_name: str, size: int, seed: int) -> Image.Image:
+    """`synthetic.tissue.render_tile`, kept on disk between test processes.
+
+    Rendering takes about 30 ms a tile; the trust tests draw hundreds, and mutation testing runs them
+    in a fresh process for every mutant. Loading the lossless copy takes under a millisecond.
+    """
+    from synthetic.tissue import render_tile
+
+    path = _tile_cache_dir() / f"{class_name}-{size}-{seed}.png"
+    if path.exists():
+        with Image.open(path) as cached:
+            return cached.convert("RGB")
+    image = render_tile(class_name, size, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    image.save(partial, format="PNG", compress_level=1)
+    partial.replace(path)  # atomic: a concurrent reader sees the whole file or none
+    return image
+
+
 def fresh_tile(class_name: str, index: int) -> bytes:
     """A JPEG tile of this class that no test model was trained on."""
-    from synthetic.tissue import render_tile, tile_seed
+    from synthetic.tissue import tile_seed
 
-    return encode(render_tile(class_name, TINY_TILE, tile_seed(FRESH_SEED, class_name, index)), "JPEG", quality=90)
+    return encode(rendered_tile(class_name, TINY_TILE, tile_seed(FRESH_SEED, class_name, index)), "JPEG", quality=90)
 
 
 def post_file(url: str, data: bytes, filename: str = "tile.jpeg", content_type: str = "image/jpeg") -> httpx.Response:

@@ -23,7 +23,7 @@ from models.inference import Predictor, probability_function
 from models.ood import OOD_FILE, OutOfDistribution
 from models.quality import QualityGate
 from models.store import ModelLoadError, load_model, save_model
-from synthetic.tissue import render_tile
+from tests.helpers import rendered_tile
 from training.evaluate import compute_metrics
 from training.trust import fit_ood, fit_quality_gate
 
@@ -36,7 +36,7 @@ def trust_parts() -> tuple[QualityGate, OutOfDistribution, Path]:
     """A quality gate and OOD scorer fitted (for real) on synthetic tiles and a fixed random CNN."""
     keras.utils.set_random_seed(0)
     model = build_model("cnn", len(CLASSES), SIZE)
-    images = np.stack([np.asarray(render_tile(CLASSES[i % 3], 96, i).resize((SIZE, SIZE))) for i in range(24)])
+    images = np.stack([np.asarray(rendered_tile(CLASSES[i % 3], 96, i).resize((SIZE, SIZE))) for i in range(24)])
     labels = np.arange(24) % 3
     predictor = Predictor(model, SIZE, 1.0, OOD_FEATURE_LAYERS["cnn"])
     features = predictor.outputs(images).features

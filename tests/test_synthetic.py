@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from synthetic.tiles import DATASET_FILE, GENERATION_FILE, TILES_FILE, generate_dataset
-from synthetic.tissue import LUNG_CLASSES
+from synthetic.tissue import LUNG_CLASSES, render_tile
 from synthetic.variation import EASY, Difficulty, make_sites
+from tests.helpers import rendered_tile
 from training import data
 
 QUIET = replace(EASY, sites=3)  # clean tiles from three sites: one knob at a time is turned up from here
@@ -173,3 +174,14 @@ def test_site_held_out_split_never_mixes_sites(synthetic_root):
     assert not data.split_dataset(synthetic_root, seed=3).held_out_sites()
     with pytest.raises(ValueError, match="site9"):
         data.split_dataset(synthetic_root, seed=3, holdout_sites=("site9",))
+
+
+def test_a_cached_tile_is_the_tile_the_renderer_draws():
+    """The tests' disk cache of rendered tiles (tests/helpers.py) returns exactly what render_tile
+    draws, on the call that fills it and on the calls that read it."""
+    seed = int.from_bytes(np.random.default_rng().bytes(4), "little")  # a fresh one: the first call renders
+    drawn = np.asarray(render_tile("lung_scc", 64, seed))
+    for _ in range(2):
+        cached = rendered_tile("lung_scc", 64, seed)
+        assert cached.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(cached), drawn)

@@ -13,8 +13,8 @@ from models.ood import FeatureScorer
 from models.prediction import Thresholds, TileEvidence, answer
 from models.quality import QualityGate, assess, measure
 from models.store import load_model
-from synthetic.tissue import LUNG_CLASSES, render_tile, tile_seed
-from tests.helpers import TINY_TILE
+from synthetic.tissue import LUNG_CLASSES, tile_seed
+from tests.helpers import TINY_TILE, rendered_tile
 from training import data
 from training.ood_sets import near_ood_sets
 from training.trust import choose_threshold, cross_fitted_distances, fit_layer, fit_quality_gate, fit_scorer
@@ -30,7 +30,7 @@ def tiles(seed: int, per_class: int, size: int = SIZE) -> np.ndarray:
     for name in LUNG_CLASSES:
         for index in range(per_class):
             buffer = io.BytesIO()
-            render_tile(name, TINY_TILE, tile_seed(seed, name, index)).save(buffer, format="JPEG", quality=90)
+            rendered_tile(name, TINY_TILE, tile_seed(seed, name, index)).save(buffer, format="JPEG", quality=90)
             out.append(decode_image(buffer.getvalue(), size))
     return np.stack(out)
 
