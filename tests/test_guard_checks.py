@@ -12,13 +12,22 @@ from http import HTTPStatus
 
 import pytest
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from serving.admission.capacity import Admission
-from serving.admission.forms import BOOLEAN, BOOLEAN_VALUES, MAX_FILENAME_BYTES, MAX_TEXT_FIELD_CHARS, TEXT
+from serving.admission.forms import (
+    BOOLEAN,
+    BOOLEAN_VALUES,
+    MAX_FIELDS,
+    MAX_FILENAME_BYTES,
+    MAX_TEXT_FIELD_CHARS,
+    TEXT,
+    scan_parts,
+)
 from serving.http.deadline import REQUEST_DEADLINE
 from serving.http.guard import GuardPolicy, RequestGuard, overload_response
 from serving.http.problem_errors import client_safe_detail
@@ -120,6 +129,17 @@ def upload(client: TestClient, path: str = "/one", name: str = "t.jpeg", **kwarg
     return client.post(path, files={"file": (name, IMAGE, "image/jpeg")}, **kwargs)
 
 
+FILE_PART = 'Content-Disposition: form-data; name="file"; filename="t"'
+
+
+def body_of(parts: list[tuple[str | bytes, bytes]]) -> bytes:
+    """A multipart body with boundary `b` from (header lines, content) pairs, written by hand."""
+    out = b""
+    for head, content in parts:
+        out += b"--b\r\n" + (head.encode() if isinstance(head, str) else head) + b"\r\n\r\n" + content + b"\r\n"
+    return out + b"--b--\r\n"
+
+
 def _multipart_body(filename: str | None = "t", name: str = "file") -> tuple[bytes, dict]:
     """One part, `filename` None for a plain field."""
     disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
@@ -199,7 +219,69 @@ def test_multipart_shapes_get_their_own_400():
         assert problem_of(client.post("/two", files=three), 400) == "3 `file` parts; the route takes at most 2"
         assert client.post("/two", files=three[:2]).json()["files"] == [["0.jpeg", len(IMAGE)], ["1.jpeg", len(IMAGE)]]
         broken = client.post("/one", content=b"--b\r\nno headers end", headers=multipart)
-        assert problem_of(broken, 400).startswith("malformed multipart body: ")
+        assert problem_of(broken, 400) == "malformed multipart body: Invalid multipart data."
+        no_boundary = client.post("/one", content=body_of([]), headers={"Content-Type": "multipart/form-data"})
+        assert problem_of(no_boundary, 400) == "malformed multipart body: Missing boundary in multipart."
+        nameless = 'malformed multipart body: The Content-Disposition header field "name" must be provided.'
+        unnamed = body_of([("Content-Disposition: form-data; filename=\"t\"", IMAGE)])
+        assert problem_of(client.post("/one", content=unnamed, headers=multipart), 400) == nameless
+        # A part without the header does not inherit the one before it.
+        headerless = body_of([(FILE_PART, IMAGE), ("Content-Type: image/jpeg", IMAGE)])
+        assert problem_of(client.post("/two", content=headerless, headers=multipart), 400) == nameless
+
+
+def test_the_number_of_fields_is_capped_at_its_edge():
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    with TestClient(app()) as client:
+        for count, detail in [(MAX_FIELDS, "unexpected field(s) ['x']; this route takes `file`"),
+                              (MAX_FIELDS + 1, f"malformed multipart body: Too many fields. Maximum number of "
+                                               f"fields is {MAX_FIELDS}.")]:
+            fields = [('Content-Disposition: form-data; name="x"', b"1")] * count
+            body = body_of([(FILE_PART, IMAGE), *fields])
+            assert problem_of(client.post("/one", content=body, headers=multipart), 400) == detail, count
+
+
+def test_names_and_text_are_read_in_the_forms_charset():
+    """The form's charset decides how many characters a text field has (Latin-1 when it names no known
+    charset), and a file name that is not valid in it is read as Latin-1, as Starlette reads it next."""
+    accented = "é" * 100  # 100 characters, 200 bytes in UTF-8: within the limit only when read as UTF-8
+    longer = f"`note` is longer than {MAX_TEXT_FIELD_CHARS} characters"
+    with TestClient(app()) as client:
+        for charset, detail in [(None, None), ("utf-8", None), ("latin-1", longer), ("no-such-charset", longer)]:
+            body = body_of([(FILE_PART, IMAGE), ('Content-Disposition: form-data; name="note"',
+                                                 accented.encode("utf-8"))])
+            content_type = "multipart/form-data; boundary=b" + (f"; charset={charset}" if charset else "")
+            response = client.post("/typed", content=body, headers={"Content-Type": content_type})
+            if detail is None:
+                assert response.status_code == 200, (charset, response.text)
+            else:
+                assert problem_of(response, 400) == detail, charset
+        not_utf8 = body_of([(b'Content-Disposition: form-data; name="file"; filename="caf\xe9.jpeg"', IMAGE)])
+        response = client.post("/one", content=not_utf8, headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert response.status_code == 200 and response.json()["files"] == [["café.jpeg", len(IMAGE)]]
+
+
+def test_a_text_field_far_over_the_limit_is_refused_with_the_same_words():
+    with TestClient(app()) as client:
+        response = upload(client, "/typed", data={"note": "x" * 10_000})
+    assert problem_of(response, 400) == f"`note` is longer than {MAX_TEXT_FIELD_CHARS} characters"
+
+
+def test_the_header_scan_keeps_no_file_data_and_only_the_start_of_a_long_text_field():
+    body = body_of([(FILE_PART, IMAGE * 50), ('Content-Disposition: form-data; name="note"', b"plain words"),
+                    ('Content-Disposition: form-data; name="long"', b"y" * 10_000)])
+    headers = Headers({"content-type": "multipart/form-data; boundary=b"})
+    one_byte_chunks = [body[i : i + 1] for i in range(len(body))]  # a text value split across many chunks
+    for chunks in ([body], one_byte_chunks):
+        parts, charset = scan_parts(headers, chunks, max_files=1)
+        assert charset == "utf-8" and [(p.name, p.filename) for p in parts] == [
+            ("file", "t"), ("note", None), ("long", None)]
+        file, note, long = parts
+        assert file.value == b"" and not file.truncated  # file data is skipped, never copied
+        assert note.value == b"plain words" and not note.truncated
+        # Of a long value, no more than the limit's worst case in bytes (4 per character) and one byte past it.
+        assert long.truncated and long.value == b"y" * len(long.value)
+        assert len(long.value) <= 4 * MAX_TEXT_FIELD_CHARS + 1
 
 
 def test_the_route_gets_the_whole_body_once_and_runs_under_the_deadline():

@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from pydantic import ValidationError
 
 from models.architectures import LOGITS_LAYER, OOD_FEATURE_LAYERS, apply_phase, build_model, fine_tune_schedule
@@ -164,10 +165,16 @@ def test_predictor_matches_keras_and_applies_temperature(cnn):
     for wrong in (images[0], images[:, :-1], np.repeat(images[..., :1], 4, axis=3)):
         with pytest.raises(ValueError, match=f"expected uint8 images of shape \\(batch, {SIZE}, {SIZE}, 3\\)"):
             tapped.outputs(wrong)
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match=r"^temperature must be positive$"):
         Predictor(cnn, SIZE, temperature=0.0)
-    with pytest.raises(ValueError, match="temperature must be positive"):
-        probability_function(cnn, SIZE, temperature=-1.0)
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match=r"^temperature must be positive$"):
+            probability_function(cnn, SIZE, temperature=temperature)
+    # The graph other runtimes are converted from: uint8 images in (they are fed the decoder's bytes), and
+    # without a temperature the model's own softmax.
+    plain = probability_function(cnn, SIZE)
+    assert [(spec.dtype, spec.shape.as_list()) for spec in plain.input_signature] == [(tf.uint8, [None, SIZE, SIZE, 3])]
+    np.testing.assert_allclose(plain(images).numpy(), expected, atol=1e-5)
     tapped.warm_up([1, 3])  # every batch size the batcher can form runs once, as the service does at start
 
 

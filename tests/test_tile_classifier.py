@@ -82,6 +82,19 @@ def test_the_operators_thresholds_change_the_answers(stored):
         assert "magnification" not in prediction.reasons  # no limits: no check
 
 
+def test_a_card_without_a_magnification_check_estimates_none(stored):
+    unchecked = StoredModel(TAG, stored.model, make_card(), stored.path, stored.ood_scorer)
+    assert unchecked.card.magnification is None
+    classifier = TileClassifier(unchecked)
+    images = _images(3)
+    evidence = classifier.evidence(images)
+    assert len(evidence) == 3 and all(math.isnan(e.magnification) for e in evidence)
+    assert all(e.quality is not None and not math.isnan(e.ood_score) for e in evidence)  # the rest still checked
+    for prediction in classifier.classify(images):
+        assert prediction.magnification is None and "magnification" not in prediction.reasons
+        assert prediction.ood_score is not None
+
+
 def test_without_trust_checks_only_the_model_answers(stored):
     plain = TileClassifier(stored, trust_checks=False)
     images = _images(3)

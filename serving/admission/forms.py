@@ -100,8 +100,7 @@ class _HeaderScan:
                 "on_header_end": self._header_end, "on_headers_finished": self._headers_finished}
 
     def _part_begin(self) -> None:
-        self._disposition = None
-        self._current = None
+        self._disposition = None  # a part without the header must not inherit the previous part's
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -136,7 +135,8 @@ class _HeaderScan:
         part = self._current
         if part is None or part.filename is not None or part.truncated:
             return  # file data: skipped, the decoder reads it later
-        part.value += data[start:end]
+        room = _MAX_TEXT_FIELD_BYTES + 1 - len(part.value)  # one byte past the limit shows it is over
+        part.value += data[start : min(end, start + room)]
         if len(part.value) > _MAX_TEXT_FIELD_BYTES:  # surely over the character limit: stop keeping it
             part.truncated = True
 

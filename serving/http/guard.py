@@ -90,9 +90,7 @@ def overload_response(reason: str, request_id: str | None = None) -> ASGIApp:
 
 
 class _Overloaded(Exception):  # noqa: N818 - a control-flow signal inside the guard, answered there
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    """The worker filled up while a body arrived; its one argument is the refusal's reason."""
 
 
 class RequestGuard:
@@ -139,7 +137,7 @@ class RequestGuard:
             await refused.response()(scope, receive, send)
             return
         except _Overloaded as overloaded:
-            await overload_response(overloaded.reason)(scope, receive, send)
+            await overload_response(str(overloaded))(scope, receive, send)
             return
         finally:
             admission.open_uploads -= 1
