@@ -48,7 +48,7 @@ class ModelOutputs(NamedTuple):
 
 
 def served_function(
-    model: keras.Model, input_size: int, temperature: float = 1.0, feature_layers: Sequence[str] = ()
+    model: keras.Model, input_size: int, temperature: float, feature_layers: Sequence[str] = ()
 ) -> tf.types.experimental.PolymorphicFunction:
     """uint8 images (batch, S, S, 3) -> (calibrated probabilities, features), traced once.
 

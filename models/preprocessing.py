@@ -161,16 +161,23 @@ def _read_source(source: bytes | bytearray | memoryview | str | Path) -> bytes:
     return bytes(source)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any supported PIL mode to RGB (transparency onto white)."""
+# Premultiplied alpha (a TIFF's "associated alpha"), undone first: PIL converts La to nothing else.
+_STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any supported PIL mode as RGB: an RGB image as it is, 16- and 32-bit grey scaled (not clipped) to
+    8 bits, floats in 0-1 stretched to 0-255, transparency composited onto white; UnsupportedImageError
+    for a mode PIL cannot convert."""
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grey: PIL's convert("RGB") would clip at 255, so scale instead.
-        grey = np.asarray(image, dtype=np.uint32)
+        # 16-bit grey: PIL's convert("RGB") would clip at 255, so scale instead. 32-bit ("I") values
+        # that fit in 8 bits are kept as they are; negative ones are black.
+        grey = np.asarray(image, dtype=np.int64)
         top = 65535 if grey.max(initial=0) > 255 or mode != "I" else 255
-        grey8 = (grey * 255 // max(top, 1)).clip(0, 255).astype(np.uint8)
+        grey8 = (grey * 255 // top).clip(0, 255).astype(np.uint8)
         return Image.fromarray(grey8, "L").convert("RGB")
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float32))
@@ -179,12 +186,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in _STRAIGHT_ALPHA:
+        image = image.convert(_STRAIGHT_ALPHA[mode])
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     try:
-        return image.convert("RGB")  # L, 1, CMYK, YCbCr, RGBX, ...
+        return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, RGBX, ...
     except ValueError as exc:
         raise UnsupportedImageError(f"unsupported image mode {mode!r}") from exc
 
@@ -383,7 +393,7 @@ def finish_decode(prepared: PreparedDecode, deadline: float | None = None) -> np
             image.load()
             _check_deadline(deadline, "conversion")
             upright = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(upright)
+            rgb = to_rgb(upright)
             _check_deadline(deadline, "resizing")
             # DCT scaling made the pixels larger by the share of the file's pixels that were decoded.
             mpp = None if prepared.mpp is None else prepared.mpp * math.sqrt(cost.source_pixels / cost.pixels)

@@ -178,6 +178,16 @@ def test_predictor_matches_keras_and_applies_temperature(cnn):
     tapped.warm_up([1, 3])  # every batch size the batcher can form runs once, as the service does at start
 
 
+def test_feature_maps_are_averaged_over_space_and_flat_layers_tapped_as_they_are(cnn):
+    images = np.random.default_rng().integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    features = Predictor(cnn, SIZE, 1.0, ("block4_relu", "gap")).outputs(images).features
+    as_float = images.astype("float32")
+    block = keras.Model(cnn.inputs, cnn.get_layer("block4_relu").output).predict(as_float, verbose=0)
+    flat = keras.Model(cnn.inputs, cnn.get_layer("gap").output).predict(as_float, verbose=0)
+    assert block.ndim == 4 and flat.ndim == 2
+    np.testing.assert_allclose(features, np.concatenate([block.mean(axis=(1, 2)), flat], axis=1), rtol=1e-4, atol=1e-5)
+
+
 def test_thread_pools_are_set_as_asked():
     # In a fresh process: TensorFlow takes pool sizes only before its first operation.
     script = ("import tensorflow as tf; from models.inference import configure_threads; configure_threads(3, 2); "

@@ -307,3 +307,46 @@ def test_the_gate_measures_count_tissue_pixels_of_any_hue():
     assert measures["stain_distance"][0] == np.inf
     np.testing.assert_allclose(measures["stain_distance"][1:], [np.linalg.norm(direction - [1, 0, 0]),
                                                                 0.0, np.sqrt(2)], atol=1e-5)
+
+
+def _gate(focus):
+    from models.quality import QualityGate, Range
+
+    return QualityGate(input_size=64, stain=_everything_is_stain(), background_fraction=Range(high=0.5),
+                       stain_fraction=Range(), stain_distance=Range(), saturation=Range(), focus=focus,
+                       train_pass_rate=1.0, validation_pass_rate=1.0)
+
+
+def test_the_focus_limits_are_closed_and_either_may_be_absent():
+    from models.quality import CHECKS, Range, failed_checks_batch
+
+    focus = np.array([10.0, 20.0, 30.0, 9.99, 30.01])
+    columns = {"background_fraction": np.zeros(5), "stain_fraction": np.ones(5), "stain_distance": np.zeros(5),
+               "saturation": np.full(5, 0.3), "focus": focus}
+    blur, noise = CHECKS.index("blur"), CHECKS.index("noise")
+    both = failed_checks_batch(columns, _gate(Range(low=10.0, high=30.0)))
+    assert both[:, blur].tolist() == [False, False, False, True, False]
+    assert both[:, noise].tolist() == [False, False, False, False, True]
+    no_low = failed_checks_batch(columns, _gate(Range(high=30.0)))
+    assert no_low[:, blur].tolist() == [False] * 5 and no_low[:, noise].tolist() == both[:, noise].tolist()
+    no_high = failed_checks_batch(columns, _gate(Range(low=10.0)))
+    assert no_high[:, noise].tolist() == [False] * 5 and no_high[:, blur].tolist() == both[:, blur].tolist()
+    assert both.dtype == no_low.dtype == no_high.dtype == bool
+
+
+def test_a_gate_report_shows_each_measure_to_four_decimals_and_no_distance_without_tissue():
+    from models.quality import CHECKS, MEASURES, Range, assess_batch, failed_checks_batch, measure_batch
+
+    tiles = np.full((3, 64, 64, 3), 255, np.uint8)
+    tiles[1:] = np.random.default_rng().integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    gate = _gate(Range(low=1.0))
+    reports = assess_batch(tiles, gate)
+    columns = measure_batch(tiles, gate.stain)
+    failed = failed_checks_batch(columns, gate)
+    for index, report in enumerate(reports):
+        for name in MEASURES:
+            value = float(columns[name][index])
+            assert getattr(report, name) == (round(value, 4) if np.isfinite(value) else None), (index, name)
+        assert report.failed_checks == [check for check, hit in zip(CHECKS, failed[index], strict=True) if hit]
+        assert report.passed is (not failed[index].any())
+    assert reports[0].stain_distance is None and reports[0].failed_checks == ["background", "blur"]

@@ -20,6 +20,7 @@ from models.preprocessing import (
     UnsupportedImageError,
     decode_image,
     sniff_format,
+    to_rgb,
 )
 from tests.helpers import encode, gradient_image
 
@@ -249,3 +250,114 @@ def test_mutated_images_raise_only_documented_errors(fmt, flips, truncate_at):
     if truncate_at is not None:
         data = data[: truncate_at % len(data)]
     _decode_or_documented_error(bytes(data))
+
+
+def _grey(mode: str, values: list[int | float]) -> Image.Image:
+    """A one-row image of `mode` holding `values`, written as raw bytes in the mode's own layout."""
+    layout = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2", "I": "<i4", "F": "<f4"}[mode]
+    return Image.frombytes(mode, (len(values), 1), np.array(values, dtype=layout).tobytes())
+
+
+@pytest.mark.parametrize(("mode", "values", "expected"), [
+    # 16 bits: scaled from the full 16-bit range, whatever the byte order.
+    *[(mode, [0, 257, 1000, 65535], [0, 1, 3, 255]) for mode in ("I;16", "I;16L", "I;16B", "I;16N")],
+    ("I", [0, 100, 255], [0, 100, 255]),  # 32-bit values within 8 bits: as they are
+    ("I", [-5, 200], [0, 200]),  # negative: black, and the rest still within 8 bits
+    ("I", [0, 300, 65535, 70_000], [0, 1, 255, 255]),  # beyond 8 bits: the 16-bit scale, clipped
+    ("F", [0.0, 0.5, 1.0, float("nan")], [0, 127, 255, 0]),  # 0-1 floats stretched; NaN is black
+    ("F", [0.0, 2.5, 300.0, -3.0], [0, 2, 255, 0]),  # other floats as 0-255 levels, clipped
+])
+def test_wide_grey_modes_become_8_bit_grey(mode, values, expected):
+    rgb = np.asarray(to_rgb(_grey(mode, values)))
+    assert rgb.shape == (1, len(values), 3) and rgb.dtype == np.uint8
+    assert rgb[0, :, 0].tolist() == expected and (rgb == rgb[..., :1]).all(), mode
+
+
+def _over_white(colour: tuple[int, ...], alpha: int) -> list[int]:
+    return [round((c * alpha + 255 * (255 - alpha)) / 255) for c in colour]
+
+
+def test_transparent_modes_are_composited_onto_white():
+    pixels = [((200, 0, 0), 0), ((200, 0, 0), 255), ((100, 50, 0), 128)]
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(*colour, alpha) for colour, alpha in pixels])
+    la = Image.new("LA", (3, 1))
+    la.putdata([(colour[0], alpha) for colour, alpha in pixels])
+    for image, colours in ((rgba, [c for c, _ in pixels]), (la, [(c[0],) * 3 for c, _ in pixels])):
+        got = np.asarray(to_rgb(image)).astype(int)
+        want = [_over_white(colour, alpha) for colour, (_, alpha) in zip(colours, pixels, strict=True)]
+        np.testing.assert_allclose(got[0], want, atol=1), image.mode
+    palette = Image.new("PA", (2, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putdata([(0, 0), (1, 255)])
+    assert np.asarray(to_rgb(palette))[0].tolist() == [[255, 255, 255], [200, 100, 50]]
+
+
+def test_premultiplied_alpha_is_undone_before_compositing():
+    # Stored premultiplied (a TIFF's associated alpha): a colour of 100 at alpha 128 is stored as 50.
+    premultiplied = Image.new("RGBa", (1, 1), (50, 25, 0, 128))
+    np.testing.assert_allclose(np.asarray(to_rgb(premultiplied)).astype(int)[0, 0], _over_white((100, 50, 0), 128),
+                               atol=2)
+    grey = Image.new("La", (1, 1), (50, 128))
+    np.testing.assert_allclose(np.asarray(to_rgb(grey)).astype(int)[0, 0], _over_white((100,) * 3, 128), atol=2)
+
+
+def test_an_rgb_image_is_passed_through_and_other_modes_are_converted_by_pil():
+    rgb = Image.new("RGB", (2, 2), (10, 20, 30))
+    assert to_rgb(rgb) is rgb  # no copy
+    for mode, colour in (("L", 90), ("1", 1), ("CMYK", (0, 128, 255, 20)), ("YCbCr", (120, 100, 160)),
+                         ("LAB", (60, 140, 100)), ("RGBX", (10, 20, 30, 0)), ("HSV", (40, 200, 180))):
+        image = Image.new(mode, (2, 2), colour)
+        converted = to_rgb(image)
+        assert converted.mode == "RGB" and np.array_equal(np.asarray(converted), np.asarray(image.convert("RGB")))
+    opaque_palette = Image.new("P", (1, 1), 1)
+    opaque_palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    assert np.asarray(to_rgb(opaque_palette))[0, 0].tolist() == [200, 100, 50]
+
+
+@pytest.mark.parametrize(("channels", "mode"), [(2, "La"), (4, "RGBA")])
+def test_tiffs_with_associated_alpha_decode(channels, mode):
+    import tifffile
+
+    pixels = np.zeros((8, 8, channels), np.uint8)
+    pixels[..., :-1], pixels[..., -1] = 50, 128  # 100 premultiplied by 128/255
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, photometric="minisblack" if channels == 2 else "rgb",
+                     extrasamples=["assocalpha"])
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == mode
+    np.testing.assert_allclose(decode_image(buffer.getvalue(), 8).astype(int), _over_white((100,), 128)[0], atol=2)
+
+
+def test_a_32_bit_grey_tiff_keeps_its_levels():
+    import tifffile
+
+    levels = np.tile(np.array([-5, 0, 100, 200, 255, 7, 30, 60], np.int32), (8, 1))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, levels)
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I"
+    decoded = decode_image(buffer.getvalue(), 8)
+    assert decoded[0, :, 0].tolist() == [0, 0, 100, 200, 255, 7, 30, 60] and (decoded == decoded[:1]).all()
+
+
+@pytest.mark.parametrize(("deadline", "stage"), [(0.5, "decoding"), (1, "conversion"), (2, "resizing"), (3, None)])
+def test_the_deadline_is_checked_before_every_stage(monkeypatch, deadline, stage):
+    """On a clock that reads 1, 2, 3 at the three checks: the first check past the deadline names its
+    stage; a deadline the clock only reaches (not passes) lets the stage run."""
+    import types
+
+    import models.preprocessing as preprocessing
+
+    readings = iter([1.0, 2.0, 3.0])
+    monkeypatch.setattr(preprocessing, "time", types.SimpleNamespace(monotonic=lambda: next(readings)))
+    prepared = preprocessing.prepare_decode(encode(gradient_image(), "PNG"), SIZE, preprocessing.DecodeLimits())
+    if stage is None:
+        assert preprocessing.finish_decode(prepared, deadline).shape == (SIZE, SIZE, 3)
+    else:
+        with pytest.raises(preprocessing.DecodeAbandonedError, match=f"^deadline passed before {stage}$"):
+            preprocessing.finish_decode(prepared, deadline)
+
+
+def test_without_a_size_the_upright_image_keeps_its_own():
+    source = gradient_image().resize((40, 24))
+    array = decode_image(encode(source, "PNG"), None)
+    assert array.shape == (24, 40, 3) and np.array_equal(array, np.asarray(source))
