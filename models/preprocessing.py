@@ -174,10 +174,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit grey: PIL's convert("RGB") would clip at 255, so scale instead. 32-bit ("I") values
-        # that fit in 8 bits are kept as they are; negative ones are black.
-        grey = np.asarray(image, dtype=np.int64)
+        # that fit in 8 bits are kept as they are; negative ones are black, ones past 16 bits white.
+        grey = np.asarray(image)
         top = 65535 if grey.max(initial=0) > 255 or mode != "I" else 255
-        grey8 = (grey * 255 // top).clip(0, 255).astype(np.uint8)
+        grey8 = (grey.clip(0, top).astype(np.uint32) * 255 // top).astype(np.uint8)  # no overflow: top < 2**24
         return Image.fromarray(grey8, "L").convert("RGB")
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float32))
@@ -199,7 +199,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise UnsupportedImageError(f"unsupported image mode {mode!r}") from exc
 
 
-def _jpeg_frame_and_scans(data: bytes) -> tuple[int | None, int]:
+def jpeg_frame_and_scans(data: bytes) -> tuple[int | None, int]:
     """(start-of-frame marker, number of scans) of a JPEG, from its marker segments.
 
     Walks the header segments up to the first scan (a handful), then counts scan markers
@@ -277,7 +277,7 @@ def _plan(image: Image.Image, data: bytes, fmt: str, size: int | None, limits: D
     scans = 1
     coefficients = 0
     if fmt == "JPEG":
-        frame, scans = _jpeg_frame_and_scans(data)
+        frame, scans = jpeg_frame_and_scans(data)
         if frame in _UNSUPPORTED_JPEG_FRAMES:
             raise UnsupportedImageError(
                 f"{_UNSUPPORTED_JPEG_FRAMES[frame]} JPEG is not supported; send a baseline or progressive JPEG, "

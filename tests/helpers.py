@@ -10,10 +10,12 @@ import functools
 import hashlib
 import io
 import os
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -214,3 +216,15 @@ def write_pyramidal_tiff(path: Path, width: int | None = None, height: int | Non
             tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib", **scale,
                       subfiletype=1 if factor > 1 else 0)  # reduced-resolution images: OpenSlide's levels
     return level0
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims huge dimensions (decompression-bomb shape)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -22,21 +20,9 @@ from models.preprocessing import (
     sniff_format,
     to_rgb,
 )
-from tests.helpers import encode, gradient_image
+from tests.helpers import encode, gradient_image, png_header_only
 
 SIZE = 32
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG that claims huge dimensions (decompression-bomb shape)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
@@ -193,7 +179,7 @@ def test_damaged_png_is_corrupt(make_image):
 
 
 def test_decompression_bomb_is_too_large():
-    bomb = _png_header_only(10_000, 10_000)  # 100 megapixels in < 100 bytes
+    bomb = png_header_only(10_000, 10_000)  # 100 megapixels in < 100 bytes
     assert len(bomb) < 200
     with pytest.raises(ImageTooLargeError):
         decode_image(bomb, SIZE)
