@@ -149,7 +149,8 @@ MUTANTS ?=
 MUTATION_CHILDREN ?= 2
 mutation: setup ## mutation testing (mutmut) of the modules every request crosses: score per module, at least 85%
 	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	# One intra-op thread per child: the children already fill the cores, and each spawns its pool afresh.
+	TF_NUM_INTRAOP_THREADS=1 OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
 	$(PY) -m tests.mutation_score $(if $(MUTANTS),--partial)
 
 lint: setup ## ruff (style, imports, bandit security rules)

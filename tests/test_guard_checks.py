@@ -271,8 +271,9 @@ def test_the_header_scan_keeps_no_file_data_and_only_the_start_of_a_long_text_fi
     body = body_of([(FILE_PART, IMAGE * 50), ('Content-Disposition: form-data; name="note"', b"plain words"),
                     ('Content-Disposition: form-data; name="long"', b"y" * 10_000)])
     headers = Headers({"content-type": "multipart/form-data; boundary=b"})
-    one_byte_chunks = [body[i : i + 1] for i in range(len(body))]  # a text value split across many chunks
-    for chunks in ([body], one_byte_chunks):
+    # A text value split across many chunks, of one byte and of a hundred.
+    chunked = [[body[i : i + step] for i in range(0, len(body), step)] for step in (1, 100)]
+    for chunks in ([body], *chunked):
         parts, charset = scan_parts(headers, chunks, max_files=1)
         assert charset == "utf-8" and [(p.name, p.filename) for p in parts] == [
             ("file", "t"), ("note", None), ("long", None)]
@@ -530,6 +531,55 @@ def test_admission_counts_the_upload_while_it_arrives_and_in_flight_while_served
         assert upload(client).status_code == 200
     assert seen == {"in_flight": 1, "open_uploads": 0, "buffered": 0}
     assert admission.in_flight == 0
+
+
+def test_admission_counts_every_upload_arriving_and_every_request_in_flight_at_once():
+    admission = Admission(8, 8, 2.0)
+    bodies_may_end, routes_may_answer = asyncio.Event(), asyncio.Event()
+
+    async def hold(request: Request) -> JSONResponse:
+        await routes_may_answer.wait()
+        return JSONResponse({})
+
+    starlette = Starlette(routes=[Route("/one", hold, methods=["POST"])])
+    starlette.add_middleware(RequestGuard, policy=GuardPolicy(
+        upload_routes={"/one": 1}, token_routes=frozenset(), max_body_bytes=100_000, admission=admission,
+        request_timeout_s=10, body_timeout_s=10, body_idle_timeout_s=5))
+    body, _ = _multipart_body()
+
+    async def one_request() -> int:
+        chunks = [{"type": "http.request", "body": body[:20], "more_body": True},
+                  {"type": "http.request", "body": body[20:], "more_body": False}]
+
+        async def receive() -> dict:
+            if len(chunks) == 1:
+                await bodies_may_end.wait()
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await starlette(_upload_scope(starlette), receive, send)
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    async def until(condition) -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+
+    async def scenario() -> list[int]:
+        requests = [asyncio.create_task(one_request()) for _ in range(2)]
+        await until(lambda: admission.open_uploads == 2)  # both bodies arriving at once
+        assert admission.in_flight == 0
+        bodies_may_end.set()
+        await until(lambda: admission.in_flight == 2)  # both served at once
+        assert admission.open_uploads == 0
+        routes_may_answer.set()
+        return await asyncio.gather(*requests)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [200, 200]
+    assert (admission.open_uploads, admission.in_flight, admission.buffered_bytes) == (0, 0, 0)
 
 
 # --------------------------------------------------------------------------- the guard's deadline

@@ -258,8 +258,8 @@ def test_the_stain_grid_samples_every_tile_on_at_most_a_16_by_16_grid():
     np.testing.assert_array_equal(stain_grid(tiles[0]), tiles[0, ::step, ::step].reshape(-1, 3))  # one tile
     small = tiles[:, :20, :20]  # fewer than two pixels per grid cell: every pixel
     np.testing.assert_array_equal(stain_grid(small), small.reshape(2, -1, 3))
-    wide = tiles[:, :32, :]  # the shorter side sets the step
-    np.testing.assert_array_equal(stain_grid(wide), wide[:, ::2, ::2].reshape(2, -1, 3))
+    for oblong in (tiles[:, :32, :], tiles[:, :, :32]):  # the shorter side sets the step, whichever it is
+        np.testing.assert_array_equal(stain_grid(oblong), oblong[:, ::2, ::2].reshape(2, -1, 3))
 
 
 def _focus_by_hand(images: np.ndarray) -> np.ndarray:
@@ -293,20 +293,26 @@ def _everything_is_stain():
 def test_the_gate_measures_count_tissue_pixels_of_any_hue():
     from models.quality import measure_batch, optical_density
 
-    white = np.full((4, 64, 64, 3), 255, np.uint8)  # 64 px: the stain grid samples every 4th pixel
+    white = np.full((6, 64, 64, 3), 255, np.uint8)  # 64 px: the stain grid samples every 4th pixel
     white[1, 0, 0] = (200, 100, 150)  # one tissue pixel on the grid
     white[2, 0:8:4, 0:12:4] = (150, 255, 255)  # six, dense in red only
     white[3, 0, 0:12:4] = (255, 150, 255)  # three, dense in green only
+    white[4, 0, 0] = (150, 255, 255)  # one faint one: its density is far shorter than 1
+    white[5, 0, 0] = (1, 0, 0)  # one nearly black one, still fully saturated
     measures = measure_batch(white, _everything_is_stain())
-    np.testing.assert_allclose(measures["background_fraction"], [1.0, 1 - 1 / 256, 1 - 6 / 256, 1 - 3 / 256])
-    np.testing.assert_allclose(measures["stain_fraction"], [0.0, 1.0, 1.0, 1.0])
-    np.testing.assert_allclose(measures["saturation"], [0.0, 0.5, 105 / 255, 105 / 255], rtol=1e-6)
-    # No tissue: no stain direction to measure; one pixel of tissue is enough for one.
+    np.testing.assert_allclose(measures["background_fraction"],
+                               [1.0, 1 - 1 / 256, 1 - 6 / 256, 1 - 3 / 256, 1 - 1 / 256, 1 - 1 / 256])
+    np.testing.assert_allclose(measures["stain_fraction"], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(measures["saturation"], [0.0, 0.5, 105 / 255, 105 / 255, 105 / 255, 1.0], rtol=1e-6)
+    # No tissue: no stain direction to measure; one pixel of tissue is enough for one, however faint.
     density = optical_density(np.array([200, 100, 150], np.uint8)).astype(np.float64)
     direction = density / np.linalg.norm(density)
+    black = optical_density(np.array([1, 0, 0], np.uint8)).astype(np.float64)
+    black_direction = black / np.linalg.norm(black)
     assert measures["stain_distance"][0] == np.inf
-    np.testing.assert_allclose(measures["stain_distance"][1:], [np.linalg.norm(direction - [1, 0, 0]),
-                                                                0.0, np.sqrt(2)], atol=1e-5)
+    red = np.array([1.0, 0.0, 0.0])  # the stain model's mean direction
+    expected = [np.linalg.norm(direction - red), 0.0, np.sqrt(2), 0.0, np.linalg.norm(black_direction - red)]
+    np.testing.assert_allclose(measures["stain_distance"][1:], expected, atol=1e-5)
 
 
 def _gate(focus):

@@ -250,6 +250,7 @@ def _grey(mode: str, values: list[int | float]) -> Image.Image:
     ("I", [0, 100, 255], [0, 100, 255]),  # 32-bit values within 8 bits: as they are
     ("I", [-5, 200], [0, 200]),  # negative: black, and the rest still within 8 bits
     ("I", [0, 300, 65535, 70_000], [0, 1, 255, 255]),  # beyond 8 bits: the 16-bit scale, clipped
+    ("I", [0, 128, 256], [0, 0, 0]),  # one level past 8 bits is enough for the 16-bit scale
     ("F", [0.0, 0.5, 1.0, float("nan")], [0, 127, 255, 0]),  # 0-1 floats stretched; NaN is black
     ("F", [0.0, 2.5, 300.0, -3.0], [0, 2, 255, 0]),  # other floats as 0-255 levels, clipped
 ])
