@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from PIL import Image
 
 from models.preprocessing import (
     CorruptImageError,
@@ -120,13 +121,13 @@ def test_resampling_scales_the_dct_down_to_the_pixels_the_crop_needs():
 
 
 def test_the_decoded_bytes_limit_is_inclusive_and_says_the_numbers():
-    png = encode(gradient_image().resize((300, 200)), "PNG")
-    needed = estimated_decode_bytes("RGB", 300, 200, 32)
-    assert prepare_decode(png, 32, DecodeLimits(max_decoded_bytes=needed)).cost.estimated_bytes == needed
+    png = encode(Image.new("RGB", (2000, 1200), (200, 120, 160)), "PNG")
+    needed = estimated_decode_bytes("RGB", 2000, 1200, 32)  # 13.7 MiB, shown in whole MiB
+    cost = prepare_decode(png, 32, DecodeLimits(max_decoded_bytes=needed)).cost
+    assert (cost.format, cost.estimated_bytes) == ("PNG", needed)
     with pytest.raises(ImageTooLargeError) as refused:
         prepare_decode(png, 32, DecodeLimits(max_decoded_bytes=needed - 1))
-    assert str(refused.value) == (f"decoding this 300x200 RGB PNG would need about {needed >> 20} MiB; "
-                                  f"the limit is {(needed - 1) >> 20} MiB")
+    assert str(refused.value) == "decoding this 2000x1200 RGB PNG would need about 13 MiB; the limit is 13 MiB"
 
 
 @pytest.mark.parametrize(("mode", "width", "height", "size", "expected"), [

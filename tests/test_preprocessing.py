@@ -253,6 +253,7 @@ def _grey(mode: str, values: list[int | float]) -> Image.Image:
     ("I", [0, 128, 256], [0, 0, 0]),  # one level past 8 bits is enough for the 16-bit scale
     ("F", [0.0, 0.5, 1.0, float("nan")], [0, 127, 255, 0]),  # 0-1 floats stretched; NaN is black
     ("F", [0.0, 2.5, 300.0, -3.0], [0, 2, 255, 0]),  # other floats as 0-255 levels, clipped
+    ("F", [0.0, 1.5], [0, 1]),  # just past 1: already levels, not a fraction
 ])
 def test_wide_grey_modes_become_8_bit_grey(mode, values, expected):
     rgb = np.asarray(to_rgb(_grey(mode, values)))
