@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,22 +44,30 @@ def test_concurrent_requests_form_batches_and_get_their_own_rows():
 
 
 def test_a_lone_request_runs_at_once():
-    # No clock: a lone request must be taken into a batch within a few turns of the event loop (no
-    # batching window), and a request that comes after it was taken must form a batch of its own.
+    # No clock: a lone request must be taken into a batch and handed to the model's thread within a few
+    # turns of the event loop (no batching window, no wait before the model), and a request that comes
+    # after it was taken must form a batch of its own.
     batches: list[int] = []
+    handed_to_a_thread: list[int] = []
     released = threading.Event()
+
+    class RecordingExecutor(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # called on the event loop, when the batch is handed over
+            handed_to_a_thread.append(len(batches))
+            return super().submit(fn, *args, **kwargs)
 
     def held(batch: np.ndarray) -> np.ndarray:
         released.wait(10)  # the first batch runs until the second request has been queued
         return batch
 
-    async def scenario() -> list[int]:
+    async def scenario() -> tuple[list[int], list[int]]:
+        asyncio.get_running_loop().set_default_executor(RecordingExecutor(max_workers=2))
         batcher = MicroBatcher(held, max_batch_size=32, observe_batch_size=batches.append)
         try:
             first = asyncio.create_task(batcher.submit(np.zeros(2)))
             for _ in range(5):  # submit, then the consumer's first pass: no timer may be involved
                 await asyncio.sleep(0)
-            taken = list(batches)
+            taken = (list(batches), list(handed_to_a_thread))
             second = asyncio.create_task(batcher.submit(np.ones(2)))
             await asyncio.sleep(0)
             released.set()
@@ -68,8 +77,8 @@ def test_a_lone_request_runs_at_once():
             released.set()
             await batcher.close()
 
-    assert asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S)) == [1]
-    assert batches == [1, 1]
+    assert asyncio.run(asyncio.wait_for(scenario(), BATCHER_BOUND_S)) == ([1], [1])
+    assert batches == [1, 1] and handed_to_a_thread == [1, 2]
 
 
 def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_working(caplog):
