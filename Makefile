@@ -147,9 +147,9 @@ test: setup system-deps ## every test group, as CI runs them
 # by mutmut's names (e.g. MUTANTS='models.prediction.*'), scored on its own.
 MUTANTS ?=
 MUTATION_CHILDREN ?= 2
+# One TensorFlow intra-op thread per child: the children already fill the cores, and each spawns its pool afresh.
 mutation: setup ## mutation testing (mutmut) of the modules every request crosses: score per module, at least 85%
 	rm -rf mutants
-	# One intra-op thread per child: the children already fill the cores, and each spawns its pool afresh.
 	TF_NUM_INTRAOP_THREADS=1 OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
 	$(PY) -m tests.mutation_score $(if $(MUTANTS),--partial)
 

@@ -3,8 +3,6 @@ scaling and the cost estimate each limit is checked against. All from the header
 
 from __future__ import annotations
 
-import io
-
 import pytest
 from PIL import Image
 
@@ -52,10 +50,7 @@ def test_the_marker_walk_finds_the_frame_and_counts_the_scans(data, expected):
 
 
 def _jpeg(mode: str = "RGB", size: tuple[int, int] = (64, 48), **options: object) -> bytes:
-    image = gradient_image().resize(size).convert(mode)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", **options)
-    return buffer.getvalue()
+    return encode(gradient_image().resize(size).convert(mode), "JPEG", **options)
 
 
 def test_the_pixel_limit_is_inclusive_and_says_the_numbers():
