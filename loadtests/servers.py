@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
@@ -30,10 +34,41 @@ def worker_pids(server: RunningServer) -> list[int]:
     return [p.pid for p in children if WORKER_MODULE in " ".join(p.cmdline())]
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for `bind(port 0)`; Linux's default where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split())
+        return low, high
+    return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free 127.0.0.1 port below the kernel's ephemeral range.
+
+    Why not `bind(0)`: the port is released before the server binds it, and
+    BentoML reserves its own control ports (circus's endpoint and pub/sub) with
+    `bind(0)` in the same window, so the kernel can hand it the very port we
+    chose ("Address already in use" at start-up). Below the ephemeral range the
+    kernel never hands it out on its own.
+    """
+    low, _ = _ephemeral_range()
+    if low - LOWEST_CHOSEN_PORT < 1000:  # an unusual range: fall back to the kernel's choice
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for _ in range(200):
+        port = random.randrange(LOWEST_CHOSEN_PORT, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found in {LOWEST_CHOSEN_PORT}-{low - 1}")
 
 
 @dataclass
@@ -61,12 +96,34 @@ def private_home(folder: Path) -> Path:
     return folder
 
 
+PORT_IN_USE = "Address already in use"
+START_ATTEMPTS = 3
+
+
 def start_server(
     target: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 180,
     prefix: tuple[str, ...] = (),
 ) -> RunningServer:
     """`bentoml serve TARGET` on a free 127.0.0.1 port; returns once `/readyz` answers 200.
-    `prefix`: a command to run it under (e.g. `taskset -c 0`)."""
+    `prefix`: a command to run it under (e.g. `taskset -c 0`).
+
+    A start that dies on a port taken by another process in the meantime (any
+    chosen port can be, until it is bound) is retried on a fresh port, at most
+    START_ATTEMPTS times; any other failure is raised at once.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_once(target, log_path, env, ready_timeout, prefix)
+        except RuntimeError as error:
+            if PORT_IN_USE not in str(error) or attempt == START_ATTEMPTS:
+                raise
+            logger.warning("server start lost its port to another process; retrying (%d/%d)", attempt, START_ATTEMPTS)
+    raise AssertionError("unreachable")
+
+
+def _start_once(
+    target: str, log_path: Path, env: dict[str, str] | None, ready_timeout: float, prefix: tuple[str, ...],
+) -> RunningServer:
     port = free_port()
     home = private_home(log_path.parent / "bentoml-home")
     with log_path.open("wb") as log:
