@@ -30,6 +30,7 @@ from models.tf_environment import prefer_onednn
 from serving.admission.capacity import Admission
 from serving.admission.connections import bound_header_time, raise_open_file_limit
 from serving.http.handlers import plain_routes
+from serving.http.response_types import fix_response_media_types
 from serving.http.stack import install_middleware
 from serving.inference.batcher import BatchTimeoutError, MicroBatcher
 from serving.inference.decoding import Decoder, PixelBudget, not_answered_in_time
@@ -204,13 +205,7 @@ class Histopathology:
         rescaling = self._rescaling(mpp)
         # All parts together may not decode more pixels than one image may have: spent as headers are read.
         budget = PixelBudget(SETTINGS.max_pixels)
-        decoded = await asyncio.gather(
-            *(self.decoder.decode(path, budget=budget, part=f"file[{i}]", mpp=mpp) for i, path in enumerate(file)),
-            return_exceptions=True,
-        )
-        for result in decoded:  # the first bad part, in the order sent, names the problem
-            if isinstance(result, BaseException):
-                raise result
+        decoded = await self.decoder.decode_parts(file, budget, mpp)  # the first bad part, in order, names it
         predictions = self._answers(await self._evidence(decoded), rescaling)
         add_log_fields(predicted_class=",".join(p.predicted_class for p in predictions))
         return predictions
@@ -254,5 +249,6 @@ def _reasons(prediction: Prediction) -> dict[str, str]:
     return {"reasons": ",".join(prediction.reasons)} if prediction.reasons else {}
 
 
-# Takes effect when BentoML builds the worker's app, after this module is imported.
+# Take effect when BentoML builds the worker's app, after this module is imported.
 install_middleware(Histopathology, PLAIN_ROUTES, SETTINGS, ADMISSION)
+fix_response_media_types(Histopathology.apis.values())

@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from serving.admission.capacity import Admission
 from serving.admission.forms import BOOLEAN, NUMBER, TEXT
 from serving.http.guard import GuardPolicy, RequestGuard
+from serving.http.response_types import fix_response_media_types
 from serving.http.route_table import route_facts
 from serving.observability.request_log import RequestLog, add_log_fields
 from tests.helpers import PROBLEM, fresh_tile
@@ -157,3 +158,37 @@ def test_route_facts_refuse_an_input_the_guard_cannot_check():
     api = SimpleNamespace(route="/score", input_spec=spec)
     with pytest.raises(TypeError, match="threshold"):
         route_facts([api], [Mount("/ui", routes=[])], 1)
+
+
+def test_each_api_answers_with_the_media_type_bentoml_would_compute_without_building_a_schema_per_response(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    import service
+
+    apis = service.Histopathology.apis
+    fixed = {name: api.output_spec.media_type for name, api in apis.items()}
+    assert fixed == {"predict": "application/json", "predict_batch": "application/json",
+                     "explain": "application/json"}
+    for api in apis.values():  # what BentoML works out per response when none is set
+        monkeypatch.setattr(api.output_spec, "media_type", None)
+        assert api.output_spec.mime_type() == fixed[api.name]
+    # The per-response cost this removes: the list route's descriptor builds a JSON schema for its answer.
+    built = []
+    monkeypatch.setattr(apis["predict_batch"].output_spec, "model_json_schema",
+                        classmethod(lambda cls, *a, **k: built.append(cls) or {"type": "array"}))
+    apis["predict_batch"].output_spec.mime_type()
+    assert built  # unset, every response asks for the schema
+    assert fix_response_media_types([apis["predict_batch"]]) == {"predict_batch": "application/json"}
+    built.clear()
+    apis["predict_batch"].output_spec.mime_type()
+    assert not built  # set once, it is answered as it stands
+
+
+def test_streaming_apis_keep_the_media_type_bentoml_gives_them():
+    stream_spec = SimpleNamespace(media_type="text/event-stream", mime_type=lambda: "text/event-stream")
+    unset_stream = SimpleNamespace(media_type=None, mime_type=lambda: "application/json")
+    apis = [SimpleNamespace(name="events", is_stream=True, output_spec=stream_spec),
+            SimpleNamespace(name="raw", is_stream=True, output_spec=unset_stream)]
+    fix_response_media_types(apis)
+    assert stream_spec.media_type == "text/event-stream"
+    assert unset_stream.media_type is None

@@ -1,4 +1,4 @@
-"""The test and benchmark harness's server start: ports that BentoML cannot collide with, and a retry when one is lost."""
+"""The test and benchmark harness's server start: ports BentoML cannot collide with, a retry when one is lost."""
 
 from __future__ import annotations
 

@@ -257,3 +257,105 @@ def test_workers_default_to_the_cpus_the_process_may_use(tmp_path):
     (v1 / "cpu.cfs_quota_us").write_text("100000\n")
     (v1 / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_cpu_limit(tmp_path) == 1.0 and usable_cpus(tmp_path) == 1
+
+
+class _CountingPool(ThreadPoolExecutor):
+    """A thread pool that counts the jobs it was given (each is a hop to a thread and back)."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__(threads)
+        self.jobs = 0
+
+    def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.jobs += 1
+        return super().submit(*args, **kwargs)
+
+
+def _decoder(threads: int, observed: list[float]):  # type: ignore[no-untyped-def]
+    from models.preprocessing import DecodeLimits
+    from models.resampling import ModelScale
+    from serving.inference.decoding import Decoder
+
+    decoder = Decoder(ModelScale(64, None), DecodeLimits(), threads, observed.append)
+    decoder._pool.shutdown()
+    decoder._pool = _CountingPool(threads)
+    decoder._heavy_pool.shutdown()
+    decoder._heavy_pool = _CountingPool(1)
+    return decoder
+
+
+def _parts(tmp_path: Path, payloads: list[bytes]) -> list[Path]:
+    paths = []
+    for i, data in enumerate(payloads):
+        path = tmp_path / f"{i}.bin"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize(("parts", "threads"), [(1, 2), (2, 2), (7, 2), (32, 2), (5, 3), (3, 8)])
+def test_a_requests_parts_decode_in_order_in_at_most_one_job_per_thread(tmp_path, parts, threads):
+    from models.preprocessing import decode_image
+    from serving.inference.decoding import PixelBudget
+    from tests.helpers import fresh_tile
+
+    payloads = [fresh_tile(("lung_n", "lung_aca", "lung_scc")[i % 3], 40 + i) for i in range(parts)]
+    observed: list[float] = []
+    decoder = _decoder(threads, observed)
+    try:
+        images = asyncio.run(decoder.decode_parts(_parts(tmp_path, payloads), PixelBudget(10**9)))
+    finally:
+        decoder.close()
+    assert len(images) == parts
+    for image, data in zip(images, payloads, strict=True):  # each part's own pixels, in the order sent
+        np.testing.assert_array_equal(image, decode_image(data, 64))
+    assert decoder._pool.jobs == min(parts, threads)
+    assert decoder._heavy_pool.jobs == 0
+    assert len(observed) == parts and all(seconds > 0 for seconds in observed)
+
+
+def test_the_first_bad_part_in_the_order_sent_names_the_problem_heavy_parts_included(tmp_path, monkeypatch):
+    from serving.inference import decoding
+    from tests.helpers import fresh_tile
+
+    good = [fresh_tile("lung_n", 60 + i) for i in range(6)]
+    truncated = good[0][:700]  # a header that reads, pixels that do not: fails only when decoded
+    not_an_image = b"no image here"
+    cases = [  # parts -> the part named, and the heavy finishes when every part is heavy
+        ([good[0], not_an_image, good[1], good[2], not_an_image, good[3]], 1, 1),
+        ([good[0], good[1], good[2], good[3], good[4], not_an_image], 5, 5),  # in the second thread's run
+        ([not_an_image, good[1], good[2], good[3], not_an_image, good[4]], 0, 0),
+        ([good[0], good[1], good[2], good[3], truncated, not_an_image], 4, 5),  # the truncated part's own finish
+    ]
+    for payloads, named, heavy_finishes in cases:
+        for heavy in (False, True):  # every part heavy: the decode is finished on the heavy thread
+            monkeypatch.setattr(decoding, "HEAVY_DECODE_BYTES", 0 if heavy else 32 * 1024 * 1024)
+            decoder = _decoder(2, [])
+            try:
+                with pytest.raises(Problem) as refused:
+                    asyncio.run(decoder.decode_parts(_parts(tmp_path, payloads), decoding.PixelBudget(10**9)))
+            finally:
+                decoder.close()
+            assert refused.value.detail.startswith(f"file[{named}]: "), (named, heavy, refused.value.detail)
+            assert refused.value.status in (415, 422)
+            # Heavy parts after the first bad one are never finished: the answer is already the refusal.
+            assert decoder._heavy_pool.jobs == (heavy_finishes if heavy else 0)
+
+
+def test_a_requests_parts_share_one_pixel_budget(tmp_path):
+    from models.preprocessing import DecodeLimits, prepare_decode
+    from serving.inference.decoding import PixelBudget
+    from tests.helpers import fresh_tile
+
+    payloads = [fresh_tile("lung_n", 80 + i) for i in range(6)]
+    paths = _parts(tmp_path, payloads)
+    each = prepare_decode(paths[0], 64, DecodeLimits(), None, None).cost.pixels  # what one part spends
+    decoder = _decoder(2, [])
+    try:
+        with pytest.raises(Problem) as refused:  # five parts fit, the sixth does not
+            asyncio.run(decoder.decode_parts(paths, PixelBudget(int(5.5 * each))))
+        images = asyncio.run(decoder.decode_parts(paths, PixelBudget(6 * each)))
+    finally:
+        decoder.close()
+    assert refused.value.status == 413 and "pixels in all" in refused.value.detail
+    assert len(images) == 6
