@@ -5,7 +5,10 @@ tiles, and samples every worker with py-spy (non-blocking, native frames off)
 for the same window. Each sample is charged to the first frame, from the
 innermost outwards, that belongs to a known part (TensorFlow, decoding, the
 multipart parser, the request guard, BentoML's input handling, ...), and
-samples are turned into core-ms per request and per image (with `--gil`,
+samples are turned into core-ms per request and per image. TensorFlow's own
+C++ threads (named `tf_*` by the kernel) run no Python, so py-spy never
+samples them: their CPU is read per thread from the kernel and charged to the
+model, and the samples divide the rest (with `--gil`,
 only the thread holding the GIL is sampled, and the samples themselves give
 the Python work per request: a thread waiting for the GIL is not counted
 as busy, which the default mode cannot tell). The load generator's own CPU is
@@ -61,6 +64,8 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                                               "selectors.py", "anyio/")),
 )
 OTHER = "other"
+MODEL = PARTS[0][0]
+NATIVE_MODEL_THREADS = "tf_"  # the kernel's name (comm) of TensorFlow's intra- and inter-op pool threads
 # Innermost frames of a thread that waits (py-spy can see a thread blocked on a lock as active): not CPU.
 IDLE_FRAMES = ("_worker (concurrent/futures/thread.py", "select (selectors.py", "wait (threading.py",
                "get (queue.py", "_wait_for_tstate_lock (threading.py")
@@ -98,6 +103,7 @@ class Budget:
     cores: int
     worker_cpu_s: float  # user + system CPU of the workers over the window, from the kernel
     gil: bool = False  # samples of the GIL holder only: they are the measure, not the kernel's CPU time
+    native_model_cpu_s: float = 0.0  # of worker_cpu_s: TensorFlow's C++ threads, which py-spy cannot sample
 
     @property
     def per_request_ms(self) -> float:
@@ -108,12 +114,16 @@ class Budget:
         return self.per_request_ms / self.level.tiles
 
     def core_ms(self, part: str) -> float:
-        """The part's share of the samples, applied to the CPU the kernel measured: py-spy's samples say
-        where the time went, not how much there was (a thread waiting for the GIL can look active). With
+        """The part's share of the samples, applied to the CPU the kernel measured for the sampled threads:
+        py-spy's samples say where the time went, not how much there was (a thread waiting for the GIL can
+        look active); TensorFlow's own threads' CPU is added to the model as the kernel measured it. With
         `gil`, the part's samples as time: the GIL held in it per request."""
+        requests = max(self.level.requests, 1)
         if self.gil:
-            return self.samples[part] * 1000 / SAMPLE_RATE / max(self.level.requests, 1)
-        return self.per_request_ms * self.samples[part] / max(sum(self.samples.values()), 1)
+            return self.samples[part] * 1000 / SAMPLE_RATE / requests
+        sampled_ms = (self.worker_cpu_s - self.native_model_cpu_s) * 1000 / requests
+        native_ms = self.native_model_cpu_s * 1000 / requests if part == MODEL else 0.0
+        return native_ms + sampled_ms * self.samples[part] / max(sum(self.samples.values()), 1)
 
     @property
     def client_core_ms(self) -> float:
@@ -143,23 +153,40 @@ def measure(model_tag: str, seconds: float, clients: int, workdir: Path, tiles: 
             profiles.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
         time.sleep(0.5)  # py-spy attached
         workers = [psutil.Process(pid) for pid in worker_pids(server)]
-        at_start: list[float] = []
-        level = asyncio.run(closed_loop(url, payload, clients, seconds, ramp_s=RAMP_S, tiles=tiles,
-                                        on_window=lambda: at_start.append(_cpu_seconds(workers))))
-        worker_cpu_s = _cpu_seconds(workers) - at_start[0]
+        at_start: list[tuple[float, dict[tuple[int, int], float]]] = []
+        level = asyncio.run(closed_loop(
+            url, payload, clients, seconds, ramp_s=RAMP_S, tiles=tiles,
+            on_window=lambda: at_start.append((_cpu_seconds(workers), native_model_threads(workers)))))
+        worker_cpu_s = _cpu_seconds(workers) - at_start[0][0]
+        native_model_cpu_s = sum(seconds - at_start[0][1].get(thread, 0.0)
+                                 for thread, seconds in native_model_threads(workers).items())
         samples: Counter[str] = Counter()
         unknown: Counter[str] = Counter()
         for process, out in profiles:
             process.wait(timeout=seconds + 60)
             samples += charge(out.read_text(), unknown)
         logger.debug("unclaimed frames (for extending the charge rules): %s", unknown.most_common(12))
-        return Budget(level, samples, usable_cpus(), worker_cpu_s, gil)
+        return Budget(level, samples, usable_cpus(), worker_cpu_s, gil, native_model_cpu_s)
     finally:
         stop_server(server)
 
 
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in processes)
+
+
+def native_model_threads(processes: list[psutil.Process]) -> dict[tuple[int, int], float]:
+    """{(pid, thread id): user + system CPU seconds} of the processes' TensorFlow pool threads (Linux)."""
+    found = {}
+    for process in processes:
+        for thread in process.threads():
+            try:
+                name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+            except OSError:  # ended since listed
+                continue
+            if name.startswith(NATIVE_MODEL_THREADS):
+                found[(process.pid, thread.id)] = thread.user_time + thread.system_time
+    return found
 
 
 def table(budget: Budget) -> list[str]:
@@ -194,7 +221,8 @@ def write(budgets: list[Budget], model_tag: str) -> list[str]:
         f"{budgets[0].cores} usable CPUs): every worker sampled by py-spy at {SAMPLE_RATE} Hz "
         "(active samples). Each sample goes to the innermost frame that belongs to a known part "
         "(loadtests/cpu_budget.py), and the parts' shares of the samples divide the workers' CPU time as the "
-        "kernel counted it.",
+        "kernel counted it, less TensorFlow's own C++ threads (which py-spy cannot sample): the kernel's count "
+        "for them goes to the model.",
         "",
     ]
     for budget in budgets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -83,6 +84,35 @@ def test_cpu_budget_charges_samples_to_the_innermost_known_part_and_skips_waitin
     assert samples["HTTP server and event loop (uvicorn, httptools, asyncio, Starlette)"] == 2
     assert samples[OTHER] == 1 and unknown == Counter({"main (somewhere.py:1)": 1})
     assert sum(samples.values()) == 13  # the waiting thread is not CPU
+
+
+def test_cpu_budget_charges_tensorflows_own_threads_to_the_model_from_the_kernel():
+    from loadtests.client import LevelResult
+    from loadtests.cpu_budget import MODEL, OTHER, Budget
+
+    level = LevelResult(concurrency=4, requests=100, errors=0, requests_per_second=10, p50_ms=1, p95_ms=1,
+                        p99_ms=1, client_cpu_share=0.1, tiles=2)
+    samples = Counter({MODEL: 10, "decode (PIL, models/preprocessing.py)": 30, OTHER: 60})
+    budget = Budget(level, samples, cores=2, worker_cpu_s=10.0, native_model_cpu_s=4.0)
+    # 4 s of TensorFlow's threads go to the model whole; the 6 s the samples saw are divided by them.
+    assert budget.core_ms(MODEL) == pytest.approx(40 + 60 * 0.1)
+    assert budget.core_ms("decode (PIL, models/preprocessing.py)") == pytest.approx(60 * 0.3)
+    assert budget.core_ms(OTHER) == pytest.approx(60 * 0.6)
+    assert sum(budget.core_ms(part) for part in samples) == pytest.approx(budget.per_request_ms) == 100
+    assert budget.per_image_ms == 50
+
+
+def test_tensorflows_pool_threads_are_found_by_their_kernel_names():
+    import psutil
+    import tensorflow as tf
+
+    from loadtests.cpu_budget import native_model_threads
+
+    tf.function(lambda x: tf.matmul(x, x))(tf.ones((64, 64)))  # a graph run starts TensorFlow's pools
+    found = native_model_threads([psutil.Process()])
+    names = {Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for pid, tid in found}
+    assert found and all(name.startswith("tf_") for name in names)
+    assert all(seconds >= 0 for seconds in found.values())
 
 
 def test_the_service_starts_one_worker_per_usable_cpu(tiny_model_tag, tmp_path):
