@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -42,8 +41,6 @@ from models.resampling import ModelScale
 from serving.http.deadline import REQUEST_DEADLINE
 from serving.inference.heap import release_heap
 from serving.problems import Problem
-
-T = TypeVar("T")
 
 # A decode over either goes to the heavy thread (a 768 px JPEG tile: ~4 MB and 6 M scan-pixels; these
 # are ~50 ms of decoding and up).
@@ -115,22 +112,18 @@ class Decoder:
         size = None if full_size else self.input_size
         deadline = REQUEST_DEADLINE.get()
         spent = 0.0
-
-        def timed(step: Callable[..., T], *args: object) -> T:
-            nonlocal spent
-            started = time.perf_counter()
-            try:
-                return step(*args)
-            finally:
-                spent += time.perf_counter() - started
-
         try:
-            result = await loop.run_in_executor(self._pool, timed, self._start, path, size, deadline, budget, mpp)
-            if isinstance(result, PreparedDecode):
-                result = await loop.run_in_executor(self._heavy_pool, timed, self._finish, result, deadline)
-            return result
+            outcome, spent = await loop.run_in_executor(self._pool, _timed, self._start, path, size, deadline,
+                                                        budget, mpp)
+            if isinstance(outcome, PreparedDecode):
+                outcome, finishing = await loop.run_in_executor(self._heavy_pool, _timed, self._finish, outcome,
+                                                                deadline)
+                spent += finishing
         finally:
             self._observe_seconds(spent)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     async def decode(self, path: Path, full_size: bool = False, budget: PixelBudget | None = None,
                      part: str = "file", mpp: float | None = None) -> np.ndarray:
